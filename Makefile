@@ -1,0 +1,44 @@
+# Two entry points, each sets itself up from nothing but python3 and the package registries:
+#   make demo   a small real run on Fashion-MNIST (Jacobian Ensembles, K=3 bagging LeNet)
+#   make test   the test suite
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+SYNCED := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
+
+.PHONY: demo test bench setup data clean
+
+demo: setup data
+	$(VENV)/bin/raysweep train search_spaces/jacobian_ensemble_fmnist.yaml --out runs/demo
+
+test: setup data
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: setup data
+	$(VENV)/bin/python benchmarks/run_all.py
+
+setup: $(SYNCED)
+
+# uv from PyPI (--isolated: ignore machine pip settings that point at a CPU-only torch wheel with
+# which torchvision cannot import); uv then installs the exact versions in uv.lock.
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --isolated --quiet uv==$(UV_VERSION)
+
+$(SYNCED): $(UV) uv.lock pyproject.toml
+	$(UV) sync --frozen --extra test --python $(PYTHON)
+	rm -f $(VENV)/.synced-* && touch $@
+
+# Fashion-MNIST offline from Debian's package where apt is usable; elsewhere torchvision downloads it.
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's dataset-fashion-mnist"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else echo "Fashion-MNIST: no Debian package here; torchvision will download it"; fi
+
+clean:
+	rm -rf $(VENV) $(TOOLS) runs .pytest_cache

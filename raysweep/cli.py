@@ -1,0 +1,96 @@
+"""`raysweep train` and `raysweep evaluate`. User errors print one message and exit 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import apply_overrides, load_config, validate_config
+from .errors import UserError
+
+
+def _summary(metrics: dict, out: Path) -> str:
+    lines = [f"clean_acc      {metrics['clean_acc']:.4f}"]
+    if "uap_acc" in metrics:
+        lines.append("uap_acc        " + "  ".join(f"{e}: {a:.4f}" for e, a in metrics["uap_acc"].items()))
+        lines.append(f"mean_uap_acc   {metrics['mean_uap_acc']:.4f}")
+        lines.append(f"weighted_acc   {metrics['weighted_acc']:.4f}  (w = {metrics['weighted_acc_w']})")
+    for name, curve in metrics.get("robust_acc", {}).items():
+        lines.append(f"{name:<14} " + "  ".join(f"{e}: {a:.4f}" for e, a in curve.items()))
+    if "auc" in metrics:
+        a = metrics["auc"]
+        lines.append(f"auc            {a['value']:.4f}  ({a['attack']}, eps_target {a['eps_target']})")
+    if "jacobian_sq_norm" in metrics:
+        j = metrics["jacobian_sq_norm"]
+        lines.append(f"||J||_F^2      members {j['members_mean']:.3f}  ensemble {j['ensemble']:.3f}")
+    lines.append(f"wrote {out / 'metrics.json'}")
+    return "\n".join(lines)
+
+
+def _cmd_train(args) -> int:
+    from .run import train_and_evaluate
+
+    cfg = load_config(args.config, args.set)
+    out = Path(args.out or Path("runs") / cfg.name)
+    metrics = train_and_evaluate(cfg, out, progress=not args.quiet)
+    print(_summary(metrics, out))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .checkpoint import checkpoint_config
+    from .run import evaluate_checkpoint
+
+    ckpt = Path(args.checkpoint)
+    if ckpt.is_dir() and (ckpt / "checkpoint").is_dir():  # a run directory was given
+        ckpt = ckpt / "checkpoint"
+    raw = checkpoint_config(ckpt).model_dump(mode="json")
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        override = yaml.safe_load(path.read_text()) or {}
+        for section, value in override.items():  # sections given replace the stored ones (e.g. eval:, data:)
+            raw[section] = value
+    cfg = validate_config(apply_overrides(raw, args.set), str(args.config or ckpt))
+    out = Path(args.out or ckpt.parent / "eval")
+    metrics = evaluate_checkpoint(ckpt, cfg, out, progress=not args.quiet)
+    print(_summary(metrics, out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raysweep", description="Train and evaluate adversarially robust ensembles.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train and evaluate an ensemble from a YAML config")
+    t.add_argument("config")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.epochs=2")
+    t.add_argument("--out", help="output directory (default runs/<name>)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=_cmd_train)
+    e = sub.add_parser("evaluate", help="re-evaluate a saved ensemble")
+    e.add_argument("checkpoint", help="a checkpoint directory (or the run directory holding it)")
+    e.add_argument("--config", help="YAML whose sections (e.g. eval:, data:) replace the stored config's")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--out", help="output directory (default <run>/eval)")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"raysweep: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raysweep: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""One typed config schema for every run, validated at load.
+
+A YAML file maps onto `RunConfig`; unknown keys, wrong types and out-of-range values are
+errors that name the field path and what is allowed. `--set a.b=value` overrides are applied
+to the raw YAML before validation, so they are checked the same way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic")
+ARCHS = ("lenet5", "small_cnn", "resnet18")
+ATTACK_OBJECTIVES = ("ce_prob", "ce_logit", "cw_margin", "mean_member_ce")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(_Strict):
+    num_classes: int = Field(10, ge=2)
+    image_shape: tuple[int, int, int] = (1, 28, 28)
+    noise: float = Field(0.15, ge=0)
+
+
+class DataConfig(_Strict):
+    dataset: Literal[DATASETS] = "fashion_mnist"
+    data_dir: Optional[str] = None
+    download: bool = True
+    train_size: Optional[int] = Field(None, ge=1, description="first N after a seeded shuffle; null = all")
+    test_size: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(128, ge=1)
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class ModelConfig(_Strict):
+    arch: Literal[ARCHS] = "lenet5"
+
+
+class EnsembleConfig(_Strict):
+    k: int = Field(3, ge=1)
+    method: Literal["independent", "bagging", "snapshot"] = "independent"
+    combine: Literal["probability", "logit"] = "probability"
+    weights: Optional[list[float]] = Field(None, description="convex weights, one per member; null = uniform")
+
+    @field_validator("weights")
+    @classmethod
+    def _convex(cls, w):
+        if w is None:
+            return w
+        if any(c <= 0 for c in w):
+            raise ValueError(f"every weight must be > 0, got {w}")
+        if abs(sum(w) - 1.0) > 1e-6:
+            raise ValueError(f"weights must sum to 1, got sum {sum(w):.6g}")
+        return w
+
+    @model_validator(mode="after")
+    def _weights_match_k(self):
+        if self.weights is not None and len(self.weights) != self.k:
+            raise ValueError(f"weights has {len(self.weights)} values but k = {self.k}: give one weight per member")
+        return self
+
+
+class JacobianRegConfig(_Strict):
+    lambda_jr: float = Field(0.0, ge=0, le=2, description="SPEC section 1: L = CE + lambda_jr/2 * mean ||J||_F^2")
+    n_proj: int = Field(1, ge=1)
+    exact: bool = Field(False, description="exact ||J||_F^2 with C backward passes (tests, tiny models)")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(5, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="snapshot ensembles always use the cyclic cosine schedule of SPEC section 1")
+    jr: JacobianRegConfig = JacobianRegConfig()
+
+
+class ExecutorConfig(_Strict):
+    kind: Literal["local"] = "local"
+    vectorize: Literal["auto", "loop", "vmap"] = Field(
+        "auto", description="auto: loop on CPU, vmap on CUDA (measured faster there), loop when members have BatchNorm")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class AttackConfig(_Strict):
+    name: str
+    kind: Literal["fgsm", "bim", "pgd"] = "pgd"
+    norm: Literal["linf", "l2"] = "linf"
+    eps: list[float] = Field(..., min_length=1)
+    steps: int = Field(10, ge=1)
+    step_size: Optional[float] = Field(None, gt=0, description="null: 2.5*eps/steps for pgd, eps/steps for bim")
+    restarts: int = Field(1, ge=1)
+    random_start: Optional[bool] = Field(None, description="null: true for pgd, false for fgsm/bim")
+    step_rule: Literal["sign", "adam"] = "sign"
+    objectives: list[Literal[ATTACK_OBJECTIVES]] = Field(["ce_prob"], min_length=1)
+
+    @field_validator("eps")
+    @classmethod
+    def _eps_nonneg(cls, eps):
+        bad = [e for e in eps if e < 0]
+        if bad:
+            raise ValueError(f"eps must be >= 0, got {bad[0]}")
+        return eps
+
+
+class UAPConfig(_Strict):
+    eps: list[float] = Field([0.10, 0.15, 0.20, 0.25], min_length=1)
+    seeds: int = Field(50, ge=1)
+    iterations: int = Field(100, ge=1)
+    batch_size: int = Field(200, ge=1)
+    step_size: Optional[float] = Field(None, gt=0, description="null: eps/20")
+    step_rule: Literal["sign", "adam"] = "sign"
+    objective: Literal[ATTACK_OBJECTIVES] = "ce_prob"
+    craft_on: Literal["train", "test"] = Field("train", description="which split's batches craft the UAP")
+    selection_size: int = Field(1000, ge=1, description="crafting images used to pick the worst-case seed")
+
+    @field_validator("eps")
+    @classmethod
+    def _eps_nonneg(cls, eps):
+        bad = [e for e in eps if e < 0]
+        if bad:
+            raise ValueError(f"eps must be >= 0, got {bad[0]}")
+        return eps
+
+
+class AUCConfig(_Strict):
+    attack: str
+    eps_target: float = Field(..., gt=0)
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(500, ge=1)
+    attacks: list[AttackConfig] = []
+    uap: Optional[UAPConfig] = UAPConfig()
+    weighted_acc_w: float = Field(0.5, ge=0, le=1)
+    auc: Optional[AUCConfig] = None
+    jacobian_samples: int = Field(200, ge=0, description="test images for the exact mean ||J||_F^2; 0 = skip")
+
+    @model_validator(mode="after")
+    def _auc_attack_known(self):
+        names = [a.name for a in self.attacks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"attack names must be unique, got {names}")
+        if self.auc is not None:
+            if self.auc.attack not in names:
+                raise ValueError(f"auc.attack '{self.auc.attack}' is not one of the attacks {names}")
+            attack = self.attacks[names.index(self.auc.attack)]
+            if self.auc.eps_target not in attack.eps:
+                raise ValueError(
+                    f"auc.eps_target {self.auc.eps_target} must be in attack '{attack.name}' eps grid {attack.eps}")
+        return self
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
+    train: TrainConfig = TrainConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif e["type"] == "literal_error":
+            msg = f"got {e['input']!r}; {msg.lower()}"
+        elif "input" in e and e["type"] not in ("value_error", "missing"):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value (e.g. train.epochs=3), got {text!r}")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set key {key!r} is not a dotted field path")
+    return key.split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def validate_config(raw: dict, source: str = "") -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    return validate_config(apply_overrides(raw, list(overrides)), str(path or "(defaults)"))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

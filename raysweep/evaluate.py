@@ -1,0 +1,90 @@
+"""The evaluation protocol: clean, robust per attack and eps, UAP per eps (Jacobian Ensembles),
+weighted accuracy, AUC(eps_target), and the members' and ensemble's Jacobian norms."""
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .attacks import evaluate_uap, robust_accuracy
+from .attacks.pgd import attack_params
+from .config import RunConfig
+from .data import Dataset, Split, eval_batches
+from .ensemble import Ensemble, combine
+from .executors import make_local_executor
+from .jacobian import ensemble_jacobian_norms
+from .metrics import auc, mean, weighted_accuracy
+
+
+@torch.no_grad()
+def accuracies(stacked_fn, split: Split, weights, how, batch_size, device) -> tuple[float, list[float]]:
+    """(ensemble accuracy, each member's accuracy)."""
+    correct, member_correct = 0, None
+    for x, y in eval_batches(split, batch_size, device):
+        stacked = stacked_fn(x)
+        correct += (combine(stacked, weights, how).argmax(1) == y).sum().item()
+        mc = (stacked.argmax(-1) == y).sum(1)
+        member_correct = mc if member_correct is None else member_correct + mc
+    return correct / len(split), [c / len(split) for c in member_correct.tolist()]
+
+
+def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool = True) -> tuple[dict, dict]:
+    """Returns (metrics, artifacts). metrics is JSON-ready with eps keys as strings; artifacts
+    holds tensors (the chosen UAPs) for pictures and files."""
+    ev = cfg.eval
+    ex = make_local_executor(list(ensemble.members), cfg.executor.vectorize, cfg.executor.device)
+    ex.train(False)
+    device = ex.device
+
+    def stacked_fn(x):
+        return ex.stacked_logits(x)
+
+    weights, how = ensemble.weights.to(device), ensemble.combine_how
+    for p in ex.parameters():  # attacks need input gradients only
+        p.requires_grad_(False)
+    start = time.perf_counter()
+    clean, members = accuracies(stacked_fn, data.test, weights, how, ev.batch_size, device)
+    metrics: dict = {"clean_acc": clean, "member_clean_acc": members}
+
+    n = len(data.test)
+    robust: dict = {}
+    for a in ev.attacks:
+        with tqdm(total=n * len(a.eps), desc=f"attack {a.name}", unit="img", disable=not progress, leave=False, mininterval=1.0) as bar:
+            robust[a.name] = {str(e): robust_accuracy(stacked_fn, data.test, a, e, weights, how, ev.batch_size, device,
+                                                      cfg.seed, bar)[0] for e in a.eps}
+        metrics.setdefault("attacks", {})[a.name] = {
+            "kind": a.kind, "norm": a.norm, "objectives": a.objectives, "restarts": a.restarts,
+            "steps_step_size_start": {str(e): attack_params(a, e) for e in a.eps}}
+    if robust:
+        metrics["robust_acc"] = robust
+
+    artifacts: dict = {}
+    if ev.uap is not None:
+        u = ev.uap
+        craft = data.train if u.craft_on == "train" else data.test
+        with tqdm(total=u.iterations * len(u.eps), desc="UAP", unit="it", disable=not progress, leave=False, mininterval=1.0) as bar:
+            res = evaluate_uap(stacked_fn, craft, data.test, u, weights, how, ev.batch_size, device, cfg.seed, bar)
+        metrics["uap_acc"] = {str(e): a for e, a in res["acc"].items()}
+        metrics["mean_uap_acc"] = mean(res["acc"].values())
+        metrics["weighted_acc"] = weighted_accuracy(clean, res["acc"], ev.weighted_acc_w)
+        metrics["weighted_acc_w"] = ev.weighted_acc_w
+        metrics["uap_protocol"] = {"seeds": u.seeds, "iterations": u.iterations, "batch_size": u.batch_size,
+                                   "craft_on": u.craft_on, "selection_size": min(u.selection_size, len(craft)),
+                                   "objective": u.objective, "step_rule": u.step_rule}
+        artifacts["uap_deltas"] = res["deltas"]
+
+    if ev.auc is not None:
+        curve = {float(e): a for e, a in robust[ev.auc.attack].items()}
+        metrics["auc"] = {"attack": ev.auc.attack, "eps_target": ev.auc.eps_target,
+                          "value": auc(curve, ev.auc.eps_target, clean)}
+
+    if ev.jacobian_samples > 0:
+        x, _ = data.test.batch(torch.arange(min(ev.jacobian_samples, n)), device)
+        with torch.enable_grad():
+            member_sq, ens_sq = ensemble_jacobian_norms(stacked_fn, x, weights)
+        metrics["jacobian_sq_norm"] = {"members": member_sq.mean(1).tolist(), "members_mean": member_sq.mean().item(),
+                                       "ensemble": ens_sq.mean().item(), "samples": x.shape[0],
+                                       "ensemble_of": "logit combination sum_k c_k f_k"}
+    metrics["eval_seconds"] = time.perf_counter() - start
+    return metrics, artifacts

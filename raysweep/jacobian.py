@@ -1,0 +1,60 @@
+"""Jacobian regularisation (SPEC section 1) and Jacobian norms for evaluation.
+
+The penalty added to each member's loss is (lambda_JR / 2) * mean_i ||J(x_i)||_F^2, the full
+squared Frobenius norm halved by the 1/2 in front, with J = d logits / d x. The estimator is
+Hoffman, Roberts & Yaida (2019): ||J||_F^2 = C * E_v ||v^T J||^2, v uniform on the unit sphere
+of R^C, one extra backward with create_graph per projection.
+
+Both functions take stacked logits [K,B,C] computed from per-member inputs x [K,B,...], so
+member k's logits depend on x[k] only and one autograd call gives every member's Jacobian.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def jacobian_sq_norm_estimate(logits: torch.Tensor, x: torch.Tensor, n_proj: int = 1,
+                              generator: torch.Generator | None = None, create_graph: bool = True) -> torch.Tensor:
+    """Unbiased random-projection estimate of ||J(x_i)||_F^2, shape [K, B]."""
+    c = logits.shape[-1]
+    total = torch.zeros(logits.shape[:2], device=logits.device, dtype=logits.dtype)
+    for _ in range(n_proj):
+        v = torch.randn(logits.shape, generator=generator).to(logits)
+        v = v / v.norm(dim=-1, keepdim=True)
+        (g,) = torch.autograd.grad((logits * v).sum(), x, create_graph=create_graph, retain_graph=True)
+        total = total + c * g.pow(2).flatten(2).sum(-1)
+    return total / n_proj
+
+
+def jacobian_sq_norm_exact(logits: torch.Tensor, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """Exact ||J(x_i)||_F^2 with one backward per class, shape [K, B]."""
+    total = torch.zeros(logits.shape[:2], device=logits.device, dtype=logits.dtype)
+    for j in range(logits.shape[-1]):
+        (g,) = torch.autograd.grad(logits[..., j].sum(), x, create_graph=create_graph, retain_graph=True)
+        total = total + g.pow(2).flatten(2).sum(-1)
+    return total
+
+
+def jr_penalty(logits, x, lambda_jr: float, n_proj: int = 1, exact: bool = False, generator=None) -> torch.Tensor:
+    """Per-member penalty [K]: (lambda_JR / 2) * mean over the batch of ||J||_F^2."""
+    sq = (jacobian_sq_norm_exact(logits, x, create_graph=True) if exact
+          else jacobian_sq_norm_estimate(logits, x, n_proj, generator))
+    return 0.5 * lambda_jr * sq.mean(1)
+
+
+def ensemble_jacobian_norms(stacked_fn, x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact ||J||_F^2 per sample of each member [K,B] and of the convex combination of logits
+    F = sum_k c_k f_k [B], whose Jacobian is J_F = sum_k c_k J_k (SPEC section 1)."""
+    x = x.detach().requires_grad_(True)
+    stacked = stacked_fn(x)  # [K,B,C], shared input
+    k, b, c = stacked.shape
+    members = torch.zeros(k, b, device=x.device)
+    ens = torch.zeros(b, device=x.device)
+    w = weights.to(stacked).view(-1, 1)
+    for j in range(c):
+        # Member Jacobians need separate backward passes since they share x.
+        rows = [torch.autograd.grad(stacked[m, :, j].sum(), x, retain_graph=True)[0] for m in range(k)]
+        rows = torch.stack(rows).flatten(2)  # [K,B,D]
+        members += rows.pow(2).sum(-1)
+        ens += (w.unsqueeze(-1) * rows).sum(0).pow(2).sum(-1)
+    return members.detach(), ens.detach()

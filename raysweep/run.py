@@ -1,0 +1,47 @@
+"""One run end to end: train, checkpoint, evaluate, write metrics.json, config and pictures.
+The CLI calls these; sweeps will call them per trial."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from . import plots
+from .checkpoint import checkpoint_config, load, save_checkpoint
+from .config import RunConfig, dump_config
+from .data import load_dataset
+from .evaluate import evaluate
+from .train import fit
+
+
+def _write_results(out: Path, cfg: RunConfig, metrics: dict, artifacts: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plots.robustness_curves(metrics, out / "acc_vs_eps.png")
+    if artifacts.get("uap_deltas"):
+        plots.uap_images(artifacts["uap_deltas"], out / "uap.png")
+        save_file({f"eps_{e}": d.contiguous() for e, d in artifacts["uap_deltas"].items()}, str(out / "uap.safetensors"))
+
+
+def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True) -> dict:
+    out = Path(out)
+    t0 = time.perf_counter()
+    data = load_dataset(cfg.data, cfg.seed)
+    result = fit(cfg, data, progress=progress)
+    save_checkpoint(out / "checkpoint", result.ensemble, cfg, data.image_shape, data.num_classes, data.mean, data.std)
+    metrics, artifacts = evaluate(result.ensemble, data, cfg, progress=progress)
+    metrics["train"] = {"seconds": result.seconds, "steps": result.state.step, "history": result.state.history}
+    metrics["total_seconds"] = time.perf_counter() - t0
+    _write_results(out, cfg, metrics, artifacts)
+    return metrics
+
+
+def evaluate_checkpoint(path: str | Path, cfg: RunConfig | None, out: str | Path, progress: bool = True) -> dict:
+    cfg = cfg or checkpoint_config(path)
+    ensemble = load(path)
+    metrics, artifacts = evaluate(ensemble, load_dataset(cfg.data, cfg.seed), cfg, progress=progress)
+    _write_results(Path(out), cfg, metrics, artifacts)
+    return metrics

@@ -1,0 +1,54 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from raysweep.config import validate_config
+from raysweep.data import DEBIAN_ROOT, load_dataset
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+FMNIST_DIR = DEBIAN_ROOT / "fashion-mnist"
+needs_fmnist = pytest.mark.skipif(not FMNIST_DIR.is_dir(),
+                                  reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
+
+
+def make_cfg(**sections):
+    """A small synthetic run config; keyword sections are merged into the defaults."""
+    raw = {
+        "seed": 0,
+        "data": {"dataset": "synthetic", "train_size": 256, "test_size": 128, "batch_size": 64,
+                 "synthetic": {"num_classes": 4, "image_shape": [1, 28, 28], "noise": 0.3}},
+        "ensemble": {"k": 2, "method": "independent"},
+        "train": {"epochs": 1, "optimizer": "adam", "lr": 1e-3},
+        "eval": {"uap": None, "jacobian_samples": 0},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return validate_config(raw)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Staged IDX copies go to a per-session cache, never the user's home.
+    monkeypatch.setenv("RAYSWEEP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.delenv("RAYSWEEP_DATA_DIR", raising=False)
+
+
+@pytest.fixture(scope="session")
+def trained_synthetic():
+    """A K=3 ensemble trained on easy synthetic data, shared by attack and metric tests."""
+    from raysweep.train import fit
+
+    cfg = make_cfg(ensemble={"k": 3, "method": "independent"}, train={"epochs": 4, "optimizer": "adam", "lr": 2e-3},
+                   data={"train_size": 768, "test_size": 200})
+    data = load_dataset(cfg.data, cfg.seed)
+    return cfg, data, fit(cfg, data, progress=False).ensemble
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]

@@ -1,0 +1,78 @@
+import subprocess
+import sys
+
+import pytest
+
+from raysweep.config import load_config, validate_config
+from raysweep.errors import ConfigError
+
+from conftest import repo_root
+
+
+def error_of(raw) -> str:
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw)
+    return str(err.value)
+
+
+def test_defaults_and_ready_config_validate():
+    validate_config({})
+    cfg = load_config(repo_root() / "search_spaces" / "jacobian_ensemble_fmnist.yaml")
+    assert (cfg.ensemble.k, cfg.ensemble.method, cfg.train.jr.lambda_jr, cfg.model.arch) == (3, "bagging", 0.05, "lenet5")
+
+
+@pytest.mark.parametrize("raw, path, words", [
+    ({"trian": {}}, "trian", "unknown field"),
+    ({"train": {"epochs": "many"}}, "train.epochs", "valid integer"),
+    ({"train": {"jr": {"lambda_jr": 3.0}}}, "train.jr.lambda_jr", "less than or equal to 2"),
+    ({"data": {"dataset": "imagenet"}}, "data.dataset", "'fashion_mnist'"),
+    ({"ensemble": {"k": 3, "weights": [0.5, 0.5]}}, "ensemble", "2 values but k = 3"),
+    ({"ensemble": {"k": 2, "weights": [0.7, 0.7]}}, "ensemble.weights", "sum to 1"),
+    ({"eval": {"attacks": [{"name": "p", "eps": [0.1, -0.1]}]}}, "eval.attacks.0.eps", "eps must be >= 0"),
+    ({"eval": {"uap": {"eps": [-0.2]}}}, "eval.uap.eps", "eps must be >= 0"),
+    ({"eval": {"attacks": [{"name": "p", "eps": [0.1]}], "auc": {"attack": "q", "eps_target": 0.1}}}, "eval", "'q'"),
+])
+def test_bad_fields_name_path_and_allowed(raw, path, words):
+    msg = error_of(raw)
+    assert f"  {path}: " in msg and words in msg, msg
+
+
+def test_overrides_are_validated(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("ensemble: {k: 2}\n")
+    cfg = load_config(f, ["ensemble.k=4", "train.jr.lambda_jr=0.5", "eval.uap.eps=[0.1, 0.2]"])
+    assert cfg.ensemble.k == 4 and cfg.train.jr.lambda_jr == 0.5 and cfg.eval.uap.eps == [0.1, 0.2]
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(f, ["train.epochs=-1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(f, ["train.epochs"])
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "raysweep", *args], capture_output=True, text=True, env=env,
+                          cwd=repo_root(), timeout=300)
+
+
+@pytest.mark.parametrize("content, sets, expect", [
+    ("data: [oops\n", [], "not valid YAML"),
+    ("ensemble: {k: 3, weights: [0.5, 0.5]}\n", [], "2 values but k = 3"),
+    ("eval: {attacks: [{name: p, eps: [-0.1]}]}\n", [], "eps must be >= 0"),
+    ("data: {dataset: mnist, download: false}\n", [], "dataset 'mnist' not found"),
+    ("{}\n", ["ensemble.kk=3"], "ensemble.kk: unknown field"),
+])
+def test_cli_user_errors_exit_nonzero_without_traceback(tmp_path, content, sets, expect):
+    f = tmp_path / "c.yaml"
+    f.write_text(content)
+    args = ["train", str(f), "--out", str(tmp_path / "out")]
+    for s in sets:
+        args += ["--set", s]
+    res = run_cli(*args)
+    assert res.returncode == 2, res.stderr
+    assert expect in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_cli_missing_config_and_checkpoint(tmp_path):
+    res = run_cli("train", str(tmp_path / "nope.yaml"))
+    assert res.returncode == 2 and "config file not found" in res.stderr
+    res = run_cli("evaluate", str(tmp_path))
+    assert res.returncode == 2 and "not a raysweep checkpoint" in res.stderr and "Traceback" not in res.stderr

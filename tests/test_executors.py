@@ -1,0 +1,49 @@
+import copy
+
+import pytest
+import torch
+
+from raysweep.data import load_dataset
+from raysweep.errors import ConfigError
+from raysweep.executors import LoopedMembers, VmappedMembers, make_local_executor
+from raysweep.models import build_member
+from raysweep.train import build_members, fit
+
+from conftest import make_cfg
+
+
+@pytest.mark.parametrize("arch", ["lenet5", "small_cnn"])
+def test_vmap_and_loop_give_same_logits(arch):
+    cfg = make_cfg(model={"arch": arch}, ensemble={"k": 3})
+    data = load_dataset(cfg.data, 0)
+    members = build_members(cfg, data, 3)
+    loop = LoopedMembers(copy.deepcopy(members), torch.device("cpu"))
+    vmap = VmappedMembers(copy.deepcopy(members), torch.device("cpu"))
+    x = data.test.batch(torch.arange(12))[0]
+    assert torch.allclose(loop.stacked_logits(x), vmap.stacked_logits(x), atol=1e-5)
+    xk = x.view(3, 4, *x.shape[1:])
+    assert torch.allclose(loop.stacked_logits(xk, per_member=True), vmap.stacked_logits(xk, per_member=True), atol=1e-5)
+
+
+@pytest.mark.parametrize("method, jr", [("bagging", 0.1), ("independent", 0.0)])
+def test_vmap_and_loop_give_same_updates(method, jr):
+    cfg = make_cfg(ensemble={"k": 3, "method": method}, train={"epochs": 2, "optimizer": "sgd", "lr": 0.05,
+                                                              "jr": {"lambda_jr": jr}})
+    data = load_dataset(cfg.data, 0)
+    members = build_members(cfg, data, 3)
+    a = fit(cfg, data, progress=False, executor=LoopedMembers(copy.deepcopy(members), torch.device("cpu")))
+    b = fit(cfg, data, progress=False, executor=VmappedMembers(copy.deepcopy(members), torch.device("cpu")))
+    assert a.state.step == b.state.step == 8
+    for ma, mb, m0 in zip(a.ensemble.members, b.ensemble.members, members):
+        for (name, pa), pb, p0 in zip(ma.named_parameters(), mb.parameters(), m0.parameters()):
+            assert not torch.allclose(pa, p0), f"{name} did not train"
+            assert torch.allclose(pa, pb, atol=1e-5), (name, (pa - pb).abs().max())
+
+
+def test_auto_loops_on_cpu_and_vmap_refuses_batchnorm():
+    member = build_member("resnet18", (3, 32, 32), 10, (0.5,) * 3, (0.25,) * 3)
+    assert isinstance(make_local_executor([build_member("lenet5", (1, 28, 28), 10, (0.5,), (0.25,))], "auto", "cpu"),
+                      LoopedMembers)
+    assert isinstance(make_local_executor([member], "auto", "cpu"), LoopedMembers)
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        VmappedMembers([member], torch.device("cpu"))
