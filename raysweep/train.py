@@ -99,6 +99,18 @@ def member_loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, cfg: Run
     return ce.sum()
 
 
+def train_step(executor, opt, x, y, cfg: RunConfig, generator: torch.Generator):
+    """One simultaneous step of all members on their batches x [K,B,...], y [K,B]."""
+    if cfg.train.jr.lambda_jr > 0:
+        x = x.clone().requires_grad_(True)
+    logits = executor.stacked_logits(x, per_member=True)
+    loss = member_loss(logits, x, y, cfg, generator)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), logits.detach()
+
+
 def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[Callable, ...] = (),
         executor=None) -> TrainResult:
     """Train the ensemble described by cfg on data.train. `executor` overrides the configured one
@@ -113,7 +125,6 @@ def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[C
     keep_at = snapshot_steps(total, k) if method == "snapshot" else []
     snapshots: list[torch.nn.Module] = []
     jr_gen = _gen(cfg.seed, "jr")
-    needs_input_grad = cfg.train.jr.lambda_jr > 0
     state = TrainState(total_steps=total)
     start = time.perf_counter()
     executor.train(True)
@@ -127,17 +138,11 @@ def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[C
             state.lr = lr_at(cfg, state.step, total)
             for group in opt.param_groups:
                 group["lr"] = state.lr
-            if needs_input_grad:
-                x = x.clone().requires_grad_(True)
-            logits = executor.stacked_logits(x, per_member=True)
-            loss = member_loss(logits, x, y, cfg, jr_gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss, logits = train_step(executor, opt, x, y, cfg, jr_gen)
             state.loss = loss.item() / n_train
             state.lrs.append(state.lr)
             run_loss += state.loss * y.shape[1]
-            run_correct += (logits.detach().argmax(-1) == y).sum().item()
+            run_correct += (logits.argmax(-1) == y).sum().item()
             seen += y.shape[1]
             if state.step in keep_at:
                 snapshots.append(copy.deepcopy(executor.export_members()[0]))

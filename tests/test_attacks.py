@@ -86,8 +86,10 @@ def test_uap_seeds_batched_equal_one_at_a_time_and_stay_in_ball(trained_syntheti
     init = uap_init(4, data.train.x.shape[1:], eps, _gen(0, "init"))
     kw = dict(eps=eps, iterations=6, batch_size=50, step_size=0.03, objective="ce_prob", weights=ens.weights,
               how="probability")
-    batched = sgd_uap(ens.stacked_logits, data.train, init, generator=_gen(0, "order"), **kw)
+    batched = sgd_uap(ens.stacked_logits, data.train, init, generator=_gen(0, "order"), chunk=4, **kw)
     assert batched.abs().max() <= eps + 1e-6 and batched.shape == init.shape
+    chunked = sgd_uap(ens.stacked_logits, data.train, init, generator=_gen(0, "order"), chunk=3, **kw)
+    assert torch.allclose(chunked, batched, atol=1e-6)
     for s in range(4):
         alone = sgd_uap(ens.stacked_logits, data.train, init[s:s + 1], generator=_gen(0, "order"), **kw)
         assert torch.allclose(alone[0], batched[s], atol=1e-6)

@@ -19,13 +19,24 @@ def uap_init(seeds: int, image_shape, eps: float, generator: torch.Generator) ->
     return (torch.rand((seeds, *image_shape), generator=generator) * 2 - 1) * eps
 
 
+def seeds_per_forward(seeds: int, batch_size: int, device, images: int | None = None) -> int:
+    """How many seeds share one forward pass. On CPU a forward over more than a few hundred
+    images falls out of cache and costs more per image than several small ones (see
+    benchmarks/bench_uap.py), so seeds are chunked there; on CUDA all seeds go at once."""
+    if images is None:
+        images = 1 << 30 if torch.device(device).type == "cuda" else 256
+    return max(1, min(seeds, images // batch_size))
+
+
 def sgd_uap(stacked_fn, craft: Split, init: torch.Tensor, eps: float, iterations: int, batch_size: int,
             step_size: float, objective: str, weights, how: str, step_rule: str = "sign",
-            generator: torch.Generator | None = None, device="cpu", progress=None) -> torch.Tensor:
-    """Deltas [S,C,H,W] maximising sum_i L(F(clip(x_i + delta_s, 0, 1)), y_i) for each seed s."""
+            generator: torch.Generator | None = None, device="cpu", progress=None,
+            chunk: int | None = None) -> torch.Tensor:
+    """Deltas [S,C,H,W] maximising sum_i L(F(clip(x_i + delta_s, 0, 1)), y_i) for each seed s.
+    `chunk` seeds share a forward pass (default: seeds_per_forward)."""
     loss_fn = get_objective(objective)
     deltas = init.to(device).clone()
-    s = deltas.shape[0]
+    chunk = chunk or seeds_per_forward(deltas.shape[0], batch_size, device)
     ascent = Ascent(step_rule, "linf", step_size)
     order = torch.randperm(len(craft), generator=generator)
     pos = 0
@@ -34,10 +45,12 @@ def sgd_uap(stacked_fn, craft: Split, init: torch.Tensor, eps: float, iterations
             order, pos = torch.randperm(len(craft), generator=generator), 0
         x, y = craft.batch(order[pos:pos + batch_size], device)
         pos += batch_size
-        deltas.requires_grad_(True)
-        x_adv = (x.unsqueeze(0) + deltas.unsqueeze(1)).clamp(0, 1).flatten(0, 1)  # [S*B,...]
-        loss = loss_fn(stacked_fn(x_adv), y.repeat(s), weights, how).sum()
-        (grad,) = torch.autograd.grad(loss, deltas)
+        grad = torch.empty_like(deltas)
+        for c in range(0, deltas.shape[0], chunk):
+            d = deltas[c:c + chunk].detach().requires_grad_(True)
+            x_adv = (x.unsqueeze(0) + d.unsqueeze(1)).clamp(0, 1).flatten(0, 1)  # [S*B,...]
+            loss = loss_fn(stacked_fn(x_adv), y.repeat(d.shape[0]), weights, how).sum()
+            (grad[c:c + chunk],) = torch.autograd.grad(loss, d)
         with torch.no_grad():
             deltas = ascent(deltas.detach(), grad).clamp(-eps, eps)
         if progress is not None:

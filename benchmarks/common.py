@@ -1,0 +1,40 @@
+"""Shared set-up for benchmarks: timings with torch.utils.benchmark (warm-up, CUDA sync, medians)."""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from torch.utils.benchmark import Timer
+
+from raysweep.config import validate_config
+from raysweep.data import _gen, load_dataset, member_batches
+from raysweep.executors import LoopedMembers, VmappedMembers, resolve_device
+from raysweep.train import build_members, make_optimizer, train_step
+
+DEVICE = resolve_device(os.environ.get("RAYSWEEP_BENCH_DEVICE", "auto"))
+
+
+def median_ms(fn, min_run_time: float = 2.0) -> float:
+    # Timer defaults to one thread; measure with the threads training actually uses.
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def lenet_setup(k: int, lambda_jr: float = 0.0, batch_size: int = 128):
+    cfg = validate_config({"data": {"dataset": "synthetic", "train_size": batch_size * 4, "batch_size": batch_size},
+                           "ensemble": {"k": k}, "train": {"jr": {"lambda_jr": lambda_jr}}})
+    data = load_dataset(cfg.data, 0)
+    x, y = next(member_batches(data.train, k, "independent", batch_size, 0, 0, DEVICE))
+    return cfg, data, build_members(cfg, data, k), x, y
+
+
+def step_fn(executor_cls, cfg, members, x, y):
+    ex = executor_cls(copy.deepcopy(members), DEVICE)
+    opt = make_optimizer(ex.parameters(), cfg)
+    gen = _gen(0, "bench")
+    return lambda: train_step(ex, opt, x, y, cfg, gen)
+
+
+def header(title: str) -> None:
+    print(f"\n== {title} (device {DEVICE}, torch {torch.__version__}, {torch.get_num_threads()} threads)")

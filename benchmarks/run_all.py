@@ -1,0 +1,14 @@
+"""Every benchmark, side by side in one process. `make bench` runs this."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import bench_jr  # noqa: E402
+import bench_members  # noqa: E402
+import bench_uap  # noqa: E402
+
+if __name__ == "__main__":
+    bench_members.main()
+    bench_jr.main()
+    bench_uap.main()
