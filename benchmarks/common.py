@@ -10,7 +10,9 @@ from torch.utils.benchmark import Timer
 from raysweep.config import validate_config
 from raysweep.data import _gen, load_dataset, member_batches
 from raysweep.executors import LoopedMembers, VmappedMembers, resolve_device
-from raysweep.train import build_members, make_optimizer, train_step
+from raysweep.ensemble import uniform_weights
+from raysweep.step import TrainStep
+from raysweep.train import build_members, make_optimizer
 
 DEVICE = resolve_device(os.environ.get("RAYSWEEP_BENCH_DEVICE", "auto"))
 
@@ -32,8 +34,8 @@ def lenet_setup(k: int, lambda_jr: float = 0.0, batch_size: int = 128):
 def step_fn(executor_cls, cfg, members, x, y):
     ex = executor_cls(copy.deepcopy(members), DEVICE)
     opt = make_optimizer(ex.parameters(), cfg)
-    gen = _gen(0, "bench")
-    return lambda: train_step(ex, opt, x, y, cfg, gen)
+    step = TrainStep(cfg, ex, uniform_weights(len(members)), _gen(0, "bench"))
+    return lambda: step(opt, x, y)
 
 
 def header(title: str) -> None:

@@ -24,7 +24,7 @@ def save_checkpoint(path: str | Path, ensemble: Ensemble, cfg: RunConfig, image_
                for k, m in enumerate(ensemble.members) for name, t in m.state_dict().items()}
     save_file(tensors, str(path / WEIGHTS_FILE))
     manifest = {
-        "format": FORMAT, "arch": cfg.model.arch, "k": ensemble.k, "weights": ensemble.weights.tolist(),
+        "format": FORMAT, "arch": cfg.model.arch, "width": cfg.model.width, "k": ensemble.k, "weights": ensemble.weights.tolist(),
         "combine": ensemble.combine_how, "image_shape": list(image_shape), "num_classes": num_classes,
         "mean": list(mean), "std": list(std), "config": cfg.model_dump(mode="json"),
     }
@@ -48,7 +48,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
     tensors = load_file(str(Path(path) / WEIGHTS_FILE), device=str(device))
     members = []
     for k in range(m["k"]):
-        member = build_member(m["arch"], m["image_shape"], m["num_classes"], m["mean"], m["std"])
+        member = build_member(m["arch"], m["image_shape"], m["num_classes"], m["mean"], m["std"], m.get("width", 1.0))
         prefix = f"member{k}."
         member.load_state_dict({n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)})
         members.append(member)

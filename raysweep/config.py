@@ -41,11 +41,15 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     arch: Literal[ARCHS] = "lenet5"
+    width: float = Field(1.0, gt=0, le=8, description="multiplies channels and hidden units (lenet5, small_cnn); "
+                         "about sqrt(K) gives one model with K times the parameters (DoubleAdv)")
 
 
 class EnsembleConfig(_Strict):
     k: int = Field(3, ge=1)
-    method: Literal["independent", "bagging", "snapshot"] = "independent"
+    method: Literal["independent", "bagging", "snapshot", "joint"] = Field(
+        "independent", description="independent: own shuffles; bagging: own bootstrap samples; snapshot: one "
+        "run, cyclic LR; joint: all members see the same mini-batch (simultaneous training)")
     combine: Literal["probability", "logit"] = "probability"
     weights: Optional[list[float]] = Field(None, description="convex weights, one per member; null = uniform")
 
@@ -73,6 +77,49 @@ class JacobianRegConfig(_Strict):
     exact: bool = Field(False, description="exact ||J||_F^2 with C backward passes (tests, tiny models)")
 
 
+class AdversarialTrainingConfig(_Strict):
+    """member: each member trained on PGD examples against itself alone (Madry; SeparateAdv), with
+    one eps or a per-member list; ensemble: Ensemble-Adv, examples against the averaged ensemble."""
+    mode: Literal["member", "ensemble"]
+    eps: float | list[float]
+    norm: Literal["linf", "l2"] = "linf"
+    steps: int = Field(7, ge=1)
+    step_size: Optional[float] = Field(None, gt=0, description="null: 2.5 * eps / steps")
+    step_rule: Literal["sign", "adam"] = Field("sign", description="sign = IFGSM/PGD sign steps; adam = Adam steps")
+    start: Optional[Literal["none", "uniform", "gaussian"]] = Field(
+        None, description="null: gaussian for mode ensemble (SPEC section 3), uniform for member")
+    sigma: Optional[float] = Field(None, ge=0, description="std of the gaussian start; null: eps / 2")
+    clean: Optional[bool] = Field(None, description="add the clean loss; null: true for ensemble, false for member")
+    rho: float = Field(1.0, ge=0, description="weight of the adversarial loss")
+
+    @field_validator("eps")
+    @classmethod
+    def _eps_nonneg(cls, eps):
+        values = eps if isinstance(eps, list) else [eps]
+        bad = [e for e in values if e < 0]
+        if bad:
+            raise ValueError(f"eps must be >= 0, got {bad[0]}")
+        return eps
+
+
+class DEGConfig(_Strict):
+    lambda_deg: float = Field(0.01, ge=0, description="L = L_ECE + lambda * sum_{i<j} cos(g_i, g_j)")
+
+
+class PDDConfig(_Strict):
+    alpha: float = Field(0.9, gt=0, le=1)
+    beta: float = Field(0.1, ge=0, le=1)
+    m: int = Field(10, ge=2, description="number of intervals; must exceed ensemble.k")
+    period: int = Field(1, ge=1, description="steps per statistics period; 1 = the current mini-batch")
+    rescale: bool = Field(False, description="divide kept units by their keep rate (inverted dropout)")
+
+
+class ADPConfig(_Strict):
+    alpha: float = Field(2.0, ge=0)
+    beta: float = Field(0.5, ge=0)
+    det_offset: float = Field(1e-6, gt=0, description="multiple of the identity added before the log-det")
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(5, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -82,6 +129,13 @@ class TrainConfig(_Strict):
     schedule: Literal["constant", "cosine"] = Field(
         "constant", description="snapshot ensembles always use the cyclic cosine schedule of SPEC section 1")
     jr: JacobianRegConfig = JacobianRegConfig()
+    loss: Literal["member_ce", "ensemble_ce"] = Field(
+        "member_ce", description="member_ce: sum_k CE(f_k) (members trained side by side); ensemble_ce: CE of the "
+        "averaged probabilities (the ensemble trained as one model)")
+    adversarial: Optional[AdversarialTrainingConfig] = None
+    deg: Optional[DEGConfig] = None
+    pdd: Optional[PDDConfig] = None
+    adp: Optional[ADPConfig] = None
 
 
 class ExecutorConfig(_Strict):
@@ -169,6 +223,34 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
     executor: ExecutorConfig = ExecutorConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _method_combinations(self):
+        t, k, method = self.train, self.ensemble.k, self.ensemble.method
+        joint_only = [name for name, on in (("train.deg", t.deg), ("train.pdd", t.pdd), ("train.adp", t.adp),
+                                            ("train.loss: ensemble_ce", t.loss == "ensemble_ce"),
+                                            ("train.adversarial.mode: ensemble",
+                                             t.adversarial is not None and t.adversarial.mode == "ensemble")) if on]
+        if joint_only and method != "joint":
+            raise ValueError(f"{', '.join(joint_only)} make members interact and need ensemble.method: joint "
+                             f"(all members see the same mini-batch), got {method!r}")
+        for name, on in (("train.deg", t.deg), ("train.pdd", t.pdd), ("train.adp", t.adp)):
+            if on and k < 2:
+                raise ValueError(f"{name} is a diversity term between members and needs ensemble.k >= 2, got k = {k}")
+        if t.pdd is not None and t.pdd.m <= k:
+            raise ValueError(f"train.pdd.m must be > ensemble.k (each member needs its own priority interval), "
+                             f"got m = {t.pdd.m}, k = {k}")
+        adv = t.adversarial
+        if adv is not None and isinstance(adv.eps, list):
+            if adv.mode != "member":
+                raise ValueError("train.adversarial.eps: a per-member list needs mode: member (Ensemble-Adv attacks "
+                                 "the averaged ensemble with one eps)")
+            if len(adv.eps) != k:
+                raise ValueError(f"train.adversarial.eps has {len(adv.eps)} values but ensemble.k = {k}: give one "
+                                 f"eps per member")
+        if method == "snapshot" and (adv is not None and adv.mode == "ensemble"):
+            raise ValueError("snapshot ensembles train one network: train.adversarial.mode must be member")
+        return self
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

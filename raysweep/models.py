@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 
 class Normalize(nn.Module):
     def __init__(self, mean, std):
@@ -26,7 +28,13 @@ class Member(nn.Module):
     def features(self, x):
         return self.body(self.normalize(x))
 
-    def forward(self, x):
+    def forward(self, x, part: str = "logits"):
+        """part='features' stops at the last hidden layer; part='head' maps features to logits.
+        One entry point, so torch.func.functional_call can run each part vmapped."""
+        if part == "features":
+            return self.features(x)
+        if part == "head":
+            return self.head(x)
         return self.head(self.features(x))
 
 
@@ -35,26 +43,34 @@ def _flat_dim(body: nn.Module, image_shape) -> int:
         return body(torch.zeros(1, *image_shape)).shape[1]
 
 
-def lenet5(image_shape, num_classes, mean, std) -> Member:
+def _w(n: int, width: float) -> int:
+    return max(1, round(n * width))
+
+
+def lenet5(image_shape, num_classes, mean, std, width: float = 1.0) -> Member:
     c, h, _ = image_shape
+    c1, c2, f1, f2 = (_w(n, width) for n in (6, 16, 120, 84))
     convs = nn.Sequential(
-        nn.Conv2d(c, 6, 5, padding=2 if h == 28 else 0), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+        nn.Conv2d(c, c1, 5, padding=2 if h == 28 else 0), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
     d = _flat_dim(convs, image_shape)
-    body = nn.Sequential(convs, nn.Linear(d, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU())
-    return Member(Normalize(mean, std), body, nn.Linear(84, num_classes))
+    body = nn.Sequential(convs, nn.Linear(d, f1), nn.ReLU(), nn.Linear(f1, f2), nn.ReLU())
+    return Member(Normalize(mean, std), body, nn.Linear(f2, num_classes))
 
 
-def small_cnn(image_shape, num_classes, mean, std) -> Member:
+def small_cnn(image_shape, num_classes, mean, std, width: float = 1.0) -> Member:
     c = image_shape[0]
+    c1, c2, f1 = (_w(n, width) for n in (32, 64, 128))
     convs = nn.Sequential(
-        nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
-    body = nn.Sequential(convs, nn.Linear(_flat_dim(convs, image_shape), 128), nn.ReLU())
-    return Member(Normalize(mean, std), body, nn.Linear(128, num_classes))
+        nn.Conv2d(c, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    body = nn.Sequential(convs, nn.Linear(_flat_dim(convs, image_shape), f1), nn.ReLU())
+    return Member(Normalize(mean, std), body, nn.Linear(f1, num_classes))
 
 
-def resnet18(image_shape, num_classes, mean, std) -> Member:
+def resnet18(image_shape, num_classes, mean, std, width: float = 1.0) -> Member:
+    if width != 1.0:
+        raise ConfigError(f"model.width: resnet18 has a fixed width, got {width}; use lenet5 or small_cnn to scale width")
     from torchvision.models import resnet18 as tv_resnet18
 
     net = tv_resnet18(num_classes=num_classes)
@@ -68,5 +84,5 @@ def resnet18(image_shape, num_classes, mean, std) -> Member:
 ARCHS = {"lenet5": lenet5, "small_cnn": small_cnn, "resnet18": resnet18}
 
 
-def build_member(arch: str, image_shape, num_classes, mean, std) -> Member:
-    return ARCHS[arch](tuple(image_shape), num_classes, mean, std)
+def build_member(arch: str, image_shape, num_classes, mean, std, width: float = 1.0) -> Member:
+    return ARCHS[arch](tuple(image_shape), num_classes, mean, std, width)

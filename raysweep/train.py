@@ -1,10 +1,9 @@
-"""The local trainer: independent members (soft voting), bagging and snapshot ensembles, each
-with optional Jacobian regularisation.
+"""The local trainer: the data regime of each ensemble method around one TrainStep (step.py).
 
-All members take one step together: a batch per member x [K,B,...] goes through the executor to
-stacked logits [K,B,C], the loss is the sum of the members' losses (so each member's gradient is
-its own), and one optimiser steps every member. Snapshot ensembles train a single network with a
-cyclic cosine learning rate and keep one snapshot per cycle.
+independent (own shuffles, soft voting), bagging (own bootstrap samples), joint (all members see
+the same mini-batch: Ensemble-Adv, PDD, DEG, ADP) and snapshot (one network, cyclic cosine
+learning rate, one snapshot per cycle). All members step together; with the member_ce loss the
+total is the sum of the members' losses, so each member's gradient is its own.
 
 Callbacks (MadryLab-style hooks) see every step and epoch: `on_step(state)` and
 `on_epoch_end(state)` with a TrainState; later layers (MLflow, Ray reporting) plug in there.
@@ -18,18 +17,17 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import RunConfig
 from .data import Dataset, _gen, member_batches, steps_per_epoch
-from .ensemble import Ensemble
+from .ensemble import Ensemble, uniform_weights
 from .errors import ConfigError
 from .executors import make_local_executor
-from .jacobian import jr_penalty
 from .models import build_member
+from .step import TrainStep
 
-BATCH_MODE = {"independent": "independent", "bagging": "bootstrap", "snapshot": "shared"}
+BATCH_MODE = {"independent": "independent", "bagging": "bootstrap", "snapshot": "shared", "joint": "shared"}
 
 
 def snapshot_lr(t: int, total: int, k: int, lr0: float) -> float:
@@ -68,7 +66,7 @@ class TrainResult:
 
 def build_members(cfg: RunConfig, data: Dataset, k: int) -> list[torch.nn.Module]:
     torch.manual_seed(cfg.seed)  # member inits come from one seeded stream: member k is reproducible
-    return [build_member(cfg.model.arch, data.image_shape, data.num_classes, data.mean, data.std) for _ in range(k)]
+    return [build_member(cfg.model.arch, data.image_shape, data.num_classes, data.mean, data.std, cfg.model.width) for _ in range(k)]
 
 
 def make_optimizer(params, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -88,29 +86,6 @@ def lr_at(cfg: RunConfig, t: int, total: int) -> float:
     return lr0
 
 
-def member_loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig,
-                generator: torch.Generator) -> torch.Tensor:
-    """Sum over members of CE + JR penalty, from stacked logits [K,B,C] of per-member inputs x [K,B,...]."""
-    k, b, c = logits.shape
-    ce = F.cross_entropy(logits.reshape(k * b, c), y.reshape(-1), reduction="none").view(k, b).mean(1)
-    jr = cfg.train.jr
-    if jr.lambda_jr > 0:
-        return (ce + jr_penalty(logits, x, jr.lambda_jr, jr.n_proj, jr.exact, generator)).sum()
-    return ce.sum()
-
-
-def train_step(executor, opt, x, y, cfg: RunConfig, generator: torch.Generator):
-    """One simultaneous step of all members on their batches x [K,B,...], y [K,B]."""
-    if cfg.train.jr.lambda_jr > 0:
-        x = x.clone().requires_grad_(True)
-    logits = executor.stacked_logits(x, per_member=True)
-    loss = member_loss(logits, x, y, cfg, generator)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.detach(), logits.detach()
-
-
 def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[Callable, ...] = (),
         executor=None) -> TrainResult:
     """Train the ensemble described by cfg on data.train. `executor` overrides the configured one
@@ -120,11 +95,12 @@ def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[C
     if executor is None:
         executor = make_local_executor(build_members(cfg, data, n_train), cfg.executor.vectorize, cfg.executor.device)
     opt = make_optimizer(executor.parameters(), cfg)
+    weights = torch.tensor(cfg.ensemble.weights) if cfg.ensemble.weights else uniform_weights(n_train)
+    step = TrainStep(cfg, executor, weights, _gen(cfg.seed, "step"))
     spe = steps_per_epoch(len(data.train), cfg.data.batch_size)
     total = spe * cfg.train.epochs
     keep_at = snapshot_steps(total, k) if method == "snapshot" else []
     snapshots: list[torch.nn.Module] = []
-    jr_gen = _gen(cfg.seed, "jr")
     state = TrainState(total_steps=total)
     start = time.perf_counter()
     executor.train(True)
@@ -138,7 +114,7 @@ def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[C
             state.lr = lr_at(cfg, state.step, total)
             for group in opt.param_groups:
                 group["lr"] = state.lr
-            loss, logits = train_step(executor, opt, x, y, cfg, jr_gen)
+            loss, logits = step(opt, x, y)
             state.loss = loss.item() / n_train
             state.lrs.append(state.lr)
             run_loss += state.loss * y.shape[1]
@@ -156,5 +132,5 @@ def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[C
     bar.close()
     members = snapshots if method == "snapshot" else executor.export_members()
     members = [m.cpu().eval() for m in members]
-    weights = torch.tensor(cfg.ensemble.weights) if cfg.ensemble.weights else None
-    return TrainResult(Ensemble(members, weights, cfg.ensemble.combine), state, time.perf_counter() - start)
+    final_weights = torch.tensor(cfg.ensemble.weights) if cfg.ensemble.weights else None
+    return TrainResult(Ensemble(members, final_weights, cfg.ensemble.combine), state, time.perf_counter() - start)

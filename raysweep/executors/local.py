@@ -47,9 +47,10 @@ class LoopedMembers:
         for m in self.members:
             m.train(mode)
 
-    def stacked_logits(self, x: torch.Tensor, per_member: bool = False) -> torch.Tensor:
-        """x [B,...] seen by every member, or [K,B,...] with member k on x[k] (per_member)."""
-        return torch.stack([m(x[i] if per_member else x) for i, m in enumerate(self.members)])
+    def stacked_logits(self, x: torch.Tensor, per_member: bool = False, part: str = "logits") -> torch.Tensor:
+        """x [B,...] seen by every member, or [K,B,...] with member k on x[k] (per_member).
+        part='features' returns last hidden activations [K,B,D]; part='head' maps [K,B,D] to logits."""
+        return torch.stack([m(x[i] if per_member else x, part) for i, m in enumerate(self.members)])
 
     def export_members(self) -> list[nn.Module]:
         return self.members
@@ -81,12 +82,12 @@ class VmappedMembers:
         for m in self.members:
             m.train(mode)
 
-    def _call(self, params, buffers, x):
-        return functional_call(self._base, (params, buffers), (x,))
+    def stacked_logits(self, x: torch.Tensor, per_member: bool = False, part: str = "logits") -> torch.Tensor:
+        def call(params, buffers, inp):
+            return functional_call(self._base, (params, buffers), (inp, part))
 
-    def stacked_logits(self, x: torch.Tensor, per_member: bool = False) -> torch.Tensor:
         in_dims = (0, 0, 0 if per_member else None)
-        return torch.vmap(self._call, in_dims=in_dims, randomness="different")(self.params, self.buffers, x)
+        return torch.vmap(call, in_dims=in_dims, randomness="different")(self.params, self.buffers, x)
 
     @torch.no_grad()
     def export_members(self) -> list[nn.Module]:
