@@ -18,6 +18,8 @@ DEVICE = resolve_device(os.environ.get("RAYSWEEP_BENCH_DEVICE", "auto"))
 
 
 def median_ms(fn, min_run_time: float = 2.0) -> float:
+    for _ in range(3):  # warm-up: allocator, oneDNN primitive caches
+        fn()
     # Timer defaults to one thread; measure with the threads training actually uses.
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3

@@ -22,6 +22,10 @@ def _summary(metrics: dict, out: Path) -> str:
     if "auc" in metrics:
         a = metrics["auc"]
         lines.append(f"auc            {a['value']:.4f}  ({a['attack']}, eps_target {a['eps_target']})")
+    if "diversity" in metrics:
+        d = metrics["diversity"]
+        lines.append(f"diversity      ambiguity {d['output_ambiguity']:.4f}  discrimination "
+                     f"{d['discrimination_score']:.4f}  gradient angle {d['mean_gradient_angle_deg']:.1f} deg")
     if "jacobian_sq_norm" in metrics:
         j = metrics["jacobian_sq_norm"]
         lines.append(f"||J||_F^2      members {j['members_mean']:.3f}  ensemble {j['ensemble']:.3f}")

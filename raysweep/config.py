@@ -156,6 +156,9 @@ class AttackConfig(_Strict):
     random_start: Optional[bool] = Field(None, description="null: true for pgd, false for fgsm/bim")
     step_rule: Literal["sign", "adam"] = "sign"
     objectives: list[Literal[ATTACK_OBJECTIVES]] = Field(["ce_prob"], min_length=1)
+    double_steps: bool = Field(False, description="double the steps until robust accuracy stops falling "
+                               "(Grefenstette et al.'s rule against false robustness); reports convergence")
+    max_steps: int = Field(640, ge=1, description="cap for double_steps")
 
     @field_validator("eps")
     @classmethod
@@ -198,6 +201,8 @@ class EvalConfig(_Strict):
     weighted_acc_w: float = Field(0.5, ge=0, le=1)
     auc: Optional[AUCConfig] = None
     jacobian_samples: int = Field(200, ge=0, description="test images for the exact mean ||J||_F^2; 0 = skip")
+    attack_members: bool = Field(False, description="also attack each member alone (its own CE) with every attack")
+    diversity_samples: int = Field(500, ge=0, description="test images for the diversity metrics; 0 = skip")
 
     @model_validator(mode="after")
     def _auc_attack_known(self):
@@ -278,15 +283,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set dotted paths; a number indexes a list (eval.attacks.0.steps=20)."""
     for text in overrides:
         path, value = parse_override(text)
         node = raw
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
-            node = child
-        node[path[-1]] = value
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {text!r}: {part!r} is not an index of a list of {len(node)}")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(path[:i])!r} is not a section")
+            if last:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
     return raw
 
 

@@ -9,8 +9,9 @@ from tqdm.auto import tqdm
 
 from .attacks import evaluate_uap, robust_accuracy
 from .attacks.pgd import attack_params
-from .config import RunConfig
+from .config import AttackConfig, RunConfig
 from .data import Dataset, Split, eval_batches
+from .diversity import discrimination_score, gradient_angles, output_ambiguity
 from .ensemble import Ensemble, combine
 from .executors import make_local_executor
 from .jacobian import ensemble_jacobian_norms
@@ -29,6 +30,52 @@ def accuracies(stacked_fn, split: Split, weights, how, batch_size, device) -> tu
     return correct / len(split), [c / len(split) for c in member_correct.tolist()]
 
 
+def member_fn(ex, m: int):
+    """stacked_fn of member m alone, [1,B,C]: the member attacked through its own loss."""
+    return lambda x: ex.stacked_logits(x)[m:m + 1]
+
+
+def attack_until_converged(stacked_fn, split, a: AttackConfig, eps, weights, how, batch_size, device, seed, bar):
+    """Robust accuracy at eps; with a.double_steps, the steps double until accuracy stops falling
+    (or max_steps), and the report says whether it converged."""
+    steps, step_size, start = attack_params(a, eps)
+    acc = robust_accuracy(stacked_fn, split, a, eps, weights, how, batch_size, device, seed, bar)[0]
+    report = {"steps": steps, "step_size": step_size, "random_start": start, "acc": acc}
+    if not a.double_steps or a.kind == "fgsm" or eps == 0:
+        return report
+    history = [[steps, acc]]
+    converged = False
+    while steps * 2 <= a.max_steps:
+        steps *= 2
+        longer = a.model_copy(update={"steps": steps})
+        new = robust_accuracy(stacked_fn, split, longer, eps, weights, how, batch_size, device, seed, bar)[0]
+        history.append([steps, new])
+        if new >= acc:
+            converged = True
+            break
+        acc = new
+    report.update(acc=min(acc, history[-1][1]), steps=history[-1][0], converged=converged, history=history,
+                  step_size=attack_params(a.model_copy(update={"steps": history[-1][0]}), eps)[1])
+    return report
+
+
+def diversity_metrics(ex, split: Split, samples: int, device) -> dict:
+    x, y = split.batch(torch.arange(min(samples, len(split))), device)
+    with torch.no_grad():
+        feats = ex.stacked_logits(x, part="features")
+        logits = ex.stacked_logits(feats, per_member=True, part="head")
+
+    def per_member(xs):
+        return ex.stacked_logits(xs, per_member=True)
+
+    per_member.k = ex.k
+    with torch.enable_grad():
+        angles = gradient_angles(per_member, x, y)
+    return {"output_ambiguity": output_ambiguity(logits, y).mean().item(),
+            "discrimination_score": discrimination_score(feats).mean().item(),
+            "mean_gradient_angle_deg": angles.mean().item(), "samples": x.shape[0]}
+
+
 def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool = True) -> tuple[dict, dict]:
     """Returns (metrics, artifacts). metrics is JSON-ready with eps keys as strings; artifacts
     holds tensors (the chosen UAPs) for pictures and files."""
@@ -41,6 +88,7 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
         return ex.stacked_logits(x)
 
     weights, how = ensemble.weights.to(device), ensemble.combine_how
+    one = torch.ones(1, device=device)
     for p in ex.parameters():  # attacks need input gradients only
         p.requires_grad_(False)
     start = time.perf_counter()
@@ -50,12 +98,17 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
     n = len(data.test)
     robust: dict = {}
     for a in ev.attacks:
-        with tqdm(total=n * len(a.eps), desc=f"attack {a.name}", unit="img", disable=not progress, leave=False, mininterval=1.0) as bar:
-            robust[a.name] = {str(e): robust_accuracy(stacked_fn, data.test, a, e, weights, how, ev.batch_size, device,
-                                                      cfg.seed, bar)[0] for e in a.eps}
-        metrics.setdefault("attacks", {})[a.name] = {
-            "kind": a.kind, "norm": a.norm, "objectives": a.objectives, "restarts": a.restarts,
-            "steps_step_size_start": {str(e): attack_params(a, e) for e in a.eps}}
+        report = {"kind": a.kind, "norm": a.norm, "objectives": a.objectives, "restarts": a.restarts}
+        with tqdm(desc=f"attack {a.name}", unit="img", disable=not progress, leave=False, mininterval=1.0) as bar:
+            results = {str(e): attack_until_converged(stacked_fn, data.test, a, e, weights, how, ev.batch_size,
+                                                      device, cfg.seed, bar) for e in a.eps}
+        robust[a.name] = {e: r["acc"] for e, r in results.items()}
+        report["per_eps"] = {e: {k: v for k, v in r.items() if k != "acc"} for e, r in results.items()}
+        if ev.attack_members and ensemble.k > 1:
+            report["member_robust_acc"] = {
+                str(e): [robust_accuracy(member_fn(ex, m), data.test, a, e, one, how, ev.batch_size, device,
+                                         cfg.seed)[0] for m in range(ensemble.k)] for e in a.eps}
+        metrics.setdefault("attacks", {})[a.name] = report
     if robust:
         metrics["robust_acc"] = robust
 
@@ -78,6 +131,9 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
         curve = {float(e): a for e, a in robust[ev.auc.attack].items()}
         metrics["auc"] = {"attack": ev.auc.attack, "eps_target": ev.auc.eps_target,
                           "value": auc(curve, ev.auc.eps_target, clean)}
+
+    if ev.diversity_samples > 0 and ensemble.k > 1:
+        metrics["diversity"] = diversity_metrics(ex, data.test, ev.diversity_samples, device)
 
     if ev.jacobian_samples > 0:
         x, _ = data.test.batch(torch.arange(min(ev.jacobian_samples, n)), device)

@@ -44,6 +44,10 @@ def test_overrides_are_validated(tmp_path):
     assert cfg.ensemble.k == 4 and cfg.train.jr.lambda_jr == 0.5 and cfg.eval.uap.eps == [0.1, 0.2]
     with pytest.raises(ConfigError, match="train.epochs"):
         load_config(f, ["train.epochs=-1"])
+    f.write_text("eval: {attacks: [{name: a, eps: [0.1]}, {name: b, eps: [0.2]}]}\n")
+    assert load_config(f, ["eval.attacks.1.steps=20"]).eval.attacks[1].steps == 20
+    with pytest.raises(ConfigError, match="not an index"):
+        load_config(f, ["eval.attacks.2.steps=20"])
     with pytest.raises(ConfigError, match="key=value"):
         load_config(f, ["train.epochs"])
 

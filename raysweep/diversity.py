@@ -1,0 +1,37 @@
+"""Diversity metrics of SPEC section 4, each a function of stacked member outputs."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .deg import member_input_grads, pairwise_cosines
+
+
+def output_ambiguity(stacked: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample min(l, K - l) / (K - ceil(K/2)), l = members classifying correctly; 0 when all agree."""
+    k = stacked.shape[0]
+    if k < 2:
+        raise ValueError("output ambiguity needs K >= 2 members")
+    correct = (stacked.argmax(-1) == y).sum(0)
+    return torch.minimum(correct, k - correct).float() / (k - math.ceil(k / 2))
+
+
+def discrimination_score(features: torch.Tensor) -> torch.Tensor:
+    """Per-sample sum_{i<j} (mu_i - mu_j)^2 / (sigma_i^2 + sigma_j^2) over members' activated (> 0)
+    last hidden values [K,B,D]; a member with no activated unit has mu = sigma^2 = 0."""
+    on = (features > 0).to(features.dtype)
+    n = on.sum(-1).clamp_min(1)
+    mu = (features * on).sum(-1) / n
+    var = (((features - mu.unsqueeze(-1)) ** 2) * on).sum(-1) / n
+    i, j = torch.triu_indices(features.shape[0], features.shape[0], offset=1)
+    return ((mu[i] - mu[j]) ** 2 / (var[i] + var[j]).clamp_min(1e-12)).sum(0)
+
+
+def gradient_angles(stacked_fn_per_member, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Angles in degrees [P,B] between members' CE input gradients, for every pair P."""
+    k = stacked_fn_per_member.k
+    xs = x.detach().expand(k, *x.shape).clone().requires_grad_(True)
+    logits = stacked_fn_per_member(xs)
+    g = member_input_grads(logits, xs, y.expand(k, -1), create_graph=False)
+    return torch.rad2deg(torch.arccos(pairwise_cosines(g).clamp(-1, 1)))
