@@ -22,6 +22,13 @@ def _summary(metrics: dict, out: Path) -> str:
     if "auc" in metrics:
         a = metrics["auc"]
         lines.append(f"auc            {a['value']:.4f}  ({a['attack']}, eps_target {a['eps_target']})")
+    if "autoattack" in metrics:
+        aa = metrics["autoattack"]
+        lines.append(f"autoattack     " + "  ".join(f"{e}: {r['acc']:.4f}" for e, r in aa["per_eps"].items())
+                     + f"  ({aa['norm']}, {aa['samples']} images)")
+    for name in ("cw_l2", "jsma"):
+        if name in metrics:
+            lines.append(f"{name:<14} acc {metrics[name]['acc']:.4f}  ({metrics[name]['samples']} images)")
     if "diversity" in metrics:
         d = metrics["diversity"]
         lines.append(f"diversity      ambiguity {d['output_ambiguity']:.4f}  discrimination "

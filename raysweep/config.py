@@ -189,6 +189,41 @@ class UAPConfig(_Strict):
         return eps
 
 
+class AutoAttackConfig(_Strict):
+    """AutoAttack-grade evaluation through ART: a sample is robust only if it survives every attack."""
+    eps: list[float] = Field(..., min_length=1)
+    norm: Literal["linf", "l2"] = "linf"
+    attacks: list[Literal["apgd-ce", "apgd-dlr", "square"]] = Field(["apgd-ce", "apgd-dlr", "square"], min_length=1)
+    max_iter: int = Field(100, ge=1, description="APGD iterations")
+    square_queries: int = Field(5000, ge=1)
+    samples: Optional[int] = Field(None, ge=1, description="first N test images; null = all")
+
+    @field_validator("eps")
+    @classmethod
+    def _eps_nonneg(cls, eps):
+        bad = [e for e in eps if e < 0]
+        if bad:
+            raise ValueError(f"eps must be >= 0, got {bad[0]}")
+        return eps
+
+
+class CWL2Config(_Strict):
+    """Carlini & Wagner L2 through ART; SPEC section 4: learning rate 0.001, 1000 steps."""
+    learning_rate: float = Field(0.001, gt=0)
+    max_iter: int = Field(1000, ge=1)
+    binary_search_steps: int = Field(5, ge=1)
+    initial_const: float = Field(0.01, gt=0)
+    confidence: float = Field(0.0, ge=0)
+    samples: int = Field(200, ge=1)
+
+
+class JSMAConfig(_Strict):
+    """JSMA (L0) through ART: theta is the change per feature, gamma the largest fraction changed."""
+    theta: float = Field(1.0, gt=0)
+    gamma: float = Field(0.1, gt=0, le=1)
+    samples: int = Field(200, ge=1)
+
+
 class AUCConfig(_Strict):
     attack: str
     eps_target: float = Field(..., gt=0)
@@ -201,6 +236,9 @@ class EvalConfig(_Strict):
     weighted_acc_w: float = Field(0.5, ge=0, le=1)
     auc: Optional[AUCConfig] = None
     jacobian_samples: int = Field(200, ge=0, description="test images for the exact mean ||J||_F^2; 0 = skip")
+    autoattack: Optional[AutoAttackConfig] = None
+    cw_l2: Optional[CWL2Config] = None
+    jsma: Optional[JSMAConfig] = None
     attack_members: bool = Field(False, description="also attack each member alone (its own CE) with every attack")
     diversity_samples: int = Field(500, ge=0, description="test images for the diversity metrics; 0 = skip")
 

@@ -132,6 +132,19 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
         metrics["auc"] = {"attack": ev.auc.attack, "eps_target": ev.auc.eps_target,
                           "value": auc(curve, ev.auc.eps_target, clean)}
 
+    if ev.autoattack or ev.cw_l2 or ev.jsma:
+        from .attacks import library  # ART is imported only when asked for
+
+        model = ensemble.to(device).eval()
+        if ev.autoattack:
+            metrics["autoattack"] = library.autoattack(model, data.test, ev.autoattack, data.num_classes,
+                                                       ev.batch_size, device, cfg.seed)
+        if ev.cw_l2:
+            metrics["cw_l2"] = library.cw_l2(model, data.test, ev.cw_l2, data.num_classes, ev.batch_size, device)
+        if ev.jsma:
+            metrics["jsma"] = library.jsma(model, data.test, ev.jsma, data.num_classes, ev.batch_size, device,
+                                           cfg.seed)
+
     if ev.diversity_samples > 0 and ensemble.k > 1:
         metrics["diversity"] = diversity_metrics(ex, data.test, ev.diversity_samples, device)
 

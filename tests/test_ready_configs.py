@@ -26,6 +26,12 @@ def test_ready_config_runs_through_cli(tmp_path, name):
     sets = list(TINY)
     if cfg.eval.uap is not None:
         sets += ["eval.uap.seeds=2", "eval.uap.iterations=2", "eval.uap.batch_size=16", "eval.uap.selection_size=16"]
+    if cfg.eval.autoattack is not None:
+        sets += ["eval.autoattack.samples=8", "eval.autoattack.max_iter=2", "eval.autoattack.square_queries=3"]
+    if cfg.eval.cw_l2 is not None:
+        sets += ["eval.cw_l2.samples=4", "eval.cw_l2.max_iter=2", "eval.cw_l2.binary_search_steps=1"]
+    if cfg.eval.jsma is not None:
+        sets += ["eval.jsma.samples=4"]
     for i, a in enumerate(cfg.eval.attacks):
         sets += [f"eval.attacks.{i}.steps=2"] if a.kind != "fgsm" else []
         sets += [f"eval.attacks.{i}.max_steps=4"] if a.double_steps else []
@@ -42,5 +48,7 @@ def test_ready_config_runs_through_cli(tmp_path, name):
         if a.double_steps:
             report = m["attacks"][a.name]["per_eps"][str(a.eps[-1])]
             assert "converged" in report and report["history"][0][0] == 2
+    for name in ("autoattack", "cw_l2", "jsma"):
+        assert (name in m) == (getattr(cfg.eval, name) is not None)
     if cfg.ensemble.k > 1 and cfg.eval.diversity_samples:
         assert 0 <= m["diversity"]["output_ambiguity"] <= 1

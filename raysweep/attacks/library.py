@@ -1,0 +1,96 @@
+"""Attacks taken from ART (adversarial-robustness-toolbox) rather than rewritten: APGD-CE,
+APGD-DLR and Square (an AutoAttack-grade evaluation), Carlini & Wagner L2 and JSMA.
+
+The ensemble is wrapped as an ART PyTorchClassifier whose outputs are the ensemble's scores
+(log of the averaged probabilities, or averaged logits): ART's cross-entropy on them is the CE of
+the averaged ensemble, and DLR is unchanged by the per-sample log-sum-exp shift. As in AutoAttack,
+each attack runs only on the samples still robust, and a sample counts as robust only if it
+survives all of them.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import AutoAttackConfig, CWL2Config, JSMAConfig
+from ..data import Split
+
+logging.getLogger("art").setLevel(logging.WARNING)
+
+
+def art_classifier(model: nn.Module, image_shape, num_classes: int, device: torch.device):
+    from art.estimators.classification import PyTorchClassifier
+
+    return PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(image_shape),
+                             nb_classes=num_classes, clip_values=(0.0, 1.0),
+                             device_type="gpu" if device.type == "cuda" else "cpu")
+
+
+def _arrays(split: Split, n: int | None):
+    n = len(split) if n is None else min(n, len(split))
+    x, y = split.batch(torch.arange(n))
+    return x.numpy(), y.numpy()
+
+
+def _make(name: str, clf, eps: float, cfg: AutoAttackConfig, batch_size: int, seed: int):
+    from art.attacks.evasion import AutoProjectedGradientDescent, SquareAttack
+
+    norm = np.inf if cfg.norm == "linf" else 2
+    if name == "square":
+        return SquareAttack(clf, norm=norm, eps=eps, max_iter=cfg.square_queries, nb_restarts=1,
+                            batch_size=batch_size, verbose=False)
+    loss = "cross_entropy" if name == "apgd-ce" else "difference_logits_ratio"
+    return AutoProjectedGradientDescent(clf, norm=norm, eps=eps, eps_step=2 * eps, max_iter=cfg.max_iter,
+                                        nb_random_init=1, batch_size=batch_size, loss_type=loss, verbose=False)
+
+
+def autoattack(model: nn.Module, split: Split, cfg: AutoAttackConfig, num_classes: int, batch_size: int,
+               device: torch.device, seed: int = 0) -> dict:
+    """{eps: {"acc": robust accuracy, "after": {attack: accuracy after it}}}."""
+    clf = art_classifier(model, split.x.shape[1:], num_classes, device)
+    x, y = _arrays(split, cfg.samples)
+    clean = clf.predict(x, batch_size=batch_size).argmax(1) == y
+    out = {}
+    for eps in cfg.eps:
+        np.random.seed(seed)  # ART draws its random starts from numpy's global stream
+        robust, after = clean.copy(), {}
+        for name in cfg.attacks:
+            idx = np.flatnonzero(robust)
+            if len(idx) and eps > 0:
+                x_adv = _make(name, clf, eps, cfg, batch_size, seed).generate(x[idx], y=y[idx])
+                robust[idx] = clf.predict(x_adv, batch_size=batch_size).argmax(1) == y[idx]
+            after[name] = float(robust.mean())
+        out[str(eps)] = {"acc": float(robust.mean()), "after": after}
+    return {"per_eps": out, "clean_acc": float(clean.mean()), "samples": len(y), "norm": cfg.norm}
+
+
+def cw_l2(model: nn.Module, split: Split, cfg: CWL2Config, num_classes: int, batch_size: int, device) -> dict:
+    from art.attacks.evasion import CarliniL2Method
+
+    clf = art_classifier(model, split.x.shape[1:], num_classes, device)
+    x, y = _arrays(split, cfg.samples)
+    attack = CarliniL2Method(clf, confidence=cfg.confidence, learning_rate=cfg.learning_rate,
+                             max_iter=cfg.max_iter, binary_search_steps=cfg.binary_search_steps,
+                             initial_const=cfg.initial_const, batch_size=batch_size, verbose=False)
+    x_adv = attack.generate(x, y=y)
+    correct = clf.predict(x_adv, batch_size=batch_size).argmax(1) == y
+    dist = np.linalg.norm((x_adv - x).reshape(len(x), -1), axis=1)
+    return {"acc": float(correct.mean()), "mean_l2_of_successes": float(dist[~correct].mean()) if (~correct).any()
+            else None, "samples": len(y)}
+
+
+def jsma(model: nn.Module, split: Split, cfg: JSMAConfig, num_classes: int, batch_size: int, device,
+         seed: int = 0) -> dict:
+    """Untargeted use of a targeted attack: ART draws a random wrong target per sample."""
+    from art.attacks.evasion import SaliencyMapMethod
+
+    clf = art_classifier(model, split.x.shape[1:], num_classes, device)
+    x, y = _arrays(split, cfg.samples)
+    np.random.seed(seed)
+    x_adv = SaliencyMapMethod(clf, theta=cfg.theta, gamma=cfg.gamma, batch_size=batch_size, verbose=False).generate(x)
+    correct = clf.predict(x_adv, batch_size=batch_size).argmax(1) == y
+    changed = (np.abs(x_adv - x).reshape(len(x), -1) > 1e-6).mean(1)
+    return {"acc": float(correct.mean()), "mean_l0_fraction": float(changed.mean()), "samples": len(y)}

@@ -1,0 +1,41 @@
+"""ART's attacks on the wrapped ensemble (real ART, real ensemble)."""
+import numpy as np
+import torch
+
+from raysweep.attacks import robust_accuracy
+from raysweep.attacks.library import art_classifier, autoattack, cw_l2, jsma
+from raysweep.config import AttackConfig, AutoAttackConfig, CWL2Config, JSMAConfig
+
+CPU = torch.device("cpu")
+
+
+def test_art_sees_the_ensemble_scores(trained_synthetic):
+    _, data, ens = trained_synthetic
+    x = data.test.batch(torch.arange(20))[0]
+    clf = art_classifier(ens, data.image_shape, 4, CPU)
+    with torch.no_grad():
+        assert np.allclose(clf.predict(x.numpy()), ens(x).numpy(), atol=1e-5)
+
+
+def test_autoattack_flags_and_monotone(trained_synthetic):
+    _, data, ens = trained_synthetic
+    cfg = AutoAttackConfig(eps=[0.0, 0.05, 0.15, 1.0], max_iter=10, square_queries=30, samples=100)
+    res = autoattack(ens, data.test, cfg, 4, 100, CPU)
+    accs = [res["per_eps"][str(e)]["acc"] for e in cfg.eps]
+    assert accs[0] == res["clean_acc"] and accs[-1] == 0.0
+    assert all(b <= a for a, b in zip(accs, accs[1:]))
+    for r in res["per_eps"].values():  # each attack only removes robust samples
+        after = list(r["after"].values())
+        assert all(b <= a for a, b in zip(after, after[1:])) and after[-1] == r["acc"]
+    pgd = AttackConfig(name="p", eps=[0.15], steps=10)
+    pgd_acc = robust_accuracy(ens.stacked_logits, data.test, pgd, 0.15, ens.weights, "probability", 100, "cpu")[0]
+    assert res["per_eps"]["0.15"]["acc"] <= pgd_acc + 0.1  # at least about as strong as our PGD-10
+
+
+def test_cw_l2_and_jsma_fool_the_ensemble(trained_synthetic):
+    _, data, ens = trained_synthetic
+    cw = cw_l2(ens, data.test, CWL2Config(learning_rate=0.1, max_iter=30, binary_search_steps=3, initial_const=1.0,
+                                          samples=40), 4, 40, CPU)
+    assert cw["acc"] < 0.5 and cw["mean_l2_of_successes"] > 0
+    js = jsma(ens, data.test, JSMAConfig(samples=30), 4, 30, CPU)
+    assert js["acc"] < 0.5 and 0 < js["mean_l0_fraction"] <= 0.1 + 1e-9
