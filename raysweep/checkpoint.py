@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from .config import RunConfig, validate_config
 from .ensemble import Ensemble
 from .errors import UserError
+from .composite import rebuild_composite
 from .models import build_member
 
 FORMAT = 1
@@ -28,6 +29,8 @@ def save_checkpoint(path: str | Path, ensemble: Ensemble, cfg: RunConfig, image_
         "combine": ensemble.combine_how, "image_shape": list(image_shape), "num_classes": num_classes,
         "mean": list(mean), "std": list(std), "config": cfg.model_dump(mode="json"),
     }
+    if cfg.model.arch == "composite":
+        manifest["composite"] = ensemble.members[0].spec
     (path / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return path
 
@@ -48,7 +51,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
     tensors = load_file(str(Path(path) / WEIGHTS_FILE), device=str(device))
     members = []
     for k in range(m["k"]):
-        member = build_member(m["arch"], m["image_shape"], m["num_classes"], m["mean"], m["std"], m.get("width", 1.0))
+        if m["arch"] == "composite":
+            member = rebuild_composite(m["composite"], m["image_shape"], m["num_classes"], m["mean"], m["std"])
+        else:
+            member = build_member(m["arch"], m["image_shape"], m["num_classes"], m["mean"], m["std"], m["width"])
         prefix = f"member{k}."
         member.load_state_dict({n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)})
         members.append(member)

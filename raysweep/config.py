@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic")
-ARCHS = ("lenet5", "small_cnn", "resnet18")
+ARCHS = ("lenet5", "small_cnn", "resnet18", "composite")
 ATTACK_OBJECTIVES = ("ce_prob", "ce_logit", "cw_margin", "mean_member_ce")
 
 
@@ -39,10 +39,22 @@ class DataConfig(_Strict):
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
+class CompositeConfig(_Strict):
+    robust: str = Field(..., description="checkpoint of the robust ensemble (PGD-trained at eps)")
+    natural: str = Field(..., description="checkpoint of the natural ensemble")
+
+
 class ModelConfig(_Strict):
     arch: Literal[ARCHS] = "lenet5"
     width: float = Field(1.0, gt=0, le=8, description="multiplies channels and hidden units (lenet5, small_cnn); "
                          "about sqrt(K) gives one model with K times the parameters (DoubleAdv)")
+    composite: Optional[CompositeConfig] = Field(None, description="with arch: composite (meta-composites)")
+
+    @model_validator(mode="after")
+    def _composite_section(self):
+        if (self.arch == "composite") != (self.composite is not None):
+            raise ValueError("arch: composite and the composite: {robust, natural} section go together")
+        return self
 
 
 class EnsembleConfig(_Strict):

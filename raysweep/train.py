@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .composite import composite_members
 from .config import RunConfig
 from .data import Dataset, _gen, member_batches, steps_per_epoch
 from .ensemble import Ensemble, uniform_weights
@@ -66,7 +67,11 @@ class TrainResult:
 
 def build_members(cfg: RunConfig, data: Dataset, k: int) -> list[torch.nn.Module]:
     torch.manual_seed(cfg.seed)  # member inits come from one seeded stream: member k is reproducible
-    return [build_member(cfg.model.arch, data.image_shape, data.num_classes, data.mean, data.std, cfg.model.width) for _ in range(k)]
+    if cfg.model.arch == "composite":
+        c = cfg.model.composite
+        return composite_members(c.robust, c.natural, k, data.image_shape, data.num_classes)
+    return [build_member(cfg.model.arch, data.image_shape, data.num_classes, data.mean, data.std, cfg.model.width)
+            for _ in range(k)]
 
 
 def make_optimizer(params, cfg: RunConfig) -> torch.optim.Optimizer:

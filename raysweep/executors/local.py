@@ -41,7 +41,8 @@ class LoopedMembers:
         return len(self.members)
 
     def parameters(self) -> list[torch.Tensor]:
-        return [p for m in self.members for p in m.parameters()]
+        """The trainable tensors (frozen parts, e.g. of meta-composites, excluded)."""
+        return [p for m in self.members for p in m.parameters() if p.requires_grad]
 
     def train(self, mode: bool = True):
         for m in self.members:
@@ -75,7 +76,7 @@ class VmappedMembers:
         return len(self.members)
 
     def parameters(self) -> list[torch.Tensor]:
-        return list(self.params.values())
+        return [p for p in self.params.values() if p.requires_grad]
 
     def train(self, mode: bool = True):
         self._base.train(mode)

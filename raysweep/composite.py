@@ -1,0 +1,63 @@
+"""Meta-composites (SPEC section 2, Saligrama & Leclerc): a robust network (PGD-trained at eps)
+and a natural one, both frozen; their last hidden features are concatenated and only a new last
+linear layer is trained (PGD at eps, through train.adversarial). Composite k pairs member k of the
+robust checkpoint with member k of the natural one; ensemble.weights (e.g. [0.9, 0.1]) combine them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .models import build_member
+
+
+class Composite(nn.Module):
+    def __init__(self, robust: nn.Module, natural: nn.Module, num_classes: int, spec: dict):
+        super().__init__()
+        self.robust, self.natural = robust, natural
+        for p in (*robust.parameters(), *natural.parameters()):
+            p.requires_grad_(False)
+        self.head = nn.Linear(robust.head.in_features + natural.head.in_features, num_classes)
+        self.spec = spec  # sub-architectures, written to the checkpoint manifest
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.robust.eval()  # frozen: BatchNorm statistics must not move either
+        self.natural.eval()
+        return self
+
+    def features(self, x):
+        return torch.cat([self.robust.features(x), self.natural.features(x)], dim=1)
+
+    def forward(self, x, part: str = "logits"):
+        if part == "features":
+            return self.features(x)
+        if part == "head":
+            return self.head(x)
+        return self.head(self.features(x))
+
+
+def composite_members(robust_path: str, natural_path: str, k: int, image_shape, num_classes: int) -> list[Composite]:
+    from .checkpoint import load, read_manifest
+    from .errors import ConfigError
+
+    robust, natural = load(robust_path), load(natural_path)
+    for name, path, ens in (("robust", robust_path, robust), ("natural", natural_path, natural)):
+        if ens.k < k:
+            raise ConfigError(f"model.composite.{name} has {ens.k} members but ensemble.k = {k}: composite i "
+                              f"pairs member i of each")
+        m = read_manifest(path)
+        if m["num_classes"] != num_classes or tuple(m["image_shape"]) != tuple(image_shape):
+            raise ConfigError(f"model.composite.{name} ({path}) was trained on {m['num_classes']} classes of "
+                              f"{tuple(m['image_shape'])} images; this run's data has {num_classes} classes of "
+                              f"{tuple(image_shape)}")
+    spec = {name: {key: read_manifest(path)[key] for key in ("arch", "width")}
+            for name, path in (("robust", robust_path), ("natural", natural_path))}
+    return [Composite(robust.members[i], natural.members[i], num_classes, spec) for i in range(k)]
+
+
+def rebuild_composite(spec: dict, image_shape, num_classes, mean, std) -> Composite:
+    """An untrained composite of the right shapes, for loading a checkpoint into."""
+    parts = [build_member(spec[n]["arch"], image_shape, num_classes, mean, std, spec[n].get("width", 1.0))
+             for n in ("robust", "natural")]
+    return Composite(*parts, num_classes, spec)
