@@ -26,6 +26,9 @@ def _summary(metrics: dict, out: Path) -> str:
         aa = metrics["autoattack"]
         lines.append(f"autoattack     " + "  ".join(f"{e}: {r['acc']:.4f}" for e, r in aa["per_eps"].items())
                      + f"  ({aa['norm']}, {aa['samples']} images)")
+    for name, t in metrics.get("transfer", {}).items():
+        lines.append(f"transfer {name:<5} " + "  ".join(f"{e}: {r['target_acc']:.4f}" for e, r in t["per_eps"].items())
+                     + f"  (type {t['type']}, surrogate {t['surrogate_arch']})")
     for name in ("cw_l2", "jsma"):
         if name in metrics:
             lines.append(f"{name:<14} acc {metrics[name]['acc']:.4f}  ({metrics[name]['samples']} images)")

@@ -236,6 +236,19 @@ class JSMAConfig(_Strict):
     samples: int = Field(200, ge=1)
 
 
+class TransferConfig(_Strict):
+    """Black-box transfer: raysweep trains a surrogate ensemble from this run's own config with
+    another architecture, crafts adversarial examples on it, and measures the target on them.
+    type I (oblivious): the surrogate drops every defence (JR, adversarial training, PDD, DEG,
+    ADP; plain member CE); type II (adaptive): the surrogate keeps the same defence."""
+    name: str
+    type: Literal["I", "II"]
+    arch: Literal["lenet5", "small_cnn", "resnet18"] = Field(..., description="the surrogate's architecture")
+    attack: AttackConfig = Field(..., description="crafting attack on the surrogate (first objective used)")
+    epochs: Optional[int] = Field(None, ge=1, description="surrogate training epochs; null = the run's")
+    samples: Optional[int] = Field(None, ge=1, description="first N test images; null = all")
+
+
 class AUCConfig(_Strict):
     attack: str
     eps_target: float = Field(..., gt=0)
@@ -248,6 +261,7 @@ class EvalConfig(_Strict):
     weighted_acc_w: float = Field(0.5, ge=0, le=1)
     auc: Optional[AUCConfig] = None
     jacobian_samples: int = Field(200, ge=0, description="test images for the exact mean ||J||_F^2; 0 = skip")
+    transfer: list[TransferConfig] = []
     autoattack: Optional[AutoAttackConfig] = None
     cw_l2: Optional[CWL2Config] = None
     jsma: Optional[JSMAConfig] = None

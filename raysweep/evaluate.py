@@ -16,6 +16,7 @@ from .ensemble import Ensemble, combine
 from .executors import make_local_executor
 from .jacobian import ensemble_jacobian_norms
 from .metrics import auc, mean, weighted_accuracy
+from .transfer import evaluate_transfer
 
 
 @torch.no_grad()
@@ -131,6 +132,9 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
         curve = {float(e): a for e, a in robust[ev.auc.attack].items()}
         metrics["auc"] = {"attack": ev.auc.attack, "eps_target": ev.auc.eps_target,
                           "value": auc(curve, ev.auc.eps_target, clean)}
+
+    if ev.transfer:
+        metrics["transfer"] = evaluate_transfer(ensemble.to(device).eval(), data, cfg, device, progress)
 
     if ev.autoattack or ev.cw_l2 or ev.jsma:
         from .attacks import library  # ART is imported only when asked for

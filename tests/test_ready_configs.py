@@ -33,6 +33,8 @@ def test_ready_config_runs_through_cli(tmp_path, name):
         sets += ["eval.cw_l2.samples=4", "eval.cw_l2.max_iter=2", "eval.cw_l2.binary_search_steps=1"]
     if cfg.eval.jsma is not None:
         sets += ["eval.jsma.samples=4"]
+    for i, t in enumerate(cfg.eval.transfer):
+        sets += [f"eval.transfer.{i}.epochs=1", f"eval.transfer.{i}.samples=8", f"eval.transfer.{i}.attack.steps=2"]
     for i, a in enumerate(cfg.eval.attacks):
         sets += [f"eval.attacks.{i}.steps=2"] if a.kind != "fgsm" else []
         sets += [f"eval.attacks.{i}.max_steps=4"] if a.double_steps else []
@@ -49,6 +51,7 @@ def test_ready_config_runs_through_cli(tmp_path, name):
         if a.double_steps:
             report = m["attacks"][a.name]["per_eps"][str(a.eps[-1])]
             assert "converged" in report and report["history"][0][0] == 2
+    assert set(m.get("transfer", {})) == {t.name for t in cfg.eval.transfer}
     for name in ("autoattack", "cw_l2", "jsma"):
         assert (name in m) == (getattr(cfg.eval, name) is not None)
     if cfg.ensemble.k > 1 and cfg.eval.diversity_samples:

@@ -26,9 +26,10 @@ def attack_params(cfg: AttackConfig, eps: float) -> tuple[int, float, bool]:
 
 def attack_batch(stacked_fn, x, y, weights, objective: str, eps: float, norm: str = "linf", steps: int = 10,
                  step_size: float | None = None, start: bool = True, step_rule: str = "sign",
-                 how: str = "probability", generator: torch.Generator | None = None):
+                 how: str = "probability", generator: torch.Generator | None = None, keep_last: bool = False):
     """One attack run. Returns (x_adv, fooled [B]): x_adv holds, per sample, the first iterate
-    that fooled the ensemble, or the last iterate when none did."""
+    that fooled the ensemble, or the last iterate when none did (always the last with keep_last,
+    which transfers better: it is pushed further past the decision boundary)."""
     loss_fn = get_objective(objective)
     step_size = step_size if step_size is not None else 2.5 * eps / steps
     x = x.detach()
@@ -50,7 +51,8 @@ def attack_batch(stacked_fn, x, y, weights, objective: str, eps: float, norm: st
         (grad,) = torch.autograd.grad(loss_fn(stacked, y, weights, how).sum(), delta)
         with torch.no_grad():
             delta = project(ascent(delta.detach(), grad), x, eps, norm)
-    best[~fooled] = (x + delta.detach())[~fooled]
+    last = ~fooled if not keep_last else torch.ones_like(fooled)
+    best[last] = (x + delta.detach())[last]
     return best, fooled
 
 

@@ -1,0 +1,36 @@
+import torch
+
+from raysweep.config import TransferConfig
+from raysweep.data import Split
+from raysweep.evaluate import accuracies
+from raysweep.train import fit
+from raysweep.transfer import evaluate_transfer, surrogate_config
+
+from conftest import make_cfg
+
+ATTACK = {"name": "pgd", "eps": [0.0, 0.3], "steps": 10}
+
+
+def test_surrogate_configs_by_type():
+    cfg = make_cfg(ensemble={"k": 3, "method": "joint"},
+                   train={"pdd": {"m": 6}, "deg": {}, "jr": {"lambda_jr": 0.1},
+                          "adversarial": {"mode": "ensemble", "eps": 0.1}, "loss": "ensemble_ce"})
+    one = surrogate_config(cfg, TransferConfig(name="t1", type="I", arch="small_cnn", attack=ATTACK))
+    two = surrogate_config(cfg, TransferConfig(name="t2", type="II", arch="small_cnn", attack=ATTACK, epochs=7))
+    assert one.model.arch == two.model.arch == "small_cnn" and one.seed != cfg.seed
+    assert (one.train.pdd, one.train.deg, one.train.adversarial, one.train.jr.lambda_jr) == (None, None, None, 0.0)
+    assert one.train.loss == "member_ce" and two.train.loss == "ensemble_ce"
+    assert two.train.pdd == cfg.train.pdd and two.train.adversarial == cfg.train.adversarial and two.train.epochs == 7
+
+
+def test_transfer_from_self_trained_surrogate(trained_synthetic):
+    cfg, data, target = trained_synthetic
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"transfer": [
+        TransferConfig(name="type1", type="I", arch="small_cnn", attack=ATTACK, samples=100)]})})
+    report = evaluate_transfer(target, data, cfg, torch.device("cpu"), progress=False)["type1"]
+    at0, at3 = report["per_eps"]["0.0"], report["per_eps"]["0.3"]
+    first100 = Split(data.test.x[:100], data.test.y[:100])
+    clean = accuracies(target.stacked_logits, first100, target.weights, "probability", 100, "cpu")[0]
+    assert at0["target_acc"] == clean  # eps 0: the clean images
+    assert at3["surrogate_acc"] < 0.2  # white-box on the surrogate
+    assert at3["target_acc"] < clean - 0.2  # the examples transfer
