@@ -3,7 +3,7 @@ a time. Same total work and the same deltas."""
 from common import DEVICE, header, lenet_setup, median_ms
 
 from raysweep.attacks.uap import seeds_per_forward, sgd_uap, uap_init
-from raysweep.data import _gen
+from raysweep.seeding import generator
 from raysweep.ensemble import Ensemble
 
 
@@ -14,19 +14,19 @@ def main():
     for p in ens.parameters():
         p.requires_grad_(False)
     for seeds in (10, 50):
-        init = uap_init(seeds, data.train.x.shape[1:], 0.1, _gen(0, "init"))
+        init = uap_init(seeds, data.train.x.shape[1:], 0.1, generator(0, "init"))
         kw = dict(eps=0.1, iterations=5, batch_size=100, step_size=0.005, objective="ce_prob", weights=ens.weights,
                   how="probability", device=DEVICE)
 
         def batched():
-            sgd_uap(ens.stacked_logits, data.train, init, generator=_gen(0, "o"), chunk=seeds, **kw)
+            sgd_uap(ens.stacked_logits, data.train, init, generator=generator(0, "o"), chunk=seeds, **kw)
 
         def default():
-            sgd_uap(ens.stacked_logits, data.train, init, generator=_gen(0, "o"), **kw)
+            sgd_uap(ens.stacked_logits, data.train, init, generator=generator(0, "o"), **kw)
 
         def one_at_a_time():
             for s in range(seeds):
-                sgd_uap(ens.stacked_logits, data.train, init[s:s + 1], generator=_gen(0, "o"), **kw)
+                sgd_uap(ens.stacked_logits, data.train, init[s:s + 1], generator=generator(0, "o"), **kw)
 
         b, d, o = median_ms(batched, 3.0), median_ms(default, 3.0), median_ms(one_at_a_time, 3.0)
         chunk = seeds_per_forward(seeds, 100, DEVICE)

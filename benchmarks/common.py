@@ -8,7 +8,8 @@ import torch
 from torch.utils.benchmark import Timer
 
 from raysweep.config import validate_config
-from raysweep.data import _gen, load_dataset, member_batches
+from raysweep.data import load_dataset, member_batches
+from raysweep.seeding import generator
 from raysweep.executors import LoopedMembers, VmappedMembers, resolve_device
 from raysweep.ensemble import uniform_weights
 from raysweep.step import TrainStep
@@ -36,7 +37,7 @@ def lenet_setup(k: int, lambda_jr: float = 0.0, batch_size: int = 128):
 def step_fn(executor_cls, cfg, members, x, y):
     ex = executor_cls(copy.deepcopy(members), DEVICE)
     opt = make_optimizer(ex.parameters(), cfg)
-    step = TrainStep(cfg, ex, uniform_weights(len(members)), _gen(0, "bench"))
+    step = TrainStep(cfg, ex, uniform_weights(len(members)), generator(0, "bench"))
     return lambda: step(opt, x, y)
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .attack_objectives import ce_prob
 from .attacks.steps import Ascent, project, random_start
 from .config import AdversarialTrainingConfig
+from .seeding import randn_like
 
 
 def _eps_list(cfg: AdversarialTrainingConfig, k: int) -> list[float]:
@@ -26,7 +27,7 @@ def _start(x, eps, cfg: AdversarialTrainingConfig, default: str, generator):
     if kind == "gaussian":
         sigma = cfg.sigma if cfg.sigma is not None else eps / 2
         # SPEC section 3: x~0 = x + N(0, sigma^2 I); the first step's projection brings it into the ball.
-        return sigma * torch.randn(x.shape, generator=generator).to(x)
+        return sigma * randn_like(x, generator)
     if kind == "uniform":
         return project(random_start(x, eps, cfg.norm, generator), x, eps, cfg.norm)
     return torch.zeros_like(x)

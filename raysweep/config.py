@@ -7,16 +7,26 @@ to the raw YAML before validation, so they are checked the same way.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic")
 ARCHS = ("lenet5", "small_cnn", "resnet18", "composite")
 ATTACK_OBJECTIVES = ("ce_prob", "ce_logit", "cw_margin", "mean_member_ce")
+
+
+def _nonneg_eps(eps):
+    bad = [e for e in (eps if isinstance(eps, list) else [eps]) if e < 0]
+    if bad:
+        raise ValueError(f"eps must be >= 0, got {bad[0]}")
+    return eps
+
+
+EpsGrid = Annotated[list[float], Field(min_length=1), AfterValidator(_nonneg_eps)]
 
 
 class _Strict(BaseModel):
@@ -93,7 +103,7 @@ class AdversarialTrainingConfig(_Strict):
     """member: each member trained on PGD examples against itself alone (Madry; SeparateAdv), with
     one eps or a per-member list; ensemble: Ensemble-Adv, examples against the averaged ensemble."""
     mode: Literal["member", "ensemble"]
-    eps: float | list[float]
+    eps: Annotated[float | list[float], AfterValidator(_nonneg_eps)]
     norm: Literal["linf", "l2"] = "linf"
     steps: int = Field(7, ge=1)
     step_size: Optional[float] = Field(None, gt=0, description="null: 2.5 * eps / steps")
@@ -103,15 +113,6 @@ class AdversarialTrainingConfig(_Strict):
     sigma: Optional[float] = Field(None, ge=0, description="std of the gaussian start; null: eps / 2")
     clean: Optional[bool] = Field(None, description="add the clean loss; null: true for ensemble, false for member")
     rho: float = Field(1.0, ge=0, description="weight of the adversarial loss")
-
-    @field_validator("eps")
-    @classmethod
-    def _eps_nonneg(cls, eps):
-        values = eps if isinstance(eps, list) else [eps]
-        bad = [e for e in values if e < 0]
-        if bad:
-            raise ValueError(f"eps must be >= 0, got {bad[0]}")
-        return eps
 
 
 class DEGConfig(_Strict):
@@ -161,7 +162,7 @@ class AttackConfig(_Strict):
     name: str
     kind: Literal["fgsm", "bim", "pgd"] = "pgd"
     norm: Literal["linf", "l2"] = "linf"
-    eps: list[float] = Field(..., min_length=1)
+    eps: EpsGrid
     steps: int = Field(10, ge=1)
     step_size: Optional[float] = Field(None, gt=0, description="null: 2.5*eps/steps for pgd, eps/steps for bim")
     restarts: int = Field(1, ge=1)
@@ -172,17 +173,9 @@ class AttackConfig(_Strict):
                                "(Grefenstette et al.'s rule against false robustness); reports convergence")
     max_steps: int = Field(640, ge=1, description="cap for double_steps")
 
-    @field_validator("eps")
-    @classmethod
-    def _eps_nonneg(cls, eps):
-        bad = [e for e in eps if e < 0]
-        if bad:
-            raise ValueError(f"eps must be >= 0, got {bad[0]}")
-        return eps
-
 
 class UAPConfig(_Strict):
-    eps: list[float] = Field([0.10, 0.15, 0.20, 0.25], min_length=1)
+    eps: EpsGrid = [0.10, 0.15, 0.20, 0.25]
     seeds: int = Field(50, ge=1)
     iterations: int = Field(100, ge=1)
     batch_size: int = Field(200, ge=1)
@@ -192,31 +185,15 @@ class UAPConfig(_Strict):
     craft_on: Literal["train", "test"] = Field("train", description="which split's batches craft the UAP")
     selection_size: int = Field(1000, ge=1, description="crafting images used to pick the worst-case seed")
 
-    @field_validator("eps")
-    @classmethod
-    def _eps_nonneg(cls, eps):
-        bad = [e for e in eps if e < 0]
-        if bad:
-            raise ValueError(f"eps must be >= 0, got {bad[0]}")
-        return eps
-
 
 class AutoAttackConfig(_Strict):
     """AutoAttack-grade evaluation through ART: a sample is robust only if it survives every attack."""
-    eps: list[float] = Field(..., min_length=1)
+    eps: EpsGrid
     norm: Literal["linf", "l2"] = "linf"
     attacks: list[Literal["apgd-ce", "apgd-dlr", "square"]] = Field(["apgd-ce", "apgd-dlr", "square"], min_length=1)
     max_iter: int = Field(100, ge=1, description="APGD iterations")
     square_queries: int = Field(5000, ge=1)
     samples: Optional[int] = Field(None, ge=1, description="first N test images; null = all")
-
-    @field_validator("eps")
-    @classmethod
-    def _eps_nonneg(cls, eps):
-        bad = [e for e in eps if e < 0]
-        if bad:
-            raise ValueError(f"eps must be >= 0, got {bad[0]}")
-        return eps
 
 
 class CWL2Config(_Strict):
@@ -323,7 +300,7 @@ class RunConfig(_Strict):
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
+    lines = [f"invalid config {source}:" if source else "invalid config:"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
+from .seeding import generator
 from .errors import DataError
 
 ENV_DATA_DIR = "RAYSWEEP_DATA_DIR"
@@ -52,7 +53,7 @@ class Split:
     def subset(self, n: int | None, seed: int) -> "Split":
         if n is None or n >= len(self):
             return self
-        idx = torch.randperm(len(self), generator=_gen(seed, "subset"))[:n]
+        idx = torch.randperm(len(self), generator=generator(seed, "subset"))[:n]
         return Split(self.x[idx], self.y[idx])
 
 
@@ -70,16 +71,10 @@ class Dataset:
         return tuple(self.train.x.shape[1:])
 
 
-def _gen(*key) -> torch.Generator:
-    """A generator seeded from a tuple key, so every (seed, member, epoch) has its own stream."""
-    words = [k if isinstance(k, int) else int.from_bytes(str(k).encode()[:8].ljust(8, b"\0"), "little") for k in key]
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1))
-
-
 def synthetic(cfg: DataConfig, seed: int) -> Dataset:
     """Class prototypes plus Gaussian noise: learnable in a few steps, for fast tests."""
     s = cfg.synthetic
-    g = _gen(seed, "synthetic")
+    g = generator(seed, "synthetic")
     protos = torch.rand((s.num_classes, *s.image_shape), generator=g)
 
     def draw(n):
@@ -199,12 +194,12 @@ def member_orders(n: int, k: int, mode: str, epoch: int, seed: int) -> torch.Ten
     (N draws with replacement, drawn once per member), shuffled every epoch.
     """
     if mode == "shared":
-        return torch.randperm(n, generator=_gen(seed, "order", epoch)).expand(k, n)
+        return torch.randperm(n, generator=generator(seed, "order", epoch)).expand(k, n)
     orders = []
     for m in range(k):
-        perm = torch.randperm(n, generator=_gen(seed, "order", m, epoch))
+        perm = torch.randperm(n, generator=generator(seed, "order", m, epoch))
         if mode == "bootstrap":
-            sample = torch.randint(0, n, (n,), generator=_gen(seed, "bootstrap", m))
+            sample = torch.randint(0, n, (n,), generator=generator(seed, "bootstrap", m))
             perm = sample[perm]
         elif mode != "independent":
             raise ValueError(f"unknown batch mode {mode!r}")

@@ -44,7 +44,7 @@ def attack_until_converged(stacked_fn, split, a: AttackConfig, eps, weights, how
     report = {"steps": steps, "step_size": step_size, "random_start": start, "acc": acc}
     if not a.double_steps or a.kind == "fgsm" or eps == 0:
         return report
-    history = [[steps, acc]]
+    history = [[steps, acc]]  # acc stays the lowest accuracy seen
     converged = False
     while steps * 2 <= a.max_steps:
         steps *= 2
@@ -55,8 +55,7 @@ def attack_until_converged(stacked_fn, split, a: AttackConfig, eps, weights, how
             converged = True
             break
         acc = new
-    report.update(acc=min(acc, history[-1][1]), steps=history[-1][0], converged=converged, history=history,
-                  step_size=attack_params(a.model_copy(update={"steps": history[-1][0]}), eps)[1])
+    report.update(acc=acc, converged=converged, history=history)
     return report
 
 
@@ -90,8 +89,6 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
 
     weights, how = ensemble.weights.to(device), ensemble.combine_how
     one = torch.ones(1, device=device)
-    for p in ex.parameters():  # attacks need input gradients only
-        p.requires_grad_(False)
     start = time.perf_counter()
     clean, members = accuracies(stacked_fn, data.test, weights, how, ev.batch_size, device)
     metrics: dict = {"clean_acc": clean, "member_clean_acc": members}
@@ -117,7 +114,8 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
     if ev.uap is not None:
         u = ev.uap
         craft = data.train if u.craft_on == "train" else data.test
-        with tqdm(total=u.iterations * len(u.eps), desc="UAP", unit="it", disable=not progress, leave=False, mininterval=1.0) as bar:
+        with tqdm(total=u.iterations * len(u.eps), desc="UAP", unit="it", disable=not progress, leave=False,
+                  mininterval=1.0) as bar:
             res = evaluate_uap(stacked_fn, craft, data.test, u, weights, how, ev.batch_size, device, cfg.seed, bar)
         metrics["uap_acc"] = {str(e): a for e, a in res["acc"].items()}
         metrics["mean_uap_acc"] = mean(res["acc"].values())

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .seeding import randn_like
+
 
 def jacobian_sq_norm_estimate(logits: torch.Tensor, x: torch.Tensor, n_proj: int = 1,
                               generator: torch.Generator | None = None, create_graph: bool = True) -> torch.Tensor:
@@ -19,7 +21,7 @@ def jacobian_sq_norm_estimate(logits: torch.Tensor, x: torch.Tensor, n_proj: int
     c = logits.shape[-1]
     total = torch.zeros(logits.shape[:2], device=logits.device, dtype=logits.dtype)
     for _ in range(n_proj):
-        v = torch.randn(logits.shape, generator=generator).to(logits)
+        v = randn_like(logits, generator)
         v = v / v.norm(dim=-1, keepdim=True)
         (g,) = torch.autograd.grad((logits * v).sum(), x, create_graph=create_graph, retain_graph=True)
         total = total + c * g.pow(2).flatten(2).sum(-1)

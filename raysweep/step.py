@@ -22,6 +22,7 @@ from .config import RunConfig
 from .deg import deg_penalty, member_input_grads
 from .jacobian import jr_penalty
 from .pdd import PriorityDropout
+from .seeding import rand_like
 
 
 class TrainStep:
@@ -30,7 +31,7 @@ class TrainStep:
         self.cfg, self.ex, self.gen = cfg, executor, generator
         self.weights = weights.to(executor.device)
         self.pdd = PriorityDropout(t.pdd.alpha, t.pdd.beta, t.pdd.m, t.pdd.period, t.pdd.rescale) if t.pdd else None
-        self.terms: dict[str, float] = {}
+        self.terms: dict[str, torch.Tensor] = {}  # last step's loss terms, for logging
 
     def adversarial(self, x, y):
         adv = self.cfg.train.adversarial
@@ -47,7 +48,7 @@ class TrainStep:
         if self.pdd is None:
             return self.ex.stacked_logits(x, per_member=True)
         feats = self.ex.stacked_logits(x, per_member=True, part="features")
-        uniform = torch.rand(feats.shape, generator=self.gen).to(feats)
+        uniform = rand_like(feats, self.gen)
         return self.ex.stacked_logits(self.pdd(feats, uniform), per_member=True, part="head")
 
     def pass_loss(self, x, y) -> tuple[torch.Tensor, dict, torch.Tensor]:

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from .composite import composite_members
 from .config import RunConfig
-from .data import Dataset, _gen, member_batches, steps_per_epoch
+from .data import Dataset, member_batches, steps_per_epoch
+from .seeding import generator
 from .ensemble import Ensemble, uniform_weights
 from .errors import ConfigError
 from .executors import make_local_executor
@@ -100,8 +101,11 @@ def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[C
     if executor is None:
         executor = make_local_executor(build_members(cfg, data, n_train), cfg.executor.vectorize, cfg.executor.device)
     opt = make_optimizer(executor.parameters(), cfg)
-    weights = torch.tensor(cfg.ensemble.weights) if cfg.ensemble.weights else uniform_weights(n_train)
-    step = TrainStep(cfg, executor, weights, _gen(cfg.seed, "step"))
+    weights = torch.tensor(cfg.ensemble.weights) if cfg.ensemble.weights else None
+    train_weights = weights if weights is not None and method != "snapshot" else uniform_weights(n_train)
+    step = TrainStep(cfg, executor, train_weights, generator(cfg.seed, "step", device=executor.device))
+    # Logged loss per member for member_ce (a sum over members), else the ensemble's loss itself.
+    per_member = n_train if cfg.train.loss == "member_ce" else 1
     spe = steps_per_epoch(len(data.train), cfg.data.batch_size)
     total = spe * cfg.train.epochs
     keep_at = snapshot_steps(total, k) if method == "snapshot" else []
@@ -109,7 +113,8 @@ def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[C
     state = TrainState(total_steps=total)
     start = time.perf_counter()
     executor.train(True)
-    bar = tqdm(total=total, desc=f"train {cfg.name}", unit="step", disable=not progress, leave=False, mininterval=1.0)
+    bar = tqdm(total=total, desc=f"train {cfg.name}", unit="step", disable=not progress, leave=False,
+               mininterval=1.0)
     for epoch in range(cfg.train.epochs):
         state.epoch = epoch
         run_loss, run_correct, seen = 0.0, 0, 0
@@ -120,7 +125,7 @@ def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[C
             for group in opt.param_groups:
                 group["lr"] = state.lr
             loss, logits = step(opt, x, y)
-            state.loss = loss.item() / n_train
+            state.loss = loss.item() / per_member
             state.lrs.append(state.lr)
             run_loss += state.loss * y.shape[1]
             run_correct += (logits.argmax(-1) == y).sum().item()
@@ -137,5 +142,4 @@ def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[C
     bar.close()
     members = snapshots if method == "snapshot" else executor.export_members()
     members = [m.cpu().eval() for m in members]
-    final_weights = torch.tensor(cfg.ensemble.weights) if cfg.ensemble.weights else None
-    return TrainResult(Ensemble(members, final_weights, cfg.ensemble.combine), state, time.perf_counter() - start)
+    return TrainResult(Ensemble(members, weights, cfg.ensemble.combine), state, time.perf_counter() - start)

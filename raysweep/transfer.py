@@ -7,7 +7,8 @@ import torch
 
 from .attacks.pgd import attack_batch, attack_params
 from .config import RunConfig, TransferConfig
-from .data import Dataset, Split, _gen, eval_batches
+from .data import Dataset, Split, eval_batches
+from .seeding import generator
 from .ensemble import Ensemble, combine
 from .train import fit
 
@@ -31,7 +32,7 @@ def transfer_attack(target: Ensemble, surrogate: Ensemble, split: Split, t: Tran
                     device, seed: int = 0) -> dict:
     n = len(split) if t.samples is None else min(t.samples, len(split))
     split = Split(split.x[:n], split.y[:n])
-    gen = _gen(seed, "transfer", t.name)
+    gen = generator(seed, "transfer", t.name)
     out = {}
     for eps in t.attack.eps:
         steps, step_size, start = attack_params(t.attack, eps)
@@ -53,8 +54,6 @@ def evaluate_transfer(target: Ensemble, data: Dataset, cfg: RunConfig, device, p
     for t in cfg.eval.transfer:
         scfg = surrogate_config(cfg, t)
         surrogate = fit(scfg, data, progress=progress).ensemble.to(device).eval()
-        for p in surrogate.parameters():
-            p.requires_grad_(False)
         report[t.name] = {"type": t.type, "surrogate_arch": t.arch, "crafting_objective": t.attack.objectives[0],
                           "per_eps": transfer_attack(target, surrogate, data.test, t, cfg.eval.batch_size, device,
                                                      cfg.seed)}

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from raysweep.adversarial_training import ensemble_examples, member_examples
 from raysweep.config import AdversarialTrainingConfig
-from raysweep.data import _gen, load_dataset
+from raysweep.data import load_dataset
+from raysweep.seeding import generator
 from raysweep.executors import LoopedMembers, VmappedMembers
 from raysweep.train import build_members, fit
 
@@ -43,7 +44,7 @@ def test_ensemble_adv_stays_in_ball(rule):
     members, x, y = members_and_batch()
     cfg = AdversarialTrainingConfig(mode="ensemble", eps=0.1, steps=7, step_rule=rule, sigma=0.2)
     x_adv = ensemble_examples(lambda z: torch.stack([m(z) for m in members]), x, y, torch.full((3,), 1 / 3), cfg,
-                              _gen(0, "t"))
+                              generator(0, "t"))
     assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
 
 
@@ -54,7 +55,7 @@ def test_member_examples_use_own_eps_and_never_see_other_members():
 
     def run(ms):
         ex = LoopedMembers(ms, torch.device("cpu"))
-        return member_examples(lambda z: ex.stacked_logits(z, per_member=True), xs, ys, cfg, _gen(0, "m"))
+        return member_examples(lambda z: ex.stacked_logits(z, per_member=True), xs, ys, cfg, generator(0, "m"))
 
     a = run(members)
     other = copy.deepcopy(members)

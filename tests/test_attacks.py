@@ -6,14 +6,12 @@ from raysweep.attack_objectives import OBJECTIVES
 from raysweep.attacks import attack_batch, robust_accuracy
 from raysweep.attacks.uap import evaluate_uap, sgd_uap, uap_init
 from raysweep.config import AttackConfig, UAPConfig
-from raysweep.data import _gen
+from raysweep.seeding import generator
 from raysweep.evaluate import accuracies
 
 
 def setup(trained_synthetic, n=64):
     cfg, data, ens = trained_synthetic
-    for p in ens.parameters():
-        p.requires_grad_(False)
     x, y = data.test.batch(torch.arange(n))
     return data, ens, x, y
 
@@ -38,7 +36,7 @@ def test_pgd_stays_in_ball_and_image_range(trained_synthetic, norm, rule, object
     _, ens, x, y = setup(trained_synthetic, 32)
     eps = 0.1 if norm == "linf" else 1.5
     x_adv, _ = attack_batch(ens.stacked_logits, x, y, ens.weights, objective, eps, norm, steps=5, step_size=eps / 2,
-                            start=True, step_rule=rule, generator=_gen(0, "t"))
+                            start=True, step_rule=rule, generator=generator(0, "t"))
     d = (x_adv - x).flatten(1)
     size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
     assert size.max() <= eps + 1e-5 and x_adv.min() >= 0 and x_adv.max() <= 1
@@ -83,15 +81,15 @@ def test_more_steps_and_restarts_never_raise_robust_accuracy(trained_synthetic):
 def test_uap_seeds_batched_equal_one_at_a_time_and_stay_in_ball(trained_synthetic):
     _, data, ens = trained_synthetic
     eps = 0.2
-    init = uap_init(4, data.train.x.shape[1:], eps, _gen(0, "init"))
+    init = uap_init(4, data.train.x.shape[1:], eps, generator(0, "init"))
     kw = dict(eps=eps, iterations=6, batch_size=50, step_size=0.03, objective="ce_prob", weights=ens.weights,
               how="probability")
-    batched = sgd_uap(ens.stacked_logits, data.train, init, generator=_gen(0, "order"), chunk=4, **kw)
+    batched = sgd_uap(ens.stacked_logits, data.train, init, generator=generator(0, "order"), chunk=4, **kw)
     assert batched.abs().max() <= eps + 1e-6 and batched.shape == init.shape
-    chunked = sgd_uap(ens.stacked_logits, data.train, init, generator=_gen(0, "order"), chunk=3, **kw)
+    chunked = sgd_uap(ens.stacked_logits, data.train, init, generator=generator(0, "order"), chunk=3, **kw)
     assert torch.allclose(chunked, batched, atol=1e-6)
     for s in range(4):
-        alone = sgd_uap(ens.stacked_logits, data.train, init[s:s + 1], generator=_gen(0, "order"), **kw)
+        alone = sgd_uap(ens.stacked_logits, data.train, init[s:s + 1], generator=generator(0, "order"), **kw)
         assert torch.allclose(alone[0], batched[s], atol=1e-6)
 
 

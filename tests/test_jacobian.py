@@ -1,7 +1,8 @@
 import torch
 from torch.func import jacrev
 
-from raysweep.data import _gen, load_dataset
+from raysweep.data import load_dataset
+from raysweep.seeding import generator
 from raysweep.executors import LoopedMembers
 from raysweep.jacobian import ensemble_jacobian_norms, jacobian_sq_norm_estimate, jacobian_sq_norm_exact
 from raysweep.train import build_members, fit
@@ -30,10 +31,10 @@ def test_projection_estimator_is_unbiased():
     # Mean over 3000 projections within 3% of the exact norm (its standard error here is < 1%).
     ex, x = stacked_setup()
     logits = ex.stacked_logits(x, per_member=True)
-    est = jacobian_sq_norm_estimate(logits, x, n_proj=3000, generator=_gen(0, "t"), create_graph=False)
+    est = jacobian_sq_norm_estimate(logits, x, n_proj=3000, generator=generator(0, "t"), create_graph=False)
     exact = jacobian_sq_norm_exact(logits, x)
     assert torch.allclose(est, exact, rtol=0.03), (est, exact)
-    one = jacobian_sq_norm_estimate(logits, x, n_proj=1, generator=_gen(1, "t"), create_graph=False)
+    one = jacobian_sq_norm_estimate(logits, x, n_proj=1, generator=generator(1, "t"), create_graph=False)
     assert not torch.allclose(one, exact, rtol=0.03)  # a single projection is noisy: the test above means something
 
 

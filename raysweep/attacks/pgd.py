@@ -10,7 +10,8 @@ import torch
 
 from ..attack_objectives import get_objective
 from ..config import AttackConfig
-from ..data import _gen, eval_batches
+from ..data import eval_batches
+from ..seeding import generator
 from ..ensemble import combine
 from .steps import Ascent, project, random_start
 
@@ -66,7 +67,7 @@ def robust_accuracy(stacked_fn, split, cfg: AttackConfig, eps: float, weights, h
     """Accuracy under the attack at eps; a sample is robust only if it is classified correctly
     and survives every restart of every objective. Returns (accuracy, robust flags [N])."""
     steps, step_size, start = attack_params(cfg, eps)
-    gen = _gen(seed, "attack", cfg.name, str(eps))
+    gen = generator(seed, "attack", cfg.name, str(eps))
     flags = []
     for x, y in eval_batches(split, batch_size, device):
         robust = predict(stacked_fn, x, weights, how) == y

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..seeding import rand_like, randn_like
+
 
 def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
@@ -43,11 +45,9 @@ def project(delta: torch.Tensor, x: torch.Tensor, eps, norm: str) -> torch.Tenso
     return (x + delta).clamp(0, 1) - x
 
 
-def random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:
+def random_start(x: torch.Tensor, eps, norm: str, generator: torch.Generator | None) -> torch.Tensor:
     if norm == "linf":
-        delta = (torch.rand(x.shape, generator=generator) * 2 - 1) * eps
-    else:
-        g = torch.randn(x.shape, generator=generator)
-        r = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator)
-        delta = g / _per_sample_norm(g) * eps * r
-    return delta.to(x)
+        return (rand_like(x, generator) * 2 - 1) * eps
+    g = randn_like(x, generator)
+    r = rand_like(x, generator, shape=(x.shape[0],) + (1,) * (x.dim() - 1))
+    return g / _per_sample_norm(g) * eps * r

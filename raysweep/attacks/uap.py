@@ -10,7 +10,8 @@ import torch
 
 from ..attack_objectives import get_objective
 from ..config import UAPConfig
-from ..data import Split, _gen, eval_batches
+from ..data import Split, eval_batches
+from ..seeding import generator
 from ..ensemble import combine
 from .steps import Ascent, project
 
@@ -78,7 +79,7 @@ def evaluate_uap(stacked_fn, craft: Split, test: Split, cfg: UAPConfig, weights,
     acc, chosen = {}, {}
     select = Split(craft.x[:cfg.selection_size], craft.y[:cfg.selection_size])
     for eps in cfg.eps:
-        gen = _gen(seed, "uap", str(eps))
+        gen = generator(seed, "uap", str(eps))
         init = uap_init(cfg.seeds, craft.x.shape[1:], eps, gen)
         deltas = sgd_uap(stacked_fn, craft, init, eps, cfg.iterations, cfg.batch_size, cfg.step_size or eps / 20,
                          cfg.objective, weights, how, cfg.step_rule, gen, device, progress)
