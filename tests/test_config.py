@@ -31,6 +31,15 @@ def test_defaults_and_ready_config_validate():
     ({"eval": {"attacks": [{"name": "p", "eps": [0.1, -0.1]}]}}, "eval.attacks.0.eps", "eps must be >= 0"),
     ({"eval": {"uap": {"eps": [-0.2]}}}, "eval.uap.eps", "eps must be >= 0"),
     ({"eval": {"attacks": [{"name": "p", "eps": [0.1]}], "auc": {"attack": "q", "eps_target": 0.1}}}, "eval", "'q'"),
+    ({"ensemble": {"k": 3, "method": "joint"}, "train": {"pdd": {"m": 3}}}, "(top level)", "m must be > ensemble.k"),
+    ({"ensemble": {"k": 1, "method": "joint"}, "train": {"deg": {}}}, "(top level)", "needs ensemble.k >= 2"),
+    ({"ensemble": {"k": 3}, "train": {"deg": {}}}, "(top level)", "need ensemble.method: joint"),
+    ({"ensemble": {"k": 3}, "train": {"adversarial": {"mode": "member", "eps": [0.1, 0.2]}}}, "(top level)",
+     "2 values but ensemble.k = 3"),
+    ({"ensemble": {"k": 2, "method": "joint"}, "train": {"adversarial": {"mode": "ensemble", "eps": [0.1, 0.2]}}},
+     "(top level)", "needs mode: member"),
+    ({"train": {"adversarial": {"mode": "member", "eps": -0.1}}}, "train.adversarial.eps", "eps must be >= 0"),
+    ({"model": {"arch": "composite"}}, "model", "go together"),
 ])
 def test_bad_fields_name_path_and_allowed(raw, path, words):
     msg = error_of(raw)
