@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .attacks import evaluate_uap, robust_accuracy
+from .attacks.cw import cw_l2
 from .attacks.pgd import attack_params
 from .config import AttackConfig, RunConfig
 from .data import Dataset, Split, eval_batches
@@ -134,15 +135,16 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
     if ev.transfer:
         metrics["transfer"] = evaluate_transfer(ensemble.to(device).eval(), data, cfg, device, progress)
 
-    if ev.autoattack or ev.cw_l2 or ev.jsma:
+    if ev.cw_l2:
+        metrics["cw_l2"] = cw_l2(stacked_fn, data.test, ev.cw_l2, weights, how, ev.batch_size, device)
+
+    if ev.autoattack or ev.jsma:
         from .attacks import library  # ART is imported only when asked for
 
         model = ensemble.to(device).eval()
         if ev.autoattack:
             metrics["autoattack"] = library.autoattack(model, data.test, ev.autoattack, data.num_classes,
                                                        ev.batch_size, device, cfg.seed)
-        if ev.cw_l2:
-            metrics["cw_l2"] = library.cw_l2(model, data.test, ev.cw_l2, data.num_classes, ev.batch_size, device)
         if ev.jsma:
             metrics["jsma"] = library.jsma(model, data.test, ev.jsma, data.num_classes, ev.batch_size, device,
                                            cfg.seed)

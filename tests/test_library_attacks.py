@@ -3,7 +3,8 @@ import numpy as np
 import torch
 
 from raysweep.attacks import robust_accuracy
-from raysweep.attacks.library import art_classifier, autoattack, cw_l2, jsma
+from raysweep.attacks.cw import cw_l2, cw_l2_batch
+from raysweep.attacks.library import art_classifier, autoattack, jsma
 from raysweep.config import AttackConfig, AutoAttackConfig, CWL2Config, JSMAConfig
 
 CPU = torch.device("cpu")
@@ -32,10 +33,24 @@ def test_autoattack_flags_and_monotone(trained_synthetic):
     assert res["per_eps"]["0.15"]["acc"] <= pgd_acc + 0.1  # at least about as strong as our PGD-10
 
 
-def test_cw_l2_and_jsma_fool_the_ensemble(trained_synthetic):
+def test_cw_l2_fools_with_small_perturbations(trained_synthetic):
     _, data, ens = trained_synthetic
-    cw = cw_l2(ens, data.test, CWL2Config(learning_rate=0.1, max_iter=30, binary_search_steps=3, initial_const=1.0,
-                                          samples=40), 4, 40, CPU)
-    assert cw["acc"] < 0.5 and cw["mean_l2_of_successes"] > 0
+    cfg = CWL2Config(learning_rate=0.05, max_iter=50, binary_search_steps=4, initial_const=1.0, samples=60)
+    x, y = data.test.batch(torch.arange(60))
+    x_adv, success, l2 = cw_l2_batch(ens.stacked_logits, x, y, ens.weights, "probability", cfg)
+    assert success.float().mean() > 0.9 and 0 <= x_adv.min() and x_adv.max() <= 1
+    assert torch.allclose(l2[success], (x_adv - x)[success].flatten(1).norm(dim=1), atol=1e-4)
+    with torch.no_grad():
+        assert (ens(x_adv[success]).argmax(1) != y[success]).all()
+    pgd = AttackConfig(name="p", eps=[1.0], norm="l2", steps=10)  # C&W finds smaller l2 than PGD needs
+    pgd_acc = robust_accuracy(ens.stacked_logits, data.test, pgd, float(l2[success].median()), ens.weights,
+                              "probability", 100, "cpu")[0]
+    assert pgd_acc > 0.3
+    res = cw_l2(ens.stacked_logits, data.test, cfg, ens.weights, "probability", 60, "cpu")
+    assert res["acc"] < 0.1 and res["mean_l2_of_successes"] > 0
+
+
+def test_jsma_fools_the_ensemble(trained_synthetic):
+    _, data, ens = trained_synthetic
     js = jsma(ens, data.test, JSMAConfig(samples=30), 4, 30, CPU)
     assert js["acc"] < 0.5 and 0 < js["mean_l0_fraction"] <= 0.1 + 1e-9

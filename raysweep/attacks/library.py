@@ -1,5 +1,6 @@
 """Attacks taken from ART (adversarial-robustness-toolbox) rather than rewritten: APGD-CE,
-APGD-DLR and Square (an AutoAttack-grade evaluation), Carlini & Wagner L2 and JSMA.
+APGD-DLR and Square (an AutoAttack-grade evaluation) and JSMA. (C&W L2 is in cw.py: ART's was
+too slow for 2 CPU cores.)
 
 The ensemble is wrapped as an ART PyTorchClassifier whose outputs are the ensemble's scores
 (log of the averaged probabilities, or averaged logits): ART's cross-entropy on them is the CE of
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import AutoAttackConfig, CWL2Config, JSMAConfig
+from ..config import AutoAttackConfig, JSMAConfig
 from ..data import Split
 
 logging.getLogger("art").setLevel(logging.WARNING)
@@ -65,21 +66,6 @@ def autoattack(model: nn.Module, split: Split, cfg: AutoAttackConfig, num_classe
             after[name] = float(robust.mean())
         out[str(eps)] = {"acc": float(robust.mean()), "after": after}
     return {"per_eps": out, "clean_acc": float(clean.mean()), "samples": len(y), "norm": cfg.norm}
-
-
-def cw_l2(model: nn.Module, split: Split, cfg: CWL2Config, num_classes: int, batch_size: int, device) -> dict:
-    from art.attacks.evasion import CarliniL2Method
-
-    clf = art_classifier(model, split.x.shape[1:], num_classes, device)
-    x, y = _arrays(split, cfg.samples)
-    attack = CarliniL2Method(clf, confidence=cfg.confidence, learning_rate=cfg.learning_rate,
-                             max_iter=cfg.max_iter, binary_search_steps=cfg.binary_search_steps,
-                             initial_const=cfg.initial_const, batch_size=batch_size, verbose=False)
-    x_adv = attack.generate(x, y=y)
-    correct = clf.predict(x_adv, batch_size=batch_size).argmax(1) == y
-    dist = np.linalg.norm((x_adv - x).reshape(len(x), -1), axis=1)
-    return {"acc": float(correct.mean()), "mean_l2_of_successes": float(dist[~correct].mean()) if (~correct).any()
-            else None, "samples": len(y)}
 
 
 def jsma(model: nn.Module, split: Split, cfg: JSMAConfig, num_classes: int, batch_size: int, device,
