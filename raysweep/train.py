@@ -135,7 +135,7 @@ def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[C
             for cb in callbacks:
                 cb("step", state)
             bar.update(1)
-            bar.set_postfix(loss=f"{state.loss:.3f}", lr=f"{state.lr:.3g}")
+            bar.set_postfix(loss=f"{state.loss:.3f}", lr=f"{state.lr:.3g}", refresh=False)  # mininterval decides
         state.history.append({"epoch": epoch, "loss": run_loss / seen, "train_acc": run_correct / (seen * n_train)})
         for cb in callbacks:
             cb("epoch", state)
