@@ -10,7 +10,7 @@ from torch.utils.benchmark import Timer
 from raysweep.config import validate_config
 from raysweep.data import load_dataset, member_batches
 from raysweep.seeding import generator
-from raysweep.executors import LoopedMembers, VmappedMembers, resolve_device
+from raysweep.executors import resolve_device
 from raysweep.ensemble import uniform_weights
 from raysweep.step import TrainStep
 from raysweep.train import build_members, make_optimizer

@@ -7,7 +7,6 @@ mean_member_ce  sum_k c_k CE(f_k, y): every member attacked through its own loss
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from .ensemble import combine

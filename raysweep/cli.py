@@ -24,7 +24,7 @@ def _summary(metrics: dict, out: Path) -> str:
         lines.append(f"auc            {a['value']:.4f}  ({a['attack']}, eps_target {a['eps_target']})")
     if "autoattack" in metrics:
         aa = metrics["autoattack"]
-        lines.append(f"autoattack     " + "  ".join(f"{e}: {r['acc']:.4f}" for e, r in aa["per_eps"].items())
+        lines.append("autoattack     " + "  ".join(f"{e}: {r['acc']:.4f}" for e, r in aa["per_eps"].items())
                      + f"  ({aa['norm']}, {aa['samples']} images)")
     for name, t in metrics.get("transfer", {}).items():
         lines.append(f"transfer {name:<5} " + "  ".join(f"{e}: {r['target_acc']:.4f}" for e, r in t["per_eps"].items())

@@ -1,6 +1,5 @@
 """Every shipped config validates, and runs through `raysweep train` (on tiny synthetic data)."""
 import json
-from pathlib import Path
 
 import pytest
 

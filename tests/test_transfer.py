@@ -3,7 +3,6 @@ import torch
 from raysweep.config import TransferConfig
 from raysweep.data import Split
 from raysweep.evaluate import accuracies
-from raysweep.train import fit
 from raysweep.transfer import evaluate_transfer, surrogate_config
 
 from conftest import make_cfg

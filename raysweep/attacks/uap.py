@@ -13,7 +13,7 @@ from ..config import UAPConfig
 from ..data import Split, eval_batches
 from ..seeding import generator
 from ..ensemble import combine
-from .steps import Ascent, project
+from .steps import Ascent
 
 
 def uap_init(seeds: int, image_shape, eps: float, generator: torch.Generator) -> torch.Tensor:
