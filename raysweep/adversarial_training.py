@@ -33,17 +33,21 @@ def _start(x, eps, cfg: AdversarialTrainingConfig, default: str, generator):
     return torch.zeros_like(x)
 
 
-def ensemble_examples(stacked_fn, x, y, weights, cfg: AdversarialTrainingConfig, generator=None) -> torch.Tensor:
-    """x [B,...] -> x~ [B,...] against the probability-averaged ensemble."""
-    eps = float(cfg.eps)
-    step = cfg.step_size or 2.5 * eps / cfg.steps
-    delta = _start(x, eps, cfg, "gaussian", generator)
+def _ascend(loss_of, x, delta, eps, step, cfg: AdversarialTrainingConfig) -> torch.Tensor:
+    """cfg.steps projected ascent steps on loss_of(x + delta); returns x + delta."""
     ascent = Ascent(cfg.step_rule, cfg.norm, step)
     for _ in range(cfg.steps):
         delta.requires_grad_(True)
-        (grad,) = torch.autograd.grad(ce_prob(stacked_fn(x + delta), y, weights).sum(), delta)
+        (grad,) = torch.autograd.grad(loss_of(x + delta), delta)
         delta = project(ascent(delta.detach(), grad), x, eps, cfg.norm)
     return (x + delta).detach()
+
+
+def ensemble_examples(stacked_fn, x, y, weights, cfg: AdversarialTrainingConfig, generator=None) -> torch.Tensor:
+    """x [B,...] -> x~ [B,...] against the probability-averaged ensemble."""
+    eps = float(cfg.eps)
+    return _ascend(lambda z: ce_prob(stacked_fn(z), y, weights).sum(), x, _start(x, eps, cfg, "gaussian", generator),
+                   eps, cfg.step_size or 2.5 * eps / cfg.steps, cfg)
 
 
 def member_examples(per_member_fn, x, y, cfg: AdversarialTrainingConfig, generator=None) -> torch.Tensor:
@@ -52,12 +56,8 @@ def member_examples(per_member_fn, x, y, cfg: AdversarialTrainingConfig, generat
     eps = torch.tensor(_eps_list(cfg, k), dtype=x.dtype, device=x.device).repeat_interleave(b).view(-1, 1, 1, 1)
     step = cfg.step_size * torch.ones_like(eps) if cfg.step_size else 2.5 * eps / cfg.steps
     flat = x.flatten(0, 1)  # per-sample projections need one row per (member, sample)
-    delta = _start(flat, eps, cfg, "uniform", generator)
-    ascent = Ascent(cfg.step_rule, cfg.norm, step)
-    for _ in range(cfg.steps):
-        delta.requires_grad_(True)
-        logits = per_member_fn((flat + delta).view_as(x))
-        loss = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), reduction="sum")
-        (grad,) = torch.autograd.grad(loss, delta)
-        delta = project(ascent(delta.detach(), grad), flat, eps, cfg.norm)
-    return (flat + delta).detach().view_as(x)
+
+    def loss_of(z):
+        return F.cross_entropy(per_member_fn(z.view_as(x)).flatten(0, 1), y.reshape(-1), reduction="sum")
+
+    return _ascend(loss_of, flat, _start(flat, eps, cfg, "uniform", generator), eps, step, cfg).view_as(x)

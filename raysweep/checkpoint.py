@@ -25,7 +25,8 @@ def save_checkpoint(path: str | Path, ensemble: Ensemble, cfg: RunConfig, image_
                for k, m in enumerate(ensemble.members) for name, t in m.state_dict().items()}
     save_file(tensors, str(path / WEIGHTS_FILE))
     manifest = {
-        "format": FORMAT, "arch": cfg.model.arch, "width": cfg.model.width, "k": ensemble.k, "weights": ensemble.weights.tolist(),
+        "format": FORMAT, "arch": cfg.model.arch, "width": cfg.model.width, "k": ensemble.k,
+        "weights": ensemble.weights.tolist(),
         "combine": ensemble.combine_how, "image_shape": list(image_shape), "num_classes": num_classes,
         "mean": list(mean), "std": list(std), "config": cfg.model_dump(mode="json"),
     }

@@ -42,17 +42,17 @@ def composite_members(robust_path: str, natural_path: str, k: int, image_shape, 
     from .errors import ConfigError
 
     robust, natural = load(robust_path), load(natural_path)
+    spec = {}
     for name, path, ens in (("robust", robust_path, robust), ("natural", natural_path, natural)):
         if ens.k < k:
             raise ConfigError(f"model.composite.{name} has {ens.k} members but ensemble.k = {k}: composite i "
                               f"pairs member i of each")
         m = read_manifest(path)
+        spec[name] = {"arch": m["arch"], "width": m["width"]}
         if m["num_classes"] != num_classes or tuple(m["image_shape"]) != tuple(image_shape):
             raise ConfigError(f"model.composite.{name} ({path}) was trained on {m['num_classes']} classes of "
                               f"{tuple(m['image_shape'])} images; this run's data has {num_classes} classes of "
                               f"{tuple(image_shape)}")
-    spec = {name: {key: read_manifest(path)[key] for key in ("arch", "width")}
-            for name, path in (("robust", robust_path), ("natural", natural_path))}
     return [Composite(robust.members[i], natural.members[i], num_classes, spec) for i in range(k)]
 
 

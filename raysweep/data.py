@@ -50,6 +50,10 @@ class Split:
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         return x.to(device, non_blocking=True), self.y[idx].to(device, non_blocking=True)
 
+    def head(self, n: int | None) -> "Split":
+        """The first n samples (all when n is None)."""
+        return self if n is None or n >= len(self) else Split(self.x[:n], self.y[:n])
+
     def subset(self, n: int | None, seed: int) -> "Split":
         if n is None or n >= len(self):
             return self

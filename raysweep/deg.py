@@ -3,7 +3,8 @@ the batch, with g_k = d CE(f_k(x), y) / d x per sample.
 
 The gradients come from the same forward that gives the CE loss (inputs copied per member so one
 autograd call separates the members), with create_graph so L_g trains every member: one extra
-backward and a double backward, about 3x a plain step instead of the paper's 13x.
+backward and a double backward: 3.4x a plain step on a 2-core CPU (benchmarks/bench_methods.py),
+against the paper's 13x.
 """
 from __future__ import annotations
 

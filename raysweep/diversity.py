@@ -28,9 +28,9 @@ def discrimination_score(features: torch.Tensor) -> torch.Tensor:
     return ((mu[i] - mu[j]) ** 2 / (var[i] + var[j]).clamp_min(1e-12)).sum(0)
 
 
-def gradient_angles(stacked_fn_per_member, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Angles in degrees [P,B] between members' CE input gradients, for every pair P."""
-    k = stacked_fn_per_member.k
+def gradient_angles(stacked_fn_per_member, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """Angles in degrees [P,B] between the K members' CE input gradients, for every pair P;
+    stacked_fn_per_member maps [K,B,...] (member k on row k) to logits [K,B,C]."""
     xs = x.detach().expand(k, *x.shape).clone().requires_grad_(True)
     logits = stacked_fn_per_member(xs)
     g = member_input_grads(logits, xs, y.expand(k, -1), create_graph=False)

@@ -66,12 +66,8 @@ def diversity_metrics(ex, split: Split, samples: int, device) -> dict:
         feats = ex.stacked_logits(x, part="features")
         logits = ex.stacked_logits(feats, per_member=True, part="head")
 
-    def per_member(xs):
-        return ex.stacked_logits(xs, per_member=True)
-
-    per_member.k = ex.k
     with torch.enable_grad():
-        angles = gradient_angles(per_member, x, y)
+        angles = gradient_angles(lambda xs: ex.stacked_logits(xs, per_member=True), x, y, ex.k)
     return {"output_ambiguity": output_ambiguity(logits, y).mean().item(),
             "discrimination_score": discrimination_score(feats).mean().item(),
             "mean_gradient_angle_deg": angles.mean().item(), "samples": x.shape[0]}
@@ -132,8 +128,9 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
         metrics["auc"] = {"attack": ev.auc.attack, "eps_target": ev.auc.eps_target,
                           "value": auc(curve, ev.auc.eps_target, clean)}
 
+    model = ensemble.to(device).eval()  # the whole ensemble as one module, for transfer and ART
     if ev.transfer:
-        metrics["transfer"] = evaluate_transfer(ensemble.to(device).eval(), data, cfg, device, progress)
+        metrics["transfer"] = evaluate_transfer(model, data, cfg, device, progress)
 
     if ev.cw_l2:
         metrics["cw_l2"] = cw_l2(stacked_fn, data.test, ev.cw_l2, weights, how, ev.batch_size, device)
@@ -141,7 +138,6 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
     if ev.autoattack or ev.jsma:
         from .attacks import library  # ART is imported only when asked for
 
-        model = ensemble.to(device).eval()
         if ev.autoattack:
             metrics["autoattack"] = library.autoattack(model, data.test, ev.autoattack, data.num_classes,
                                                        ev.batch_size, device, cfg.seed)

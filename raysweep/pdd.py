@@ -5,7 +5,7 @@ intervals; N[k, m] = member k's values in interval m; intervals sorted by their 
 (descending, ties to the lower interval); member k gets the k-th as its priority interval t_k.
 A unit of member k whose activation lies in interval m is kept with rate
     alpha if m == t_k, else beta * (1 - N[k, m] / C_k).
-Kept units are not rescaled unless `rescale` (choice left open by the paper; see README).
+Kept units are not rescaled unless `rescale` (choice left open by the paper; docs/methods.md).
 Everything stays on the members' device: no host round trip per step.
 """
 from __future__ import annotations

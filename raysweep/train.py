@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 from .composite import composite_members
 from .config import RunConfig
 from .data import Dataset, member_batches, steps_per_epoch
-from .seeding import generator
 from .ensemble import Ensemble, uniform_weights
 from .errors import ConfigError
 from .executors import make_local_executor
 from .models import build_member
+from .seeding import generator
 from .step import TrainStep
 
 BATCH_MODE = {"independent": "independent", "bagging": "bootstrap", "snapshot": "shared", "joint": "shared"}

@@ -8,8 +8,8 @@ import torch
 from .attacks.pgd import attack_batch, attack_params
 from .config import RunConfig, TransferConfig
 from .data import Dataset, Split, eval_batches
-from .seeding import generator
 from .ensemble import Ensemble, combine
+from .seeding import generator
 from .train import fit
 
 
@@ -30,8 +30,8 @@ def surrogate_config(cfg: RunConfig, t: TransferConfig) -> RunConfig:
 
 def transfer_attack(target: Ensemble, surrogate: Ensemble, split: Split, t: TransferConfig, batch_size: int,
                     device, seed: int = 0) -> dict:
-    n = len(split) if t.samples is None else min(t.samples, len(split))
-    split = Split(split.x[:n], split.y[:n])
+    split = split.head(t.samples)
+    n = len(split)
     gen = generator(seed, "transfer", t.name)
     out = {}
     for eps in t.attack.eps:

@@ -37,6 +37,5 @@ def test_gradient_angles_by_hand():
         return torch.stack([torch.cat([(xs[k] * w[k]).sum(-1, keepdim=True), torch.zeros(len(xs[k]), 1)], 1)
                             for k in range(2)])
 
-    fn.k = 2
-    angles = gradient_angles(fn, torch.randn(4, 2), torch.zeros(4, dtype=torch.long))
+    angles = gradient_angles(fn, torch.randn(4, 2), torch.zeros(4, dtype=torch.long), 2)
     assert torch.allclose(angles, torch.full((1, 4), 90.0))  # orthogonal input gradients

@@ -53,8 +53,8 @@ def cw_l2_batch(stacked_fn, x, y, weights, how, cfg: CWL2Config):
 
 
 def cw_l2(stacked_fn, split: Split, cfg: CWL2Config, weights, how: str, batch_size: int, device) -> dict:
-    n = min(cfg.samples, len(split))
-    split = Split(split.x[:n], split.y[:n])
+    split = split.head(cfg.samples)
+    n = len(split)
     correct, dists = 0, []
     for x, y in eval_batches(split, batch_size, device):
         with torch.no_grad():

@@ -31,8 +31,8 @@ def art_classifier(model: nn.Module, image_shape, num_classes: int, device: torc
 
 
 def _arrays(split: Split, n: int | None):
-    n = len(split) if n is None else min(n, len(split))
-    x, y = split.batch(torch.arange(n))
+    split = split.head(n)
+    x, y = split.batch(torch.arange(len(split)))
     return x.numpy(), y.numpy()
 
 

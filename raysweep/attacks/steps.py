@@ -39,7 +39,7 @@ def project(delta: torch.Tensor, x: torch.Tensor, eps, norm: str) -> torch.Tenso
     """Into the eps ball, then so that x + delta stays in [0,1] (which only shrinks |delta|).
     eps is a float or a per-sample tensor [N,1,...]."""
     if norm == "linf":
-        delta = torch.clamp(delta, -eps, eps) if torch.is_tensor(eps) else delta.clamp(-eps, eps)
+        delta = torch.clamp(delta, -eps, eps)
     else:
         delta = delta * (eps / _per_sample_norm(delta)).clamp(max=1.0)
     return (x + delta).clamp(0, 1) - x

@@ -77,7 +77,7 @@ def evaluate_uap(stacked_fn, craft: Split, test: Split, cfg: UAPConfig, weights,
     """Per eps: craft cfg.seeds UAPs, keep the one with the highest attack success on
     cfg.selection_size crafting images, report its accuracy on the whole test split."""
     acc, chosen = {}, {}
-    select = Split(craft.x[:cfg.selection_size], craft.y[:cfg.selection_size])
+    select = craft.head(cfg.selection_size)
     for eps in cfg.eps:
         gen = generator(seed, "uap", str(eps))
         init = uap_init(cfg.seeds, craft.x.shape[1:], eps, gen)
