@@ -7,6 +7,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_jr  # noqa: E402
 import bench_methods  # noqa: E402
 import bench_members  # noqa: E402
+import bench_ray  # noqa: E402
 import bench_uap  # noqa: E402
 
 if __name__ == "__main__":
@@ -14,3 +15,4 @@ if __name__ == "__main__":
     bench_jr.main()
     bench_uap.main()
     bench_methods.main()
+    bench_ray.main()

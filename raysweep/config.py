@@ -151,11 +151,39 @@ class TrainConfig(_Strict):
     adp: Optional[ADPConfig] = None
 
 
+class RayExecutorConfig(_Strict):
+    """executor.kind: ray: a Ray Train TorchTrainer, one worker per `members_per_worker` members."""
+    members_per_worker: int = Field(1, ge=1, description="members in each worker (vectorised per executor.vectorize)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="fractions share cores")
+    gpus_per_worker: float = Field(0.0, ge=0, description="0: CPU; a fraction shares one GPU between workers")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="auto: nccl with whole GPUs per worker, else gloo (NCCL refuses two ranks on one GPU)")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint (FailureConfig)")
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints; the last epoch always is one")
+    storage: Optional[str] = Field(None, description="checkpoint storage: a local path or a pyarrow filesystem URI "
+                                   "(s3://, gs://, ...); default <run output>/ray")
+    wait_for_resources: bool = Field(False, description="false: fail at once when the cluster lacks the CPUs/GPUs "
+                                     "asked for; true: wait (autoscaling clusters add nodes)")
+
+
 class ExecutorConfig(_Strict):
-    kind: Literal["local"] = "local"
+    kind: Literal["local", "ray"] = "local"
     vectorize: Literal["auto", "loop", "vmap"] = Field(
         "auto", description="auto: loop on CPU, vmap on CUDA (measured faster there), loop when members have BatchNorm")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="local executor; Ray workers use "
+                                                    "executor.ray.gpus_per_worker")
+    ray: RayExecutorConfig = RayExecutorConfig()
+
+    @model_validator(mode="after")
+    def _ray_settings(self):
+        r = self.ray
+        if self.kind == "ray" and self.device != "auto":
+            raise ValueError(f"executor.device = {self.device!r} applies to the local executor; Ray workers get a "
+                             f"GPU from executor.ray.gpus_per_worker")
+        if r.backend == "nccl" and not r.gpus_per_worker >= 1:
+            raise ValueError(f"executor.ray.backend: nccl needs a whole GPU per worker (NCCL refuses two ranks on "
+                             f"one GPU), got gpus_per_worker = {r.gpus_per_worker}; use gloo or auto")
+        return self
 
 
 class AttackConfig(_Strict):
@@ -296,6 +324,11 @@ class RunConfig(_Strict):
                                  f"eps per member")
         if method == "snapshot" and (adv is not None and adv.mode == "ensemble"):
             raise ValueError("snapshot ensembles train one network: train.adversarial.mode must be member")
+        trained = 1 if method == "snapshot" else k
+        per_worker = self.executor.ray.members_per_worker
+        if self.executor.kind == "ray" and trained % per_worker:
+            raise ValueError(f"executor.ray.members_per_worker = {per_worker} must divide the {trained} trained "
+                             f"member(s) ({'snapshot trains one network' if method == 'snapshot' else 'ensemble.k'})")
         return self
 
 

@@ -10,6 +10,7 @@ Everything stays on the members' device: no host round trip per step.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,14 @@ class PriorityDropout:
             self._stats = pdd_statistics(torch.cat(self._pool, 1), self.m)
             self._pool = []
         return stats
+
+    def state_dict(self) -> dict:
+        stats = None if self._stats is None else dataclasses.asdict(self._stats)
+        return {"pool": [t.cpu() for t in self._pool], "stats": stats}
+
+    def load_state_dict(self, sd: dict, device: torch.device) -> None:
+        self._pool = [t.to(device) for t in sd["pool"]]
+        self._stats = None if sd["stats"] is None else PDDStats(**{n: t.to(device) for n, t in sd["stats"].items()})
 
     def __call__(self, acts: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
         """Dropped activations; `uniform` [K,B,D] in [0,1) decides each unit (drawn by the caller

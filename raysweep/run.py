@@ -30,10 +30,16 @@ def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True) -
     out = Path(out)
     t0 = time.perf_counter()
     data = load_dataset(cfg.data, cfg.seed)
-    result = fit(cfg, data, progress=progress)
+    if cfg.executor.kind == "ray":
+        from .executors.ray_train import fit_on_ray
+
+        result = fit_on_ray(cfg, data, out / "ray", progress=progress)
+    else:
+        result = fit(cfg, data, progress=progress)
     save_checkpoint(out / "checkpoint", result.ensemble, cfg, data.image_shape, data.num_classes, data.mean, data.std)
     metrics, artifacts = evaluate(result.ensemble, data, cfg, progress=progress)
-    metrics["train"] = {"seconds": result.seconds, "steps": result.state.step, "history": result.state.history}
+    metrics["train"] = {"seconds": result.seconds, "steps": result.state.step, "history": result.state.history,
+                        "executor": cfg.executor.kind, **({"ray": result.info} if result.info else {})}
     metrics["total_seconds"] = time.perf_counter() - t0
     _write_results(out, cfg, metrics, artifacts)
     return metrics

@@ -7,8 +7,10 @@ Per step, on per-member batches x [K,B,...], y [K,B] (identical rows for ensembl
      probabilities) plus JR (jacobian.py), DEG (deg.py) and ADP (adp.py) when configured;
   4. total = clean pass + rho * adversarial pass (the clean pass is left out for Madry training
      unless adversarial.clean is set), one backward, one optimiser step.
-The executor only supplies stacked forwards, so the same step serves looped, vmapped and
-(later) distributed members. All randomness comes from one seeded generator, in a fixed order.
+The executor supplies stacked forwards, plus `sync` for per-member quantities computed here from
+them (JR penalties, DEG input gradients): a distributed executor (executors/distributed.py) only
+computes its own members' slots and gathers the others, so the same step serves looped, vmapped
+and distributed members. All randomness comes from one seeded generator, in a fixed order.
 """
 from __future__ import annotations
 
@@ -63,9 +65,10 @@ class TrainStep:
             base = ce_prob(logits, y[0], self.weights).mean()
         terms = {"ce": base}
         if t.jr.lambda_jr > 0:
-            terms["jr"] = jr_penalty(logits, x, t.jr.lambda_jr, t.jr.n_proj, t.jr.exact, self.gen).sum()
+            jr = jr_penalty(logits, x, t.jr.lambda_jr, t.jr.n_proj, t.jr.exact, self.gen)
+            terms["jr"] = self.ex.sync(jr).sum()
         if t.deg is not None:
-            terms["deg"] = t.deg.lambda_deg * deg_penalty(member_input_grads(logits, x, y))
+            terms["deg"] = t.deg.lambda_deg * deg_penalty(self.ex.sync(member_input_grads(logits, x, y)))
         if t.adp is not None:
             terms["adp"] = adp_regulariser(logits, y[0], t.adp.alpha, t.adp.beta, t.adp.det_offset)
         return sum(terms.values()), terms, logits

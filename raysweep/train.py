@@ -11,6 +11,7 @@ Callbacks (MadryLab-style hooks) see every step and epoch: `on_step(state)` and
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class TrainResult:
     ensemble: Ensemble
     state: TrainState
     seconds: float
+    info: dict = field(default_factory=dict)  # executor details (Ray: workers, backend, checkpoint, bytes/step)
 
 
 def build_members(cfg: RunConfig, data: Dataset, k: int) -> list[torch.nn.Module]:
@@ -92,54 +94,108 @@ def lr_at(cfg: RunConfig, t: int, total: int) -> float:
     return lr0
 
 
-def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[Callable, ...] = (),
-        executor=None) -> TrainResult:
-    """Train the ensemble described by cfg on data.train. `executor` overrides the configured one
-    (tests compare looped and vmapped members this way)."""
-    method, k = cfg.ensemble.method, cfg.ensemble.k
-    n_train = 1 if method == "snapshot" else k
-    if executor is None:
-        executor = make_local_executor(build_members(cfg, data, n_train), cfg.executor.vectorize, cfg.executor.device)
-    opt = make_optimizer(executor.parameters(), cfg)
-    weights = torch.tensor(cfg.ensemble.weights) if cfg.ensemble.weights else None
-    train_weights = weights if weights is not None and method != "snapshot" else uniform_weights(n_train)
-    step = TrainStep(cfg, executor, train_weights, generator(cfg.seed, "step", device=executor.device))
-    # Logged loss per member for member_ce (a sum over members), else the ensemble's loss itself.
-    per_member = n_train if cfg.train.loss == "member_ce" else 1
-    spe = steps_per_epoch(len(data.train), cfg.data.batch_size)
-    total = spe * cfg.train.epochs
-    keep_at = snapshot_steps(total, k) if method == "snapshot" else []
-    snapshots: list[torch.nn.Module] = []
-    state = TrainState(total_steps=total)
-    start = time.perf_counter()
-    executor.train(True)
-    bar = tqdm(total=total, desc=f"train {cfg.name}", unit="step", disable=not progress, leave=False,
-               mininterval=1.0)
-    for epoch in range(cfg.train.epochs):
-        state.epoch = epoch
+class Trainer:
+    """One training run: the executor's members, their optimiser, one TrainStep and the method's
+    schedule. Resumable at epoch boundaries: `state_dict()` holds everything but the member
+    weights (the executor's business), so a run restored from it repeats the uninterrupted run."""
+
+    def __init__(self, cfg: RunConfig, data: Dataset, executor=None, progress: bool = True):
+        self.cfg, self.data, self.progress = cfg, data, progress
+        method, k = cfg.ensemble.method, cfg.ensemble.k
+        self.n_train = 1 if method == "snapshot" else k
+        if executor is None:
+            executor = make_local_executor(build_members(cfg, data, self.n_train), cfg.executor.vectorize,
+                                           cfg.executor.device)
+        self.ex = executor
+        self.opt = make_optimizer(executor.parameters(), cfg)
+        self.weights = torch.tensor(cfg.ensemble.weights) if cfg.ensemble.weights else None
+        train_weights = self.weights if self.weights is not None and method != "snapshot" \
+            else uniform_weights(self.n_train)
+        self.step = TrainStep(cfg, executor, train_weights, generator(cfg.seed, "step", device=executor.device))
+        # Logged loss per member for member_ce (a sum over members), else the ensemble's loss itself.
+        self.loss_scale = self.n_train if cfg.train.loss == "member_ce" else 1
+        total = steps_per_epoch(len(data.train), cfg.data.batch_size) * cfg.train.epochs
+        self.keep_at = snapshot_steps(total, k) if method == "snapshot" else []
+        self.snapshots: list[torch.nn.Module] = []
+        self.state = TrainState(total_steps=total)
+        self.seconds = 0.0
+
+    @property
+    def done(self) -> bool:
+        return len(self.state.history) >= self.cfg.train.epochs
+
+    def run_epoch(self, callbacks: tuple[Callable, ...] = ()) -> dict:
+        """Train the next epoch; returns its history row."""
+        cfg, state, step = self.cfg, self.state, self.step
+        state.epoch = epoch = len(state.history)
+        t0 = time.perf_counter()
+        self.ex.train(True)
         run_loss, run_correct, seen = 0.0, 0, 0
-        for x, y in member_batches(data.train, n_train, BATCH_MODE[method], cfg.data.batch_size, epoch, cfg.seed,
-                                   executor.device):
+        bar = tqdm(total=self.state.total_steps // cfg.train.epochs, desc=f"train {cfg.name} epoch {epoch + 1}/"
+                   f"{cfg.train.epochs}", unit="step", disable=not self.progress, leave=False, mininterval=1.0)
+        for x, y in member_batches(self.data.train, self.n_train, BATCH_MODE[cfg.ensemble.method],
+                                   cfg.data.batch_size, epoch, cfg.seed, self.ex.device):
             state.step += 1
-            state.lr = lr_at(cfg, state.step, total)
-            for group in opt.param_groups:
+            state.lr = lr_at(cfg, state.step, state.total_steps)
+            for group in self.opt.param_groups:
                 group["lr"] = state.lr
-            loss, logits = step(opt, x, y)
-            state.loss = loss.item() / per_member
+            loss, logits = step(self.opt, x, y)
+            state.loss = loss.item() / self.loss_scale
             state.lrs.append(state.lr)
             run_loss += state.loss * y.shape[1]
             run_correct += (logits.argmax(-1) == y).sum().item()
             seen += y.shape[1]
-            if state.step in keep_at:
-                snapshots.append(copy.deepcopy(executor.export_members()[0]))
+            if state.step in self.keep_at:
+                self.snapshots.append(copy.deepcopy(self.ex.export_members()[0]))
             for cb in callbacks:
                 cb("step", state)
             bar.update(1)
             bar.set_postfix(loss=f"{state.loss:.3f}", lr=f"{state.lr:.3g}", refresh=False)  # mininterval decides
-        state.history.append({"epoch": epoch, "loss": run_loss / seen, "train_acc": run_correct / (seen * n_train)})
+        bar.close()
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch, "loss": run_loss / seen, "train_acc": run_correct / (seen * self.n_train),
+               "seconds": seconds}
+        state.history.append(row)
+        self.seconds += seconds
         for cb in callbacks:
             cb("epoch", state)
-    bar.close()
-    members = snapshots if method == "snapshot" else executor.export_members()
-    members = [m.cpu().eval() for m in members]
-    return TrainResult(Ensemble(members, weights, cfg.ensemble.combine), state, time.perf_counter() - start)
+        return row
+
+    def run(self, callbacks: tuple[Callable, ...] = ()) -> TrainResult:
+        while not self.done:
+            self.run_epoch(callbacks)
+        return self.result()
+
+    def result(self) -> TrainResult:
+        members = self.snapshots if self.cfg.ensemble.method == "snapshot" else self.ex.export_members()
+        members = [m.cpu().eval() for m in members]
+        return TrainResult(Ensemble(members, self.weights, self.cfg.ensemble.combine), self.state, self.seconds)
+
+    def state_dict(self) -> dict:
+        """Optimiser, random stream, PDD statistics, schedule position, snapshots: tensors and plain
+        containers only, so it loads with torch.load(weights_only=True)."""
+        return {"optimizer": self.opt.state_dict(), "generator": self.step.gen.get_state(),
+                "pdd": self.step.pdd.state_dict() if self.step.pdd else None,
+                "train_state": dataclasses.asdict(self.state), "seconds": self.seconds,
+                "snapshots": [{n: t.detach().cpu() for n, t in m.state_dict().items()} for m in self.snapshots]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.opt.load_state_dict(sd["optimizer"])
+        self.step.gen.set_state(sd["generator"])
+        if self.step.pdd:
+            self.step.pdd.load_state_dict(sd["pdd"], self.ex.device)
+        self.state = TrainState(**sd["train_state"])
+        self.seconds = sd["seconds"]
+        self.snapshots = []
+        for weights in sd["snapshots"]:
+            member = copy.deepcopy(self.ex.export_members()[0])
+            member.load_state_dict(weights)
+            self.snapshots.append(member)
+
+
+def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[Callable, ...] = (),
+        executor=None) -> TrainResult:
+    """Train the ensemble described by cfg on data.train, in this process. `executor` overrides
+    the configured local one (tests compare looped and vmapped members this way); the Ray
+    executor (executors/ray_train.py) runs the same Trainer inside each worker."""
+    return Trainer(cfg, data, executor, progress).run(callbacks)

@@ -52,3 +52,14 @@ def trained_synthetic():
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray instance (2 CPUs) for every test that needs Ray; fractional CPUs per
+    worker let K=3 or 4 workers share it."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, logging_level="warning", configure_logging=False)
+    yield ray
+    ray.shutdown()

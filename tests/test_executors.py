@@ -47,3 +47,33 @@ def test_auto_loops_on_cpu_and_vmap_refuses_batchnorm():
     assert isinstance(make_local_executor([member], "auto", "cpu"), LoopedMembers)
     with pytest.raises(ConfigError, match="BatchNorm"):
         VmappedMembers([member], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method, train", [
+    ("joint", {"pdd": {"m": 6, "period": 3}, "deg": {"lambda_deg": 0.5}}),  # PDD pool spans the epoch boundary
+    ("snapshot", {}),
+])
+def test_trainer_resumes_from_its_state_dict(method, train):
+    """What the Ray executor's restarts rely on: members + Trainer.state_dict() after epoch 1 give the
+    uninterrupted run's members after epoch 3."""
+    from raysweep.train import Trainer
+
+    cfg = make_cfg(ensemble={"k": 3, "method": method}, data={"train_size": 160, "batch_size": 32},
+                   train={"epochs": 3, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, **train})
+    data = load_dataset(cfg.data, 0)
+    n = 1 if method == "snapshot" else 3
+    whole = Trainer(cfg, data, LoopedMembers(build_members(cfg, data, n), torch.device("cpu")), progress=False).run()
+    first = Trainer(cfg, data, LoopedMembers(build_members(cfg, data, n), torch.device("cpu")), progress=False)
+    first.run_epoch()
+    saved, weights = first.state_dict(), [copy.deepcopy(m.state_dict()) for m in first.ex.export_members()]
+    members = build_members(cfg, data, n)
+    for m, w in zip(members, weights):
+        m.load_state_dict(w)
+    resumed = Trainer(cfg, data, LoopedMembers(members, torch.device("cpu")), progress=False)
+    resumed.load_state_dict(saved)
+    result = resumed.run()
+    assert result.state.step == whole.state.step and len(result.state.history) == 3
+    assert result.ensemble.k == whole.ensemble.k == 3
+    for ma, mb in zip(result.ensemble.members, whole.ensemble.members):
+        for pa, pb in zip(ma.parameters(), mb.parameters()):
+            assert torch.equal(pa, pb)

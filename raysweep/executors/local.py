@@ -56,6 +56,10 @@ class LoopedMembers:
     def export_members(self) -> list[nn.Module]:
         return self.members
 
+    def sync(self, stacked: torch.Tensor) -> torch.Tensor:
+        """Every member lives here, so every slot of a stacked quantity is already valid."""
+        return stacked
+
 
 class VmappedMembers:
     """Members' parameters stacked into [K,...] leaves and run as one vmapped call."""
@@ -89,6 +93,10 @@ class VmappedMembers:
 
         in_dims = (0, 0, 0 if per_member else None)
         return torch.vmap(call, in_dims=in_dims, randomness="different")(self.params, self.buffers, x)
+
+    def sync(self, stacked: torch.Tensor) -> torch.Tensor:
+        """Every member lives here, so every slot of a stacked quantity is already valid."""
+        return stacked
 
     @torch.no_grad()
     def export_members(self) -> list[nn.Module]:

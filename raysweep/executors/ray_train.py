@@ -1,0 +1,226 @@
+"""The Ray executor: a Ray Train TorchTrainer with one worker per member (or per
+`executor.ray.members_per_worker` members), each worker running the same Trainer (train.py) over
+a DistributedMembers executor (distributed.py). docs/ray_executor.md has the step protocol.
+
+Roles:
+- Every rank builds all K members from the one seeded stream (so member k starts exactly as in a
+  local run), keeps its own, and runs step.py on gathered stacks. Decisions that need all members
+  (PDD intervals and priorities, DEG cosines, the Ensemble-Adv input, snapshot times) are computed
+  from the same gathered bytes on every rank, so they agree with no extra round trip.
+- `Driver` is rank 0's role: it writes the driver state (schedule position, random stream, PDD
+  statistics, snapshots) into every checkpoint next to each rank's member weights and optimiser
+  state, and reports the epoch metrics. On a restart every rank restores from that checkpoint.
+- `fit_on_ray`, in the calling process: checks the cluster can hold the workers (fail fast, no
+  hang), starts the run, and assembles the Ensemble from the final checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import RayExecutorConfig, RunConfig, validate_config
+from ..data import Dataset, load_dataset
+from ..ensemble import Ensemble
+from ..errors import ConfigError, UserError
+from .distributed import DistributedMembers
+from .local import make_local_executor
+
+DRIVER_FILE = "driver.pt"
+
+
+def _member_file(k: int) -> str:
+    return f"member{k}.safetensors"
+
+
+def _optimizer_file(rank: int) -> str:
+    return f"optimizer_rank{rank}.pt"
+
+
+def trained_members(cfg: RunConfig) -> int:
+    return 1 if cfg.ensemble.method == "snapshot" else cfg.ensemble.k
+
+
+def num_workers(cfg: RunConfig) -> int:
+    return trained_members(cfg) // cfg.executor.ray.members_per_worker
+
+
+def backend(r: RayExecutorConfig) -> str:
+    if r.backend != "auto":
+        return r.backend
+    return "nccl" if r.gpus_per_worker >= 1 else "gloo"
+
+
+class Driver:
+    """Rank 0 plays the driver; every rank holds one so that all call report() (a barrier)."""
+
+    def __init__(self, rank: int, first_member: int):
+        self.rank, self.first = rank, first_member
+        self.is_driver = rank == 0
+
+    def restore(self, trainer, checkpoint) -> None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / DRIVER_FILE, weights_only=True)
+            state["optimizer"] = torch.load(Path(d) / _optimizer_file(self.rank), weights_only=True)
+        trainer.load_state_dict(state)
+
+    def report(self, trainer, row: dict, with_checkpoint: bool, extra: dict) -> None:
+        import ray.train
+
+        metrics = {**row, "step": trainer.state.step, **extra} if self.is_driver else {}
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        sd = trainer.state_dict()
+        with tempfile.TemporaryDirectory() as d:
+            for i, member in enumerate(trainer.ex.export_members()):
+                weights = {n: t.detach().cpu().contiguous() for n, t in member.state_dict().items()}
+                save_file(weights, os.path.join(d, _member_file(self.first + i)))
+            torch.save(sd.pop("optimizer"), os.path.join(d, _optimizer_file(self.rank)))
+            if self.is_driver:
+                torch.save(sd, os.path.join(d, DRIVER_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _worker_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from ..train import Trainer, build_members
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # see fit_on_ray: one line per epoch instead
+    cfg = validate_config(config["cfg"], "sent to the Ray worker")
+    r = cfg.executor.ray
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device() if r.gpus_per_worker > 0 else torch.device("cpu")
+    data = load_dataset(cfg.data, cfg.seed)
+    n = r.members_per_worker
+    first = rank * n
+    mine = build_members(cfg, data, trained_members(cfg))[first:first + n]
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            for i, member in enumerate(mine):
+                member.load_state_dict(load_file(os.path.join(d, _member_file(first + i))))
+    local = make_local_executor(mine, cfg.executor.vectorize, str(device))
+    executor = DistributedMembers(local, trained_members(cfg))
+    driver = Driver(rank, first)
+    trainer = Trainer(cfg, data, executor, progress=False)
+    if checkpoint is not None:
+        driver.restore(trainer, checkpoint)
+    while not trainer.done:
+        received, steps_before = executor.bytes_received, trainer.state.step
+        row = trainer.run_epoch(config.get("callbacks", ()))
+        steps = trainer.state.step - steps_before
+        extra = {"bytes_per_step": (executor.bytes_received - received) / max(steps, 1),
+                 "restored": checkpoint is not None}
+        epoch = len(trainer.state.history)
+        if driver.is_driver and config.get("progress"):
+            print(f"[raysweep] epoch {epoch}/{cfg.train.epochs} loss {row['loss']:.4f} "
+                  f"train_acc {row['train_acc']:.4f} ({row['seconds']:.1f} s)", flush=True)
+        driver.report(trainer, row, epoch % r.checkpoint_every == 0 or trainer.done, extra)
+
+
+def _absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Workers do not start in the caller's directory: send them absolute paths."""
+    cfg = cfg.model_copy(deep=True)
+    if cfg.data.data_dir:
+        cfg.data.data_dir = str(Path(cfg.data.data_dir).expanduser().resolve())
+    if cfg.model.composite is not None:
+        cfg.model.composite.robust = str(Path(cfg.model.composite.robust).resolve())
+        cfg.model.composite.natural = str(Path(cfg.model.composite.natural).resolve())
+    return cfg
+
+
+def check_resources(cfg: RunConfig) -> None:
+    """Fail fast when the cluster cannot hold the worker group (Ray would wait forever)."""
+    import ray
+
+    r, workers = cfg.executor.ray, num_workers(cfg)
+    if r.wait_for_resources:
+        return
+    total = ray.cluster_resources()
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    for name, per, field in (("CPU", r.cpus_per_worker, "cpus_per_worker"), ("GPU", r.gpus_per_worker,
+                                                                              "gpus_per_worker")):
+        need, have = per * workers, total.get(name, 0.0)
+        largest = max((n.get(name, 0.0) for n in nodes), default=0.0)
+        hint = (f"lower executor.ray.{field}, raise executor.ray.members_per_worker, or set "
+                f"executor.ray.wait_for_resources: true on an autoscaling cluster")
+        if need > have + 1e-9:
+            raise ConfigError(f"executor.ray.{field} = {per:g} x {workers} workers needs {need:g} {name}s, but the "
+                              f"Ray cluster has {have:g}: {hint}")
+        if per > largest + 1e-9:
+            raise ConfigError(f"executor.ray.{field} = {per:g}, but no Ray node has more than {largest:g} {name}s: "
+                              f"{hint}")
+
+
+def _connect() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="warning")
+
+
+def fit_on_ray(cfg: RunConfig, data: Dataset, storage: str | Path, progress: bool = True, callbacks=()):
+    """Train with one Ray Train worker per member group; returns a TrainResult like train.fit.
+    `storage`: where checkpoints go when executor.ray.storage is unset. `callbacks` run in every
+    worker (picklable `fn(event, state)`, as for train.fit)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ..train import TrainResult, TrainState, build_members
+
+    _connect()
+    check_resources(cfg)
+    r = cfg.executor.ray
+    storage_path = r.storage or str(Path(storage).resolve())
+    name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    env = {k: v for k, v in os.environ.items() if k.startswith("RAYSWEEP_")}
+    # Ray Train's worker logging prints every report and checkpoint at INFO, and its LoggingConfig
+    # level does not reach those lines (Ray 2.60): plain Python logging (WARNING) in the workers;
+    # rank 0 prints one line per epoch instead.
+    env.setdefault("RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING", "0")
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"cfg": _absolute_paths(cfg).model_dump(mode="json"), "progress": progress,
+                           "callbacks": tuple(callbacks)},
+        torch_config=TorchConfig(backend=backend(r)),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers(cfg), use_gpu=r.gpus_per_worker > 0,
+            resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, worker_runtime_env={"env_vars": env},
+            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise UserError(f"Ray training of {cfg.name!r} failed after {r.max_failures} restart(s); checkpoints "
+                        f"so far are under {storage_path}/{name}: {err}") from err
+    seconds = time.perf_counter() - t0
+    with result.checkpoint.as_directory() as d:
+        driver = torch.load(Path(d) / DRIVER_FILE, weights_only=True)
+        if cfg.ensemble.method == "snapshot":
+            weights = driver["snapshots"]
+        else:
+            weights = [load_file(os.path.join(d, _member_file(k))) for k in range(cfg.ensemble.k)]
+    members = build_members(cfg, data, len(weights))
+    for member, w in zip(members, weights):
+        member.load_state_dict(w)
+    ensemble_weights = torch.tensor(cfg.ensemble.weights) if cfg.ensemble.weights else None
+    ensemble = Ensemble([m.eval() for m in members], ensemble_weights, cfg.ensemble.combine)
+    history = result.metrics or {}
+    info = {"workers": num_workers(cfg), "backend": backend(r), "wall_seconds": seconds,
+            "checkpoint": result.checkpoint.path, "bytes_per_step": history.get("bytes_per_step")}
+    return TrainResult(ensemble, TrainState(**driver["train_state"]), driver["seconds"], info)
