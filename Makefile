@@ -1,5 +1,5 @@
 # Two entry points, each sets itself up from nothing but python3 and the package registries:
-#   make demo   a small real run on Fashion-MNIST (Jacobian Ensembles, K=3 bagging LeNet)
+#   make demo   a small real sweep on Fashion-MNIST (Jacobian Ensembles: Ray Tune + Optuna, MLflow in ./mlflow.db)
 #   make test   the test suite
 PYTHON ?= python3
 UV_VERSION := 0.13.9
@@ -11,7 +11,8 @@ SYNCED := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml 2>/dev/null | cksum
 .PHONY: demo test bench setup data clean
 
 demo: setup data
-	$(VENV)/bin/raysweep train search_spaces/jacobian_ensemble_fmnist.yaml --out runs/demo
+	$(VENV)/bin/raysweep sweep search_spaces/jacobian_ensembles_sweep.yaml --out runs/demo-$$(date +%Y%m%d-%H%M%S) \
+		--register jacobian-ensemble
 
 test: setup data
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -47,7 +47,12 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
-    """The saved ensemble as a torch.nn.Module in eval mode; see raysweep.ensemble.Ensemble."""
+    """The saved ensemble as a torch.nn.Module in eval mode; see raysweep.ensemble.Ensemble. `path`
+    may be a registry URI: models:/NAME@champion, models:/NAME/3."""
+    if str(path).startswith("models:/"):
+        from .registry import resolve_checkpoint
+
+        path = resolve_checkpoint(str(path))
     m = read_manifest(path)
     tensors = load_file(str(Path(path) / WEIGHTS_FILE), device=str(device))
     members = []

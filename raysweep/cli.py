@@ -1,4 +1,4 @@
-"""`raysweep train` and `raysweep evaluate`. User errors print one message and exit 2."""
+"""`raysweep train`, `raysweep sweep` and `raysweep evaluate`. User errors print one message and exit 2."""
 from __future__ import annotations
 
 import argparse
@@ -48,8 +48,39 @@ def _cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out or Path("runs") / cfg.name)
-    metrics = train_and_evaluate(cfg, out, progress=not args.quiet)
+    if args.no_mlflow:
+        metrics = train_and_evaluate(cfg, out, progress=not args.quiet)
+    else:
+        from .tracking import DEFAULT_EXPERIMENT, log_train_run, tracking_uri
+
+        uri = tracking_uri(args.tracking_uri)
+        metrics, run_id = log_train_run(cfg, out, uri, args.experiment or DEFAULT_EXPERIMENT,
+                                        lambda: train_and_evaluate(cfg, out, progress=not args.quiet))
+        print(f"mlflow run     {run_id} ({uri})")
     print(_summary(metrics, out))
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    s = run_sweep(args.space, args.set, samples=args.samples, out=args.out, resume=args.resume,
+                  register=args.register, tracking=args.tracking_uri, experiment=args.experiment,
+                  address=args.address, progress=not args.quiet)
+    print(f"trials: {s['finished']} finished, {s['stopped_early']} stopped early, {s['infeasible']} infeasible, "
+          f"{s['failed']} failed, in {s['seconds']:.0f} s")
+    if "pareto" in s:
+        print("Pareto set (" + ", ".join(s["objectives"]) + "):")
+        for r in s["pareto"]:
+            print("  " + "  ".join(f"{k} {r[k]:.4f}" for k in s["objectives"]) + f"  {r['params']}")
+    b = s["best"]
+    print("best: " + "  ".join(f"{k} {b[k]:.4f}" for k in s["objectives"]) + f"  clean_acc {b['clean_acc']:.4f}"
+          f"  (trial {b['trial_id']}, mlflow run {b['mlflow_run_id']})")
+    print(f"best params: {b['params']}")
+    if "registered" in s:
+        r = s["registered"]
+        print(f"registered {r['name']} v{r['version']}; champion {'moved' if r['champion'] else 'kept'}: {r['reason']}")
+    print(f"wrote {s['dir']}/summary.json and best.yaml (the best trial's full config)")
     return 0
 
 
@@ -57,7 +88,14 @@ def _cmd_evaluate(args) -> int:
     from .checkpoint import checkpoint_config
     from .run import evaluate_checkpoint
 
-    ckpt = Path(args.checkpoint)
+    if args.checkpoint.startswith("models:/"):
+        from .registry import resolve_checkpoint
+
+        ckpt = resolve_checkpoint(args.checkpoint, args.tracking_uri)
+        args.out = args.out or str(Path("runs") / "registry" / args.checkpoint.removeprefix("models:/").replace(
+            "/", "_").replace("@", "_"))
+    else:
+        ckpt = Path(args.checkpoint)
     if ckpt.is_dir() and (ckpt / "checkpoint").is_dir():  # a run directory was given
         ckpt = ckpt / "checkpoint"
     raw = checkpoint_config(ckpt).model_dump(mode="json")
@@ -75,6 +113,12 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _mlflow_args(p) -> None:
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
+                   "sqlite:///mlflow.db in this directory)")
+    p.add_argument("--experiment", help="MLflow experiment (default raysweep)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raysweep", description="Train and evaluate adversarially robust ensembles.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -83,13 +127,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.epochs=2")
     t.add_argument("--out", help="output directory (default runs/<name>)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    _mlflow_args(t)
+    t.add_argument("--no-mlflow", action="store_true", help="do not record the run in MLflow")
     t.set_defaults(func=_cmd_train)
+    w = sub.add_parser("sweep", help="search a space with Ray Tune + Optuna, every trial tracked in MLflow")
+    w.add_argument("space", help="a search space YAML: a run config plus a search: section")
+    w.add_argument("--samples", type=int, help="number of trials (default search.samples)")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the run config or of search:, e.g. search.seed=1")
+    w.add_argument("--out", help="sweep directory (default runs/sweeps/<name>)")
+    w.add_argument("--resume", action="store_true", help="continue the interrupted sweep in the sweep directory")
+    w.add_argument("--register", metavar="NAME", help="register the best ensemble in the MLflow model registry")
+    w.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    w.add_argument("--quiet", action="store_true")
+    _mlflow_args(w)
+    w.set_defaults(func=_cmd_sweep)
     e = sub.add_parser("evaluate", help="re-evaluate a saved ensemble")
-    e.add_argument("checkpoint", help="a checkpoint directory (or the run directory holding it)")
+    e.add_argument("checkpoint", help="a checkpoint directory (or the run directory holding it), or a registry "
+                   "URI models:/NAME@ALIAS or models:/NAME/VERSION")
     e.add_argument("--config", help="YAML whose sections (e.g. eval:, data:) replace the stored config's")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--out", help="output directory (default <run>/eval)")
     e.add_argument("--quiet", action="store_true")
+    e.add_argument("--tracking-uri", help="MLflow store of the registry (default $MLFLOW_TRACKING_URI, else "
+                   "sqlite:///mlflow.db here)")
     e.set_defaults(func=_cmd_evaluate)
     return p
 

@@ -356,25 +356,32 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), yaml.safe_load(raw)
 
 
+def set_path(raw: dict, path: list[str], value, what: str = "") -> dict:
+    """Set a dotted path in a raw config, creating sections; a number indexes a list."""
+    what = what or ".".join(path)
+    node = raw
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{what}: {part!r} is not an index of a list of {len(node)}")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{what}: {'.'.join(path[:i])!r} is not a section")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+    return raw
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Set dotted paths; a number indexes a list (eval.attacks.0.steps=20)."""
+    """`--set` overrides: dotted paths; a number indexes a list (eval.attacks.0.steps=20)."""
     for text in overrides:
         path, value = parse_override(text)
-        node = raw
-        for i, part in enumerate(path):
-            last = i == len(path) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"--set {text!r}: {part!r} is not an index of a list of {len(node)}")
-                part = int(part)
-            elif not isinstance(node, dict):
-                raise ConfigError(f"--set {text!r}: {'.'.join(path[:i])!r} is not a section")
-            if last:
-                node[part] = value
-            else:
-                if isinstance(node, dict) and node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
+        set_path(raw, path, value, f"--set {text!r}")
     return raw
 
 
@@ -387,16 +394,18 @@ def validate_config(raw: dict, source: str = "") -> RunConfig:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
+def read_yaml(path: str | Path, what: str = "config") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {err}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    raw = read_yaml(path) if path is not None else {}
     return validate_config(apply_overrides(raw, list(overrides)), str(path or "(defaults)"))
 
 

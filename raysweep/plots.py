@@ -39,3 +39,33 @@ def uap_images(deltas: dict, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def tradeoff(points: list[dict], robust_name: str, color_name: str | None, path: Path,
+             front: list[tuple[float, float]] = ()) -> Path:
+    """Clean vs robust accuracy of every finished trial, coloured by a searched parameter (the
+    Jacobian Ensembles paper's trade-off figure), with the Pareto front of the two drawn through."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    colors = [p["color"] for p in points]
+    numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in colors) and colors
+    if numeric:
+        positive = all(c > 0 for c in colors)
+        norm = matplotlib.colors.LogNorm() if positive and max(colors) / min(colors) > 20 else None
+        sc = ax.scatter([p["clean"] for p in points], [p["robust"] for p in points], c=colors, cmap="viridis",
+                        norm=norm, s=36, edgecolors="k", linewidths=0.4, zorder=3)
+        fig.colorbar(sc, ax=ax, label=color_name)
+    else:
+        for value in sorted({str(c) for c in colors}):
+            sel = [p for p in points if str(p["color"]) == value]
+            ax.scatter([p["clean"] for p in sel], [p["robust"] for p in sel], label=f"{color_name}={value}", s=36,
+                       edgecolors="k", linewidths=0.4, zorder=3)
+        ax.legend(fontsize=8)
+    if front:
+        xs, ys = zip(*sorted(front))
+        ax.plot(xs, ys, color="crimson", linestyle="--", marker="D", markersize=5, label="Pareto front", zorder=2)
+    ax.set(xlabel="clean accuracy", ylabel=robust_name, title=f"trade-off over {len(points)} trials")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

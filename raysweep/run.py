@@ -26,7 +26,9 @@ def _write_results(out: Path, cfg: RunConfig, metrics: dict, artifacts: dict) ->
         save_file({f"eps_{e}": d.contiguous() for e, d in artifacts["uap_deltas"].items()}, str(out / "uap.safetensors"))
 
 
-def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True) -> dict:
+def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, callbacks=()) -> dict:
+    """`callbacks` (train.fit hooks) run in this process, so with the local executor only: a Ray run's
+    per-epoch history comes back with its result."""
     out = Path(out)
     t0 = time.perf_counter()
     data = load_dataset(cfg.data, cfg.seed)
@@ -35,7 +37,7 @@ def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True) -
 
         result = fit_on_ray(cfg, data, out / "ray", progress=progress)
     else:
-        result = fit(cfg, data, progress=progress)
+        result = fit(cfg, data, progress=progress, callbacks=callbacks)
     save_checkpoint(out / "checkpoint", result.ensemble, cfg, data.image_shape, data.num_classes, data.mean, data.std)
     metrics, artifacts = evaluate(result.ensemble, data, cfg, progress=progress)
     metrics["train"] = {"seconds": result.seconds, "steps": result.state.step, "history": result.state.history,

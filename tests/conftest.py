@@ -36,6 +36,8 @@ def make_cfg(**sections):
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Staged IDX copies go to a per-session cache, never the user's home.
     monkeypatch.setenv("RAYSWEEP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+    # `raysweep train` records to MLflow: into a per-session store, never the working directory's.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.getbasetemp() / 'mlflow.db'}")
     monkeypatch.delenv("RAYSWEEP_DATA_DIR", raising=False)
 
 

@@ -162,11 +162,12 @@ def check_resources(cfg: RunConfig) -> None:
                               f"{hint}")
 
 
-def _connect() -> None:
+def connect(address: str | None = None) -> None:
+    """Join `address` or $RAY_ADDRESS when set, else start (or join) a local Ray; no-op if connected."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="warning")
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, logging_level="warning")
 
 
 def fit_on_ray(cfg: RunConfig, data: Dataset, storage: str | Path, progress: bool = True, callbacks=()):
@@ -178,7 +179,7 @@ def fit_on_ray(cfg: RunConfig, data: Dataset, storage: str | Path, progress: boo
 
     from ..train import TrainResult, TrainState, build_members
 
-    _connect()
+    connect()
     check_resources(cfg)
     r = cfg.executor.ray
     storage_path = r.storage or str(Path(storage).resolve())

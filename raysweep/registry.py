@@ -1,0 +1,108 @@
+"""The MLflow model registry: ensembles as pyfunc models, the `champion` alias, `models:/` URIs.
+
+A registered version holds the raysweep checkpoint (safetensors + manifest) as an artifact and a
+pyfunc wrapper whose predict returns ensemble probabilities; `raysweep.load("models:/NAME@champion")`
+gives the torch module back. The alias moves only to a version whose objective beats the
+current champion's (same objective name; accuracies, higher is better).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+CHAMPION = "champion"
+MODEL_NAME = "ensemble"
+
+
+def _pyfunc_base():
+    import mlflow.pyfunc
+
+    return mlflow.pyfunc.PythonModel
+
+
+class EnsembleModel(_pyfunc_base()):
+    """predict(images [B,C,H,W] float32 in [0,1]) -> ensemble probabilities [B, num_classes]."""
+
+    def load_context(self, context):
+        from .checkpoint import load
+
+        self.ensemble = load(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        return self.ensemble.predict_proba(x).numpy()
+
+
+def log_model(client, run_id: str, checkpoint: Path, uri: str) -> str:
+    """Log the checkpoint as a pyfunc model in run_id; returns the model URI."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from .checkpoint import read_manifest
+
+    m = read_manifest(checkpoint)
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *m["image_shape"]))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, m["num_classes"]))]))
+    mlflow.set_tracking_uri(uri)
+    import torch
+
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME, python_model=EnsembleModel(), artifacts={"checkpoint": str(checkpoint)},
+            signature=signature, code_paths=[str(Path(__file__).parent)],
+            # Listed, not inferred: inference imports the model in a subprocess (slow, and it guesses).
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pydantic>=2", "pyyaml",
+                              "numpy"])
+    return info.model_uri
+
+
+def register(name: str, checkpoint: Path, run_id: str, uri: str, objective: str, value: float) -> dict:
+    """New version of `name` from run_id's checkpoint; move `champion` to it if it is better."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(uri)
+    model_uri = log_model(client, run_id, checkpoint, uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    version = mlflow.register_model(model_uri, name, tags={"objective": objective, "objective_value": str(value)})
+    try:
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champ = None
+    reason = "first version"
+    move = champ is None
+    if champ is not None:
+        if champ.tags.get("objective") != objective:
+            reason = f"champion v{champ.version} was chosen by {champ.tags.get('objective')!r}, not {objective!r}"
+        else:
+            old = float(champ.tags["objective_value"])
+            move = value > old
+            reason = f"{objective} {value:.4f} {'>' if move else '<='} champion v{champ.version}'s {old:.4f}"
+    if move:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    return {"name": name, "version": int(version.version), "champion": move, "reason": reason, "model_uri": model_uri}
+
+
+def resolve_checkpoint(uri: str, tracking: str | None = None) -> Path:
+    """models:/NAME@alias or models:/NAME/VERSION -> a local raysweep checkpoint directory."""
+    import mlflow
+
+    from .errors import UserError
+    from .tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(tracking))
+    mlflow.set_registry_uri(tracking_uri(tracking))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as err:  # MLflow raises several types for unknown names/aliases
+        raise UserError(f"cannot load {uri} from the registry at {tracking_uri(tracking)}: {err}") from None
+    found = sorted(p.parent for p in local.rglob("ensemble.json"))
+    if not found:
+        raise UserError(f"{uri} holds no raysweep checkpoint (no ensemble.json under {local})")
+    return found[0]

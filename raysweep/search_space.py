@@ -1,0 +1,247 @@
+"""Search spaces: a run config plus a `search:` section, validated before any trial starts.
+
+    search:
+      objective: weighted_acc          # or auc, clean_acc, mean_uap_acc,
+                                       # {metric: robust_acc, attack: pgd_linf, eps: 0.1},
+                                       # or a list of them: a Pareto front (NSGA-II)
+      samples: 8
+      seed: 0
+      params:                          # dotted paths into the run config
+        train.jr.lambda_jr: {loguniform: [0.001, 1.0]}
+        ensemble.k: {int: [2, 6]}
+        ensemble.method: {choice: [bagging, independent]}
+        train.adversarial.eps: {per_member: {uniform: [0.02, 0.08]}}   # K values, K as sampled
+
+Points the run schema rejects (e.g. PDD's M <= K) are not errors of the sweep: the trial reports
+itself infeasible (objective 0, every objective is an accuracy to maximise) and the search moves on.
+"""
+from __future__ import annotations
+
+import copy
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from .config import (RunConfig, _format_validation_error, _Strict, apply_overrides, read_yaml, set_path,
+                     validate_config)
+from .errors import ConfigError
+
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "per_member")
+METRICS = ("clean_acc", "weighted_acc", "mean_uap_acc", "auc", "robust_acc")
+
+
+class Objective(_Strict):
+    metric: Literal[METRICS]
+    attack: Optional[str] = Field(None, description="robust_acc: the eval.attacks name")
+    eps: Optional[float] = Field(None, description="robust_acc: an eps of that attack's grid")
+
+    @property
+    def key(self) -> str:
+        return f"robust_acc/{self.attack}/{self.eps}" if self.metric == "robust_acc" else self.metric
+
+    def value(self, metrics: dict) -> float:
+        if self.metric == "auc":
+            return float(metrics["auc"]["value"])
+        if self.metric == "robust_acc":
+            return float(metrics["robust_acc"][self.attack][str(float(self.eps))])
+        return float(metrics[self.metric])
+
+
+class AshaConfig(_Strict):
+    """Early stopping on the per-epoch training accuracy (the objectives exist only after evaluation)."""
+    grace_period: int = Field(1, ge=1, description="epochs every trial runs")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SearchConfig(_Strict):
+    objective: list[Objective]
+    samples: int = Field(8, ge=1)
+    seed: int = 0
+    params: dict[str, Any] = Field(..., min_length=1)
+    max_concurrent: Optional[int] = Field(None, ge=1, description="default: as many as the cluster's CPUs/GPUs hold")
+    trial_cpus: float = Field(1.0, gt=0, description="CPUs a trial reserves (its training threads, or its Ray "
+                              "executor's driver and evaluation)")
+    trial_gpus: float = Field(0.0, ge=0)
+    asha: Optional[AshaConfig] = None
+    color_by: Optional[str] = Field(None, description="parameter colouring the trade-off plot; default the first")
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_list(cls, v):
+        items = v if isinstance(v, list) else [v]
+        return [{"metric": i} if isinstance(i, str) else i for i in items]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.objective) > 1
+
+
+@dataclass
+class Param:
+    path: str
+    kind: str
+    args: Any  # (low, high) or a list of choices or the per-member inner Param
+
+    def suggest(self, trial, name: str):
+        if self.kind == "uniform":
+            return trial.suggest_float(name, *self.args)
+        if self.kind == "loguniform":
+            return trial.suggest_float(name, *self.args, log=True)
+        if self.kind == "int":
+            return trial.suggest_int(name, *self.args)
+        return trial.suggest_categorical(name, self.args)
+
+
+@dataclass
+class SearchSpace:
+    search: SearchConfig
+    base: dict  # the run config without `search:`, paths absolute
+    base_cfg: RunConfig
+    params: list[Param]
+    source: str
+
+    @property
+    def name(self) -> str:
+        return self.base_cfg.name
+
+    def define_by_run(self, trial) -> None:
+        """Optuna define-by-run: K first, so per-member lists get K values."""
+        k = self.base_cfg.ensemble.k
+        for p in self.params:
+            if p.kind == "per_member":
+                for i in range(k):
+                    p.args.suggest(trial, f"{p.path}.{i}")
+            else:
+                value = p.suggest(trial, p.path)
+                if p.path == "ensemble.k":
+                    k = value
+
+    def trial_config(self, values: dict) -> dict:
+        """The raw run config of one trial (validated by the caller: may be infeasible)."""
+        raw = copy.deepcopy(self.base)
+        lists: dict[str, dict[int, Any]] = {}
+        for name, value in values.items():
+            head, _, last = name.rpartition(".")
+            if any(p.path == head and p.kind == "per_member" for p in self.params):
+                lists.setdefault(head, {})[int(last)] = value
+            else:
+                set_path(raw, name.split("."), value)
+        for path, items in lists.items():
+            set_path(raw, path.split("."), [items[i] for i in sorted(items)])
+        return raw
+
+
+def _parse_param(path: str, spec, where: str) -> Param:
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"{where}: expected one distribution such as {{uniform: [low, high]}}, got {spec!r}")
+    (kind, args), = spec.items()
+    if kind not in DISTRIBUTIONS:
+        raise ConfigError(f"{where}: unknown distribution {kind!r}; allowed: {', '.join(DISTRIBUTIONS)}")
+    if kind == "per_member":
+        inner = _parse_param(path, args, f"{where}.per_member")
+        if inner.kind == "per_member":
+            raise ConfigError(f"{where}: per_member cannot nest")
+        return Param(path, kind, inner)
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where}: choice needs a non-empty list, got {args!r}")
+        return Param(path, kind, list(args))
+    if not isinstance(args, list) or len(args) != 2 or not all(isinstance(a, (int, float)) for a in args):
+        raise ConfigError(f"{where}: {kind} needs [low, high], got {args!r}")
+    low, high = args
+    if low > high:
+        raise ConfigError(f"{where}: low {low} > high {high}")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{where}: loguniform needs low > 0, got {low}")
+    if kind == "int" and not all(isinstance(a, int) for a in args):
+        raise ConfigError(f"{where}: int needs integer bounds, got {args!r}")
+    return Param(path, kind, (low, high))
+
+
+def _model_of(annotation):
+    """The pydantic model inside an annotation such as Optional[X] or list[X], else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def check_path(path: str, where: str) -> None:
+    """Every segment of a dotted path must be a field of the run schema."""
+    model: type[BaseModel] | None = RunConfig
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if model is None:
+            raise ConfigError(f"{where}: {'.'.join(parts[:i])!r} is a value, not a section")
+        if part.isdigit():
+            continue  # a list index: the list's item model stays current
+        field = model.model_fields.get(part)
+        if field is None:
+            raise ConfigError(f"{where}: unknown parameter path {path!r} ({part!r} is not a field of "
+                              f"{'.'.join(parts[:i]) or 'the run config'}; fields: {', '.join(model.model_fields)})")
+        model = _model_of(field.annotation)
+
+
+def _check_objective(o: Objective, cfg: RunConfig) -> None:
+    e = cfg.eval
+    needs = {"weighted_acc": ("eval.uap", e.uap), "mean_uap_acc": ("eval.uap", e.uap), "auc": ("eval.auc", e.auc)}
+    if o.metric in needs and needs[o.metric][1] is None:
+        raise ConfigError(f"search.objective {o.metric} needs {needs[o.metric][0]} in the run config")
+    if o.metric == "robust_acc":
+        attacks = {a.name: a for a in e.attacks}
+        if o.attack not in attacks:
+            raise ConfigError(f"search.objective robust_acc: attack {o.attack!r} is not one of eval.attacks "
+                              f"{sorted(attacks)}")
+        if o.eps not in attacks[o.attack].eps:
+            raise ConfigError(f"search.objective robust_acc: eps {o.eps} is not in attack {o.attack!r}'s grid "
+                              f"{attacks[o.attack].eps}")
+
+
+def absolute_paths(raw: dict, root: Path) -> dict:
+    """Trials run in their own directories: file paths in the config become absolute."""
+    raw = copy.deepcopy(raw)
+    data, comp = raw.get("data") or {}, (raw.get("model") or {}).get("composite") or {}
+    if data.get("data_dir"):
+        data["data_dir"] = str((root / Path(data["data_dir"]).expanduser()).resolve())
+    for key in ("robust", "natural"):
+        if comp.get(key):
+            comp[key] = str((root / comp[key]).resolve())
+    return raw
+
+
+def load_search_space(path: str | Path, overrides: list[str] = ()) -> SearchSpace:
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path, "search space"), list(overrides))
+    search_raw = raw.pop("search", None)
+    if not isinstance(search_raw, dict):
+        raise ConfigError(f"{path}: no `search:` section (a search space is a run config plus `search:`)")
+    try:
+        search = SearchConfig.model_validate(search_raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, f"{path} (search section)").replace("  ", "  search.")) \
+            from None
+    base_cfg = validate_config(raw, f"{path} (the run config around `search:`)")
+    params = []
+    for name, spec in search.params.items():
+        where = f"search.params.{name}"
+        check_path(name, where)
+        params.append(_parse_param(name, spec, where))
+    params.sort(key=lambda p: p.path != "ensemble.k")  # K first: per-member lists depend on it
+    for o in search.objective:
+        _check_objective(o, base_cfg)
+    if search.asha is not None and search.multi:
+        raise ConfigError("search.asha stops trials on one metric; a Pareto search (several objectives) compares "
+                          "finished trials only: drop search.asha or keep one objective")
+    if search.asha is not None and base_cfg.executor.kind == "ray":
+        raise ConfigError("search.asha needs per-epoch reports, which only executor.kind: local trials send yet "
+                          "(a Ray executor trial reports when training ends): drop search.asha or use the local "
+                          "executor")
+    if search.color_by is not None and search.color_by not in search.params:
+        raise ConfigError(f"search.color_by {search.color_by!r} is not one of search.params {sorted(search.params)}")
+    return SearchSpace(search, absolute_paths(raw, Path.cwd()), base_cfg, params, str(path))

@@ -1,0 +1,280 @@
+"""Sweeps with a real local Ray, real Optuna and a real MLflow SQLite store in a temp dir."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import optuna
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from raysweep.checkpoint import load
+from raysweep.errors import ConfigError
+from raysweep.registry import register
+from raysweep.search_space import load_search_space
+from raysweep.sweep import run_sweep
+
+from conftest import repo_root
+
+BASE = {
+    "name": "synth",
+    "seed": 0,
+    "data": {"dataset": "synthetic", "train_size": 256, "test_size": 128, "batch_size": 64,
+             "synthetic": {"num_classes": 4, "image_shape": [1, 28, 28], "noise": 0.3}},
+    "ensemble": {"k": 2, "method": "bagging"},
+    "train": {"epochs": 2, "optimizer": "adam", "lr": 0.001, "jr": {"lambda_jr": 0.01}},
+    "eval": {"uap": {"eps": [0.1, 0.2], "seeds": 2, "iterations": 3, "batch_size": 32, "selection_size": 64},
+             "jacobian_samples": 0, "diversity_samples": 0},
+}
+SEARCH = {"objective": "weighted_acc", "samples": 3, "seed": 7, "color_by": "train.jr.lambda_jr",
+          "params": {"train.jr.lambda_jr": {"loguniform": [0.001, 1.0]},
+                     "ensemble.method": {"choice": ["bagging", "independent"]}}}
+
+
+def _space(tmp_path, search=None, name="space.yaml", **base):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({**BASE, **base, "search": {**SEARCH, **(search or {})}}))
+    return path
+
+
+def _children(client, summary):
+    parent = json.loads((tmp_dir(summary) / "sweep.json").read_text())["parent_run_id"]
+    exp = client.get_run(parent).info.experiment_id
+    return parent, client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def tmp_dir(summary):
+    from pathlib import Path
+
+    return Path(summary["dir"])
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_local, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    summary = run_sweep(str(_space(tmp)), out=str(tmp / "out"), tracking=uri, register="synth-ens", progress=False)
+    return summary, uri, tmp
+
+
+def test_sweep_records_every_trial_in_mlflow(sweep):
+    summary, uri, _ = sweep
+    client = MlflowClient(uri)
+    assert summary["trials"] == summary["finished"] == 3
+    parent, children = _children(client, summary)
+    assert len(children) == 3
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert "train.jr.lambda_jr" in run.data.params and run.data.tags["searched.train.jr.lambda_jr"]
+        assert {"weighted_acc", "clean_acc", "mean_uap_acc", "train/loss"} <= run.data.metrics.keys()
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.json", "acc_vs_eps.png",
+                                                                            "uap.png", "checkpoint"}
+    assert "tradeoff.png" in {a.path for a in client.list_artifacts(parent)}
+    best = summary["best"]
+    best_run = client.get_run(best["mlflow_run_id"])
+    assert best_run.data.metrics["weighted_acc"] == pytest.approx(best["weighted_acc"])
+    assert best["weighted_acc"] == max(r.data.metrics["weighted_acc"] for r in children)
+    assert (tmp_dir(summary) / "best.yaml").is_file()
+
+
+def test_optuna_drives_the_search(sweep):
+    """The trials' values are the seeded Optuna study's: TPE's first draws, replayed standalone."""
+    summary, uri, tmp = sweep
+    space = load_search_space(_space(tmp, name="replay.yaml"))
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=7))
+    expected = []
+    for _ in range(3):
+        trial = study.ask()
+        space.define_by_run(trial)
+        expected.append(trial.params)
+    client = MlflowClient(uri)
+    _, children = _children(client, summary)
+    got = [{"train.jr.lambda_jr": float(r.data.tags["searched.train.jr.lambda_jr"]),
+            "ensemble.method": r.data.tags["searched.ensemble.method"]} for r in children]
+    key = lambda p: p["train.jr.lambda_jr"]  # noqa: E731
+    for g, e in zip(sorted(got, key=key), sorted(expected, key=key)):
+        assert g["ensemble.method"] == e["ensemble.method"]
+        assert g["train.jr.lambda_jr"] == pytest.approx(e["train.jr.lambda_jr"], rel=1e-12)
+
+
+def test_registry_champion_load_and_predict(sweep, monkeypatch):
+    summary, uri, tmp = sweep
+    reg = summary["registered"]
+    assert reg["version"] == 1 and reg["champion"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # raysweep.load(models:/...) reads the default store
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    ensemble = load(summary["best"]["checkpoint"])
+    x = torch.rand(6, 1, 28, 28)
+    expected = ensemble.predict_proba(x).numpy()
+    pyfunc = mlflow.pyfunc.load_model("models:/synth-ens@champion")
+    assert np.allclose(pyfunc.predict(x.numpy()), expected, atol=1e-6)
+    assert torch.allclose(load("models:/synth-ens@champion").predict_proba(x), torch.from_numpy(expected), atol=1e-6)
+    # A worse later result gets a version but not the alias; a better one takes it.
+    worse = register("synth-ens", summary["best"]["checkpoint"], summary["best"]["mlflow_run_id"], uri,
+                     "weighted_acc", summary["best"]["weighted_acc"] - 0.1)
+    assert worse["version"] == 2 and not worse["champion"]
+    assert int(MlflowClient(uri).get_model_version_by_alias("synth-ens", "champion").version) == 1
+    better = register("synth-ens", summary["best"]["checkpoint"], summary["best"]["mlflow_run_id"], uri,
+                      "weighted_acc", summary["best"]["weighted_acc"] + 0.1)
+    assert better["champion"] and int(MlflowClient(uri).get_model_version_by_alias("synth-ens", "champion").version) == 3
+
+
+def test_evaluate_cli_loads_from_the_registry(sweep, tmp_path):
+    summary, uri, _ = sweep
+    res = subprocess.run([sys.executable, "-m", "raysweep", "evaluate", "models:/synth-ens/1", "--tracking-uri", uri,
+                          "--out", str(tmp_path / "ev"), "--quiet"], capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["clean_acc"] == pytest.approx(summary["best"]["clean_acc"])
+
+
+def test_infeasible_points_are_reported_not_fatal(ray_local, tmp_path):
+    search = {"objective": "clean_acc", "samples": 4, "seed": 1, "color_by": None,
+              "params": {"train.pdd.m": {"int": [2, 5]}}}
+    path = _space(tmp_path, search, ensemble={"k": 3, "method": "joint"},
+                  train={"epochs": 1, "optimizer": "adam", "lr": 0.001, "pdd": {"m": 6}},
+                  eval={"uap": None, "jacobian_samples": 0, "diversity_samples": 0})
+    summary = run_sweep(str(path), out=str(tmp_path / "out"), tracking=f"sqlite:///{tmp_path / 'm.db'}",
+                        progress=False)
+    assert summary["trials"] == 4 and summary["infeasible"] >= 1 and summary["failed"] == 0
+    assert summary["finished"] + summary["infeasible"] == 4
+    assert summary["best"]["params"]["train.pdd.m"] > 3
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    _, children = _children(client, summary)
+    flagged = [r for r in children if "raysweep.infeasible" in r.data.tags]
+    assert len(flagged) == summary["infeasible"] and all(r.info.status == "FINISHED" for r in children)
+
+
+@pytest.mark.parametrize("search, message", [
+    ({"params": {"train.jr.lambda_jr": {"normal": [0, 1]}}}, "unknown distribution 'normal'"),
+    ({"params": {"train.jr.lambda_jr": {"uniform": [1.0, 0.1]}}}, "low 1.0 > high 0.1"),
+    ({"params": {"train.jr.lamda": {"uniform": [0, 1]}}}, "unknown parameter path 'train.jr.lamda'"),
+    ({"params": {"train.jr.lambda_jr": {"loguniform": [0, 1]}}}, "loguniform needs low > 0"),
+    ({"objective": "auc"}, "needs eval.auc"),
+    ({"objective": ["clean_acc", "weighted_acc"], "asha": {}}, "drop search.asha"),
+    ({"asha": {}, "executor": {"kind": "ray"}}, "only executor.kind: local trials"),
+])
+def test_malformed_search_space_is_a_clear_error(tmp_path, search, message):
+    search = dict(search)
+    executor = search.pop("executor", None)
+    with pytest.raises(ConfigError, match=message):
+        load_search_space(_space(tmp_path, search, **({"executor": executor} if executor else {})))
+
+
+def test_malformed_space_fails_before_any_trial_through_the_cli(tmp_path):
+    path = _space(tmp_path, {"params": {"model.depth": {"int": [1, 3]}}})
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "raysweep", "sweep", str(path), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 2 and "unknown parameter path 'model.depth'" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
+    assert time.perf_counter() - t0 < 60
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    path = _space(tmp_path, {"samples": 4, "max_concurrent": 1})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "raysweep", "sweep", str(path), "--out", str(tmp_path / "out"), "--tracking-uri",
+           uri, "--quiet"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline:  # until Tune's experiment state records a finished trial
+            states = list((tmp_path / "out" / "tune").glob("experiment_state-*.json"))
+            if states and '\\"status\\": \\"TERMINATED\\"' in states[0].read_text():
+                break
+            assert proc.poll() is None, "the sweep ended before it was interrupted"
+            time.sleep(1)
+        else:
+            pytest.fail("no trial finished in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the Ray instance it started
+        proc.wait()
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("raysweep").experiment_id
+    before = {r.data.tags["raysweep.trial_id"] for r in client.search_runs([exp], "attributes.status = 'FINISHED'")
+              if r.data.tags.get("raysweep.kind") == "trial"}
+    assert 1 <= len(before) < 4
+    res = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["finished"] == 4
+    runs = [r for r in client.search_runs([exp]) if r.data.tags.get("raysweep.kind") == "trial"]
+    for trial_id in before:  # a finished trial ran once
+        assert sum(r.data.tags["raysweep.trial_id"] == trial_id for r in runs) == 1
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)  # the interrupted trial's run is closed
+
+
+def test_train_cli_records_one_mlflow_run(tmp_path):
+    cfg = {k: v for k, v in BASE.items()}
+    cfg["train"] = {**cfg["train"], "epochs": 1}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = subprocess.run([sys.executable, "-m", "raysweep", "train", str(path), "--out", str(tmp_path / "r"),
+                          "--tracking-uri", uri, "--quiet"], capture_output=True, text=True, timeout=600,
+                         cwd=repo_root())
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("raysweep").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["train.epochs"] == "1"
+    assert run.data.metrics["clean_acc"] == json.loads((tmp_path / "r" / "metrics.json").read_text())["clean_acc"]
+
+
+def test_asha_stops_trials_and_their_runs_are_closed(ray_local, tmp_path):
+    search = {"samples": 4, "max_concurrent": 1, "asha": {"grace_period": 1, "reduction_factor": 2}}
+    path = _space(tmp_path, search, train={"epochs": 3, "optimizer": "adam", "lr": 0.001})
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    summary = run_sweep(str(path), out=str(tmp_path / "out"), tracking=uri, progress=False)
+    assert summary["finished"] + summary["stopped_early"] == 4 and summary["finished"] >= 1
+    client = MlflowClient(uri)
+    _, children = _children(client, summary)
+    statuses = sorted(r.info.status for r in children)
+    assert statuses.count("KILLED") == summary["stopped_early"] and statuses.count("FINISHED") == summary["finished"]
+
+
+def test_sweep_of_ray_executor_trials(ray_local, tmp_path):
+    """Each trial trains with one Ray Train worker per member; a trial holds 0.5 + 2 x 0.5 CPUs, so the
+    2-CPU cluster runs one trial at a time."""
+    search = {"samples": 2, "trial_cpus": 0.5}
+    path = _space(tmp_path, search, executor={"kind": "ray", "ray": {"cpus_per_worker": 0.5}})
+    from raysweep.sweep import _max_concurrent
+
+    assert _max_concurrent(load_search_space(path)) == 1
+    summary = run_sweep(str(path), out=str(tmp_path / "out"), tracking=f"sqlite:///{tmp_path / 'm.db'}",
+                        progress=False)
+    assert summary["finished"] == 2
+    metrics = json.loads((tmp_dir(summary) / "summary.json").read_text())["best"]
+    assert metrics["weighted_acc"] > 0
+
+
+@pytest.mark.parametrize("name", ["jacobian_ensembles_sweep", "robust_ensembles_sweep", "ensemble_adv_sweep",
+                                  "pdd_deg_sweep"])
+def test_shipped_search_spaces_load_and_sample(name):
+    from raysweep.config import validate_config
+
+    space = load_search_space(repo_root() / "search_spaces" / f"{name}.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    feasible = 0
+    for _ in range(5):
+        trial = study.ask()
+        space.define_by_run(trial)
+        try:
+            cfg = validate_config(space.trial_config(trial.params))
+        except ConfigError as err:
+            assert "pdd.m must be > ensemble.k" in str(err)  # the one infeasible region, by design
+            continue
+        feasible += 1
+        if "train.adversarial.eps" in space.search.params:  # per-member: one eps per sampled member
+            assert len(cfg.train.adversarial.eps) == cfg.ensemble.k
+    assert feasible >= 1
