@@ -278,3 +278,20 @@ def test_shipped_search_spaces_load_and_sample(name):
         if "train.adversarial.eps" in space.search.params:  # per-member: one eps per sampled member
             assert len(cfg.train.adversarial.eps) == cfg.ensemble.k
     assert feasible >= 1
+
+
+def test_failed_trials_are_recorded_failed_and_the_sweep_goes_on(ray_local, tmp_path):
+    """Seed 0 draws mnist, synthetic, mnist; MNIST is not on this machine and downloads are off, so two
+    trials raise at data loading. Their MLflow runs end FAILED, keeping the params they had logged."""
+    search = {"objective": "clean_acc", "samples": 3, "seed": 0, "color_by": None,
+              "params": {"data.dataset": {"choice": ["synthetic", "mnist"]}}}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    path = _space(tmp_path, search, data={**BASE["data"], "download": False, "data_dir": str(empty)},
+                  eval={"uap": None, "jacobian_samples": 0, "diversity_samples": 0})
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    summary = run_sweep(str(path), out=str(tmp_path / "out"), tracking=uri, progress=False)
+    assert (summary["failed"], summary["finished"]) == (2, 1)
+    _, children = _children(MlflowClient(uri), summary)
+    failed = [r for r in children if r.info.status == "FAILED"]
+    assert len(failed) == 2 and all(r.data.params["data.dataset"] == "mnist" for r in failed)
