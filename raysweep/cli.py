@@ -113,6 +113,17 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_check_cluster(args) -> int:
+    from .cluster_check import check_file, cluster_files
+
+    files = [Path(f) for f in args.files] or cluster_files(Path(__file__).resolve().parents[1] / "cluster")
+    if not files:
+        raise UserError("no cluster files to check")
+    for f in files:
+        print(f"ok  {check_file(f):<10} {f}")
+    return 0
+
+
 def _mlflow_args(p) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
                    "sqlite:///mlflow.db in this directory)")
@@ -142,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--quiet", action="store_true")
     _mlflow_args(w)
     w.set_defaults(func=_cmd_sweep)
+    c = sub.add_parser("check-cluster", help="validate cluster launcher YAMLs and KubeRay manifests offline")
+    c.add_argument("files", nargs="*", help="files to check (default: every YAML in the repo's cluster/)")
+    c.set_defaults(func=_cmd_check_cluster)
     e = sub.add_parser("evaluate", help="re-evaluate a saved ensemble")
     e.add_argument("checkpoint", help="a checkpoint directory (or the run directory holding it), or a registry "
                    "URI models:/NAME@ALIAS or models:/NAME/VERSION")
