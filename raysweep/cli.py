@@ -66,7 +66,7 @@ def _cmd_sweep(args) -> int:
 
     s = run_sweep(args.space, args.set, samples=args.samples, out=args.out, resume=args.resume,
                   register=args.register, tracking=args.tracking_uri, experiment=args.experiment,
-                  address=args.address, progress=not args.quiet)
+                  address=args.address, progress=not args.quiet, storage=args.storage)
     print(f"trials: {s['finished']} finished, {s['stopped_early']} stopped early, {s['infeasible']} infeasible, "
           f"{s['failed']} failed, in {s['seconds']:.0f} s")
     if "pareto" in s:
@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the run config or of search:, e.g. search.seed=1")
     w.add_argument("--out", help="sweep directory (default runs/sweeps/<name>)")
+    w.add_argument("--storage", help="Tune's experiment storage: a path every node sees or a pyarrow URI "
+                   "(s3://, gs://); default the sweep directory")
     w.add_argument("--resume", action="store_true", help="continue the interrupted sweep in the sweep directory")
     w.add_argument("--register", metavar="NAME", help="register the best ensemble in the MLflow model registry")
     w.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")

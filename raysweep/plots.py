@@ -20,7 +20,8 @@ def robustness_curves(metrics: dict, path: Path) -> Path:
                 linestyle="--", label="UAP")
     ax.set(xlabel="eps", ylabel="accuracy", ylim=(0, 1), title="accuracy under attack")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # nothing to draw when no attack or UAP was configured
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

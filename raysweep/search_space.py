@@ -65,6 +65,8 @@ class SearchConfig(_Strict):
     trial_cpus: float = Field(1.0, gt=0, description="CPUs a trial reserves (its training threads, or its Ray "
                               "executor's driver and evaluation)")
     trial_gpus: float = Field(0.0, ge=0)
+    max_failures: int = Field(2, ge=0, description="retries of a trial whose process or node died (Tune "
+                              "FailureConfig); errors raised by the trial's own code are retried too")
     asha: Optional[AshaConfig] = None
     color_by: Optional[str] = Field(None, description="parameter colouring the trade-off plot; default the first")
 

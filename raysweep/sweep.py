@@ -48,6 +48,7 @@ def _last_report(metrics: dict) -> None:
 
 
 def _trial(values: dict, ctx: TrialContext) -> None:
+    import ray
     import ray.tune
 
     from .errors import ConfigError as _ConfigError
@@ -57,7 +58,9 @@ def _trial(values: dict, ctx: TrialContext) -> None:
     trial_id = trial.get_trial_id()
     raw = ctx.space.trial_config(values)
     raw["name"] = f"{ctx.space.name}-{trial_id}"
-    tags = {"mlflow.parentRunId": ctx.parent_run_id, "raysweep.trial_id": trial_id, "raysweep.kind": "trial"}
+    node = ray.get_runtime_context().get_node_id()
+    tags = {"mlflow.parentRunId": ctx.parent_run_id, "raysweep.trial_id": trial_id, "raysweep.kind": "trial",
+            "raysweep.node_id": node}
     with tracked_run(ctx.uri, ctx.experiment, raw["name"], raw, tags) as (client, run_id):
         for name, value in values.items():  # the whole config is in the params; the sampled values also as tags
             client.set_tag(run_id, f"searched.{name}", str(value))
@@ -81,6 +84,7 @@ def _trial(values: dict, ctx: TrialContext) -> None:
         log_results(client, run_id, out, metrics)
         objectives = _objectives(ctx.space, metrics)
         final = {**objectives, "clean_acc": metrics["clean_acc"], "infeasible": 0, "epoch": cfg.train.epochs,
+                 "node_id": node,
                  "train_acc": metrics["train"]["history"][-1]["train_acc"], "mlflow_run_id": run_id,
                  "checkpoint": str(out / "checkpoint"), "metrics_json": json.dumps(metrics, default=str)}
         _last_report(final)
@@ -120,8 +124,8 @@ def _FinalOnlyOptunaSearch(**kwargs):
 
 
 class _MlflowTrialStatus:
-    """Driver-side Tune callback: a trial that errored or was stopped early (ASHA) could not close its
-    own MLflow run; mark it FAILED or KILLED, keeping what it logged."""
+    """Driver-side Tune callback: a trial that died (and is retried), errored or was stopped early (ASHA)
+    could not close its own MLflow run; mark it FAILED or KILLED, keeping what it logged."""
 
     def __new__(cls, uri, experiment):
         from ray.tune import Callback
@@ -136,6 +140,9 @@ class _MlflowTrialStatus:
                 for run in runs:
                     if run.info.status == "RUNNING":
                         client.set_terminated(run.info.run_id, status)
+
+            def on_trial_recover(self, iteration, trials, trial, **info):
+                self._close(trial, "FAILED")  # its process or node died; Tune retries it as a new run
 
             def on_trial_error(self, iteration, trials, trial, **info):
                 self._close(trial, "FAILED")
@@ -153,7 +160,10 @@ def _pareto(rows: list[dict], keys: list[str]) -> list[dict]:
 
 def run_sweep(space_path: str, overrides: list[str] = (), samples: int | None = None, out: str | None = None,
               resume: bool = False, register: str | None = None, tracking: str | None = None,
-              experiment: str | None = None, address: str | None = None, progress: bool = True) -> dict:
+              experiment: str | None = None, address: str | None = None, progress: bool = True,
+              storage: str | None = None) -> dict:
+    """`out`: the local sweep directory (state, summary, plots). `storage`: where Tune keeps its
+    experiment and trial state, a path or a pyarrow URI (s3://, gs://, file://); default `out`."""
     import ray.tune
     from mlflow import MlflowClient
     from optuna.samplers import NSGAIISampler, TPESampler
@@ -185,6 +195,7 @@ def run_sweep(space_path: str, overrides: list[str] = (), samples: int | None = 
         parent = client.create_run(experiment_id(experiment, uri), run_name=f"sweep {space.name}",
                                    tags={"raysweep.kind": "sweep", "raysweep.space": str(space_path)})
         state = {"tracking_uri": uri, "experiment": experiment, "parent_run_id": parent.info.run_id,
+                 "storage": storage or str(sweep_dir),
                  "space": str(Path(space_path).resolve()), "overrides": list(overrides), "samples": s.samples,
                  "started": time.time()}
         state_file.write_text(json.dumps(state, indent=2))
@@ -192,18 +203,21 @@ def run_sweep(space_path: str, overrides: list[str] = (), samples: int | None = 
         for key, value in flat_params(s.model_dump(mode="json"), "search.").items():
             client.log_param(parent.info.run_id, key, value)
     parent_id = state["parent_run_id"]
+    storage = state["storage"]
+    tune_path = f"{storage.rstrip('/')}/{TUNE_DIR}"
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # epoch reports carry no objective yet
     connect(address)
     ctx = TrialContext(space, uri, experiment, parent_id)
     trainable = ray.tune.with_resources(ray.tune.with_parameters(_trial, ctx=ctx),
                                         {"CPU": s.trial_cpus, "GPU": s.trial_gpus})
     keys = [o.key for o in s.objective]
-    run_config = ray.tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir),
+    run_config = ray.tune.RunConfig(name=TUNE_DIR, storage_path=storage,
                                     callbacks=[_MlflowTrialStatus(uri, experiment)],
+                                    failure_config=ray.tune.FailureConfig(max_failures=s.max_failures),
                                     verbose=1 if progress else 0)
     t0 = time.perf_counter()
     if resume:
-        tuner = ray.tune.Tuner.restore(str(sweep_dir / TUNE_DIR), trainable, resume_errored=False,
+        tuner = ray.tune.Tuner.restore(tune_path, trainable, resume_errored=False,
                                        restart_errored=False)
     else:
         sampler = NSGAIISampler(seed=s.seed) if s.multi else TPESampler(seed=s.seed)
@@ -219,10 +233,10 @@ def run_sweep(space_path: str, overrides: list[str] = (), samples: int | None = 
             max_concurrent_trials=_max_concurrent(space)))
     grid = tuner.fit()
     seconds = time.perf_counter() - t0
-    return _summarise(space, grid, sweep_dir, client, parent_id, keys, seconds, register, uri)
+    return _summarise(space, grid, sweep_dir, client, parent_id, keys, seconds, register, uri, tune_path)
 
 
-def _summarise(space, grid, sweep_dir, client, parent_id, keys, seconds, register, uri) -> dict:
+def _summarise(space, grid, sweep_dir, client, parent_id, keys, seconds, register, uri, tune_path) -> dict:
     s = space.search
     rows, failed, stopped, infeasible = [], 0, 0, 0
     for result in grid:
@@ -243,7 +257,7 @@ def _summarise(space, grid, sweep_dir, client, parent_id, keys, seconds, registe
     if not rows:
         client.set_terminated(parent_id, "FAILED")
         raise UserError(f"no trial of the sweep finished ({failed} failed, {stopped} stopped early, {infeasible} "
-                        f"infeasible); Tune's trial logs are under {sweep_dir / TUNE_DIR}")
+                        f"infeasible); Tune's trial logs are under {tune_path}")
     if s.multi:
         front = sorted(_pareto(rows, keys), key=lambda r: r[keys[0]])
         summary["pareto"] = [{k: r[k] for k in (*keys, "trial_id", "mlflow_run_id", "params")} for r in front]

@@ -143,7 +143,8 @@ def test_infeasible_points_are_reported_not_fatal(ray_local, tmp_path):
                   train={"epochs": 1, "optimizer": "adam", "lr": 0.001, "pdd": {"m": 6}},
                   eval={"uap": None, "jacobian_samples": 0, "diversity_samples": 0})
     summary = run_sweep(str(path), out=str(tmp_path / "out"), tracking=f"sqlite:///{tmp_path / 'm.db'}",
-                        progress=False)
+                        progress=False, storage=f"file://{tmp_path / 'store'}")  # a pyarrow URI
+    assert list((tmp_path / "store" / "tune").glob("experiment_state-*.json"))
     assert summary["trials"] == 4 and summary["infeasible"] >= 1 and summary["failed"] == 0
     assert summary["finished"] + summary["infeasible"] == 4
     assert summary["best"]["params"]["train.pdd.m"] > 3
@@ -283,7 +284,7 @@ def test_shipped_search_spaces_load_and_sample(name):
 def test_failed_trials_are_recorded_failed_and_the_sweep_goes_on(ray_local, tmp_path):
     """Seed 0 draws mnist, synthetic, mnist; MNIST is not on this machine and downloads are off, so two
     trials raise at data loading. Their MLflow runs end FAILED, keeping the params they had logged."""
-    search = {"objective": "clean_acc", "samples": 3, "seed": 0, "color_by": None,
+    search = {"objective": "clean_acc", "samples": 3, "seed": 0, "color_by": None, "max_failures": 0,
               "params": {"data.dataset": {"choice": ["synthetic", "mnist"]}}}
     empty = tmp_path / "empty"
     empty.mkdir()

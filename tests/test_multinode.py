@@ -1,0 +1,51 @@
+"""A real two-node Ray cluster on this machine: trials land on both nodes and in MLflow; killing the
+worker node mid-sweep retries its trial on the head and loses no finished trial.
+The cluster lives in a child process (tests/multinode_sweep.py), stopped there in a finally and,
+should that process hang or die, by killing its process group here."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import repo_root
+
+
+def _run(tmp_path, mode):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, str(repo_root() / "tests" / "multinode_sweep.py"), str(tmp_path), mode],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_sweep_places_trials_on_both_nodes(tmp_path):
+    out = _run(tmp_path, "plain")
+    assert out["summary"] == {"trials": 4, "finished": 4, "failed": 0}
+    assert {r["node"] for r in out["runs"]} == {out["head"], out["worker"]}
+    assert all(r["status"] == "FINISHED" and r["clean_acc"] is not None for r in out["runs"])
+
+
+def test_killing_the_worker_node_retries_its_trial_and_keeps_finished_ones(tmp_path):
+    out = _run(tmp_path, "kill")
+    if not out.get("killed"):
+        pytest.fail("the worker node was never running a trial while another had finished")
+    assert out["summary"] == {"trials": 4, "finished": 4, "failed": 0}
+    runs = {r["id"]: r for r in out["runs"]}
+    for run_id in out["finished_before_kill"]:  # results finished before the kill are all still there
+        assert runs[run_id]["status"] == "FINISHED" and runs[run_id]["clean_acc"] is not None
+    finished = [r for r in out["runs"] if r["status"] == "FINISHED"]
+    assert len({r["trial"] for r in finished}) == 4
+    killed = [r for r in out["runs"] if r["status"] == "FAILED"]  # the run that died with the node
+    assert killed and all(r["node"] == out["worker"] for r in killed)
+    for r in killed:  # ... and its trial finished on the head afterwards
+        assert any(f["trial"] == r["trial"] and f["node"] == out["head"] for f in finished)
