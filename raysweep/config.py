@@ -6,6 +6,7 @@ to the raw YAML before validation, so they are checked the same way.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -298,6 +299,11 @@ class RunConfig(_Strict):
     executor: ExecutorConfig = ExecutorConfig()
     eval: EvalConfig = EvalConfig()
 
+    @property
+    def trained_members(self) -> int:
+        """Networks actually trained: K, or 1 for snapshot ensembles (K snapshots of one network)."""
+        return 1 if self.ensemble.method == "snapshot" else self.ensemble.k
+
     @model_validator(mode="after")
     def _method_combinations(self):
         t, k, method = self.train, self.ensemble.k, self.ensemble.method
@@ -324,7 +330,7 @@ class RunConfig(_Strict):
                                  f"eps per member")
         if method == "snapshot" and (adv is not None and adv.mode == "ensemble"):
             raise ValueError("snapshot ensembles train one network: train.adversarial.mode must be member")
-        trained = 1 if method == "snapshot" else k
+        trained = self.trained_members
         per_worker = self.executor.ray.members_per_worker
         if self.executor.kind == "ray" and trained % per_worker:
             raise ValueError(f"executor.ray.members_per_worker = {per_worker} must divide the {trained} trained "
@@ -382,6 +388,19 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
         set_path(raw, path, value, f"--set {text!r}")
+    return raw
+
+
+def absolute_paths(raw: dict, root: Path) -> dict:
+    """A raw config with its file paths made absolute against `root`: Ray workers and Tune trials do
+    not run in the launching directory."""
+    raw = copy.deepcopy(raw)
+    data, comp = raw.get("data") or {}, (raw.get("model") or {}).get("composite") or {}
+    if data.get("data_dir"):
+        data["data_dir"] = str((root / Path(data["data_dir"]).expanduser()).resolve())
+    for key in ("robust", "natural"):
+        if comp.get(key):
+            comp[key] = str((root / comp[key]).resolve())
     return raw
 
 

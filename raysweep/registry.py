@@ -9,47 +9,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
+import mlflow.pyfunc
 import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
+
+from .checkpoint import load, read_manifest
+from .errors import UserError
+from .tracking import tracking_uri
 
 CHAMPION = "champion"
 MODEL_NAME = "ensemble"
 
 
-def _pyfunc_base():
-    import mlflow.pyfunc
-
-    return mlflow.pyfunc.PythonModel
-
-
-class EnsembleModel(_pyfunc_base()):
+class EnsembleModel(mlflow.pyfunc.PythonModel):
     """predict(images [B,C,H,W] float32 in [0,1]) -> ensemble probabilities [B, num_classes]."""
 
     def load_context(self, context):
-        from .checkpoint import load
-
         self.ensemble = load(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input, params=None):
-        import torch
-
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         return self.ensemble.predict_proba(x).numpy()
 
 
-def log_model(client, run_id: str, checkpoint: Path, uri: str) -> str:
+def log_model(run_id: str, checkpoint: Path, uri: str) -> str:
     """Log the checkpoint as a pyfunc model in run_id; returns the model URI."""
-    import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    from .checkpoint import read_manifest
-
     m = read_manifest(checkpoint)
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *m["image_shape"]))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, m["num_classes"]))]))
     mlflow.set_tracking_uri(uri)
-    import torch
-
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME, python_model=EnsembleModel(), artifacts={"checkpoint": str(checkpoint)},
@@ -62,12 +55,8 @@ def log_model(client, run_id: str, checkpoint: Path, uri: str) -> str:
 
 def register(name: str, checkpoint: Path, run_id: str, uri: str, objective: str, value: float) -> dict:
     """New version of `name` from run_id's checkpoint; move `champion` to it if it is better."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     client = MlflowClient(uri)
-    model_uri = log_model(client, run_id, checkpoint, uri)
+    model_uri = log_model(run_id, checkpoint, uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     version = mlflow.register_model(model_uri, name, tags={"objective": objective, "objective_value": str(value)})
@@ -91,11 +80,6 @@ def register(name: str, checkpoint: Path, run_id: str, uri: str, objective: str,
 
 def resolve_checkpoint(uri: str, tracking: str | None = None) -> Path:
     """models:/NAME@alias or models:/NAME/VERSION -> a local raysweep checkpoint directory."""
-    import mlflow
-
-    from .errors import UserError
-    from .tracking import tracking_uri
-
     mlflow.set_tracking_uri(tracking_uri(tracking))
     mlflow.set_registry_uri(tracking_uri(tracking))
     try:

@@ -25,8 +25,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from .config import (RunConfig, _format_validation_error, _Strict, apply_overrides, read_yaml, set_path,
-                     validate_config)
+from .config import (RunConfig, _format_validation_error, _Strict, absolute_paths, apply_overrides, read_yaml,
+                     set_path, validate_config)
 from .errors import ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "per_member")
@@ -203,18 +203,6 @@ def _check_objective(o: Objective, cfg: RunConfig) -> None:
         if o.eps not in attacks[o.attack].eps:
             raise ConfigError(f"search.objective robust_acc: eps {o.eps} is not in attack {o.attack!r}'s grid "
                               f"{attacks[o.attack].eps}")
-
-
-def absolute_paths(raw: dict, root: Path) -> dict:
-    """Trials run in their own directories: file paths in the config become absolute."""
-    raw = copy.deepcopy(raw)
-    data, comp = raw.get("data") or {}, (raw.get("model") or {}).get("composite") or {}
-    if data.get("data_dir"):
-        data["data_dir"] = str((root / Path(data["data_dir"]).expanduser()).resolve())
-    for key in ("robust", "natural"):
-        if comp.get(key):
-            comp[key] = str((root / comp[key]).resolve())
-    return raw
 
 
 def load_search_space(path: str | Path, overrides: list[str] = ()) -> SearchSpace:

@@ -14,12 +14,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
+import ray.tune
+from mlflow import MlflowClient
+from optuna.samplers import NSGAIISampler, TPESampler
+from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
 from . import plots
 from .config import dump_config, validate_config
 from .errors import ConfigError, UserError
-from .executors.ray_train import connect
+from .executors.ray_train import connect, num_workers
+from .registry import register as register_model
+from .run import train_and_evaluate
 from .search_space import SearchSpace, load_search_space
-from .tracking import DEFAULT_EXPERIMENT, experiment_id, flat_params, log_results, tracked_run, tracking_uri
+from .tracking import (DEFAULT_EXPERIMENT, experiment_id, flat_metrics, flat_params, log_results, tracked_run,
+                       tracking_uri)
 
 STATE_FILE = "sweep.json"
 TUNE_DIR = "tune"
@@ -39,8 +50,6 @@ def _objectives(space: SearchSpace, metrics: dict | None) -> dict:
 
 
 def _last_report(metrics: dict) -> None:
-    import ray.tune
-
     try:
         ray.tune.report(metrics)
     except SystemExit:
@@ -48,12 +57,6 @@ def _last_report(metrics: dict) -> None:
 
 
 def _trial(values: dict, ctx: TrialContext) -> None:
-    import ray
-    import ray.tune
-
-    from .errors import ConfigError as _ConfigError
-    from .run import train_and_evaluate
-
     trial = ray.tune.get_context()
     trial_id = trial.get_trial_id()
     raw = ctx.space.trial_config(values)
@@ -66,7 +69,7 @@ def _trial(values: dict, ctx: TrialContext) -> None:
             client.set_tag(run_id, f"searched.{name}", str(value))
         try:
             cfg = validate_config(raw, f"trial {trial_id}")
-        except _ConfigError as err:
+        except ConfigError as err:
             client.set_tag(run_id, "raysweep.infeasible", str(err)[:5000])
             _last_report({**_objectives(ctx.space, None), "infeasible": 1, "mlflow_run_id": run_id})
             return
@@ -92,15 +95,11 @@ def _trial(values: dict, ctx: TrialContext) -> None:
 
 def _max_concurrent(space: SearchSpace) -> int:
     """Trials at once: the cluster's CPUs (and GPUs) over what one trial holds, its Ray workers included."""
-    import ray
-
     s, cfg = space.search, space.base_cfg
     if s.max_concurrent:
         return s.max_concurrent
     cpus, gpus = s.trial_cpus, s.trial_gpus
     if cfg.executor.kind == "ray":
-        from .executors.ray_train import num_workers
-
         cpus += num_workers(cfg) * cfg.executor.ray.cpus_per_worker
         gpus += num_workers(cfg) * cfg.executor.ray.gpus_per_worker
     have = ray.cluster_resources()
@@ -111,46 +110,37 @@ def _max_concurrent(space: SearchSpace) -> int:
     return min(fits)
 
 
-def _FinalOnlyOptunaSearch(**kwargs):
+class _FinalOnlyOptunaSearch(OptunaSearch):
     """OptunaSearch that learns from finished evaluations only: per-epoch reports carry the training
     accuracy for ASHA, not the objective (which exists only after evaluation)."""
-    from ray.tune.search.optuna import OptunaSearch
 
-    class Impl(OptunaSearch):
-        def on_trial_result(self, trial_id, result):
-            pass
-
-    return Impl(**kwargs)
+    def on_trial_result(self, trial_id, result):
+        pass
 
 
-class _MlflowTrialStatus:
+class _MlflowTrialStatus(Callback):
     """Driver-side Tune callback: a trial that died (and is retried), errored or was stopped early (ASHA)
     could not close its own MLflow run; mark it FAILED or KILLED, keeping what it logged."""
 
-    def __new__(cls, uri, experiment):
-        from ray.tune import Callback
+    def __init__(self, uri: str, experiment: str):
+        self.uri, self.experiment = uri, experiment
 
-        class Impl(Callback):
-            def _close(self, trial, status):
-                from mlflow import MlflowClient
+    def _close(self, trial, status):
+        client = MlflowClient(self.uri)
+        runs = client.search_runs([experiment_id(self.experiment, self.uri)],
+                                  f"tags.`raysweep.trial_id` = '{trial.trial_id}'")
+        for run in runs:
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, status)
 
-                client = MlflowClient(uri)
-                runs = client.search_runs([experiment_id(experiment, uri)],
-                                          f"tags.`raysweep.trial_id` = '{trial.trial_id}'")
-                for run in runs:
-                    if run.info.status == "RUNNING":
-                        client.set_terminated(run.info.run_id, status)
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._close(trial, "FAILED")  # its process or node died; Tune retries it as a new run
 
-            def on_trial_recover(self, iteration, trials, trial, **info):
-                self._close(trial, "FAILED")  # its process or node died; Tune retries it as a new run
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial, "FAILED")
 
-            def on_trial_error(self, iteration, trials, trial, **info):
-                self._close(trial, "FAILED")
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                self._close(trial, "KILLED")  # a finished trial already closed its run as FINISHED
-
-        return Impl()
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trial, "KILLED")  # a finished trial already closed its run as FINISHED
 
 
 def _pareto(rows: list[dict], keys: list[str]) -> list[dict]:
@@ -164,11 +154,6 @@ def run_sweep(space_path: str, overrides: list[str] = (), samples: int | None = 
               storage: str | None = None) -> dict:
     """`out`: the local sweep directory (state, summary, plots). `storage`: where Tune keeps its
     experiment and trial state, a path or a pyarrow URI (s3://, gs://, file://); default `out`."""
-    import ray.tune
-    from mlflow import MlflowClient
-    from optuna.samplers import NSGAIISampler, TPESampler
-    from ray.tune.schedulers import ASHAScheduler
-
     space = load_search_space(space_path, list(overrides))
     s = space.search
     if samples is not None:
@@ -279,8 +264,6 @@ def _summarise(space, grid, sweep_dir, client, parent_id, keys, seconds, registe
     client.log_metric(parent_id, f"best/{keys[0]}", best[keys[0]])
     client.log_metric(parent_id, "trials_finished", len(rows))
     if register:
-        from .registry import register as register_model
-
         summary["registered"] = register_model(register, Path(best["checkpoint"]), best["mlflow_run_id"], uri,
                                                keys[0], best[keys[0]])
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -293,8 +276,6 @@ def _summarise(space, grid, sweep_dir, client, parent_id, keys, seconds, registe
 def _metric(row: dict, key: str) -> float:
     if key in row:
         return row[key]
-    from .tracking import flat_metrics
-
     return flat_metrics(row["metrics"]).get(key, float("nan"))
 
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 
 from .config import RunConfig
 
@@ -27,8 +31,6 @@ def tracking_uri(explicit: str | None = None) -> str:
 
 def experiment_id(name: str, uri: str) -> str:
     """Get or create; a local store gets an absolute artifact location next to the database."""
-    from mlflow import MlflowClient
-
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -73,9 +75,6 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
 
 def log_results(client, run_id: str, out: Path, metrics: dict) -> None:
     """Per-epoch history, final metrics and the run directory's files (checkpoint included)."""
-    from mlflow.entities import Metric
-    import time
-
     now = int(time.time() * 1000)
     rows = metrics.get("train", {}).get("history", [])
     history = [Metric(f"train/{k}", float(v), now, int(row["epoch"])) for row in rows
@@ -93,16 +92,12 @@ def log_results(client, run_id: str, out: Path, metrics: dict) -> None:
 def tracked_run(uri: str, experiment: str, run_name: str, cfg_raw: dict, tags: dict | None = None):
     """An MLflow run for the block: params up front; FAILED (keeping what was logged) if the block
     raises, FINISHED otherwise. Yields (client, run_id)."""
-    from mlflow import MlflowClient
-
     client = MlflowClient(uri)
     run = client.create_run(experiment_id(experiment, uri), run_name=run_name, tags=tags or {})
     run_id = run.info.run_id
     try:
         params = flat_params(cfg_raw)
         items = list(params.items())
-        from mlflow.entities import Param
-
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params
             client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
         yield client, run_id

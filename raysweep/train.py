@@ -102,7 +102,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, data: Dataset, executor=None, progress: bool = True):
         self.cfg, self.data, self.progress = cfg, data, progress
         method, k = cfg.ensemble.method, cfg.ensemble.k
-        self.n_train = 1 if method == "snapshot" else k
+        self.n_train = cfg.trained_members
         if executor is None:
             executor = make_local_executor(build_members(cfg, data, self.n_train), cfg.executor.vectorize,
                                            cfg.executor.device)

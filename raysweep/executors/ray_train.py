@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import RayExecutorConfig, RunConfig, validate_config
+from ..config import RayExecutorConfig, RunConfig, absolute_paths, validate_config
 from ..data import Dataset, load_dataset
 from ..ensemble import Ensemble
 from ..errors import ConfigError, UserError
@@ -43,12 +43,8 @@ def _optimizer_file(rank: int) -> str:
     return f"optimizer_rank{rank}.pt"
 
 
-def trained_members(cfg: RunConfig) -> int:
-    return 1 if cfg.ensemble.method == "snapshot" else cfg.ensemble.k
-
-
 def num_workers(cfg: RunConfig) -> int:
-    return trained_members(cfg) // cfg.executor.ray.members_per_worker
+    return cfg.trained_members // cfg.executor.ray.members_per_worker
 
 
 def backend(r: RayExecutorConfig) -> str:
@@ -103,14 +99,14 @@ def _worker_loop(config: dict) -> None:
     data = load_dataset(cfg.data, cfg.seed)
     n = r.members_per_worker
     first = rank * n
-    mine = build_members(cfg, data, trained_members(cfg))[first:first + n]
+    mine = build_members(cfg, data, cfg.trained_members)[first:first + n]
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             for i, member in enumerate(mine):
                 member.load_state_dict(load_file(os.path.join(d, _member_file(first + i))))
     local = make_local_executor(mine, cfg.executor.vectorize, str(device))
-    executor = DistributedMembers(local, trained_members(cfg))
+    executor = DistributedMembers(local, cfg.trained_members)
     driver = Driver(rank, first)
     trainer = Trainer(cfg, data, executor, progress=False)
     if checkpoint is not None:
@@ -126,17 +122,6 @@ def _worker_loop(config: dict) -> None:
             print(f"[raysweep] epoch {epoch}/{cfg.train.epochs} loss {row['loss']:.4f} "
                   f"train_acc {row['train_acc']:.4f} ({row['seconds']:.1f} s)", flush=True)
         driver.report(trainer, row, epoch % r.checkpoint_every == 0 or trainer.done, extra)
-
-
-def _absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Workers do not start in the caller's directory: send them absolute paths."""
-    cfg = cfg.model_copy(deep=True)
-    if cfg.data.data_dir:
-        cfg.data.data_dir = str(Path(cfg.data.data_dir).expanduser().resolve())
-    if cfg.model.composite is not None:
-        cfg.model.composite.robust = str(Path(cfg.model.composite.robust).resolve())
-        cfg.model.composite.natural = str(Path(cfg.model.composite.natural).resolve())
-    return cfg
 
 
 def check_resources(cfg: RunConfig) -> None:
@@ -191,7 +176,7 @@ def fit_on_ray(cfg: RunConfig, data: Dataset, storage: str | Path, progress: boo
     env.setdefault("RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING", "0")
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"cfg": _absolute_paths(cfg).model_dump(mode="json"), "progress": progress,
+        train_loop_config={"cfg": absolute_paths(cfg.model_dump(mode="json"), Path.cwd()), "progress": progress,
                            "callbacks": tuple(callbacks)},
         torch_config=TorchConfig(backend=backend(r)),
         scaling_config=ray.train.ScalingConfig(
@@ -221,7 +206,7 @@ def fit_on_ray(cfg: RunConfig, data: Dataset, storage: str | Path, progress: boo
         member.load_state_dict(w)
     ensemble_weights = torch.tensor(cfg.ensemble.weights) if cfg.ensemble.weights else None
     ensemble = Ensemble([m.eval() for m in members], ensemble_weights, cfg.ensemble.combine)
-    history = result.metrics or {}
+    last = result.metrics or {}
     info = {"workers": num_workers(cfg), "backend": backend(r), "wall_seconds": seconds,
-            "checkpoint": result.checkpoint.path, "bytes_per_step": history.get("bytes_per_step")}
+            "checkpoint": result.checkpoint.path, "bytes_per_step": last.get("bytes_per_step")}
     return TrainResult(ensemble, TrainState(**driver["train_state"]), driver["seconds"], info)
