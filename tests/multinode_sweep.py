@@ -47,17 +47,22 @@ def main(workdir: Path, mode: str) -> None:
         (workdir / "space.yaml").write_text(yaml.safe_dump(SPACE))
         if mode == "kill":
             def kill_worker_node():
-                deadline = time.time() + 300
+                node, deadline = worker, time.time() + 300
                 while time.time() < deadline:  # a trial is running on the worker node, one has finished
                     rs = runs(uri)
-                    if any(r.info.status == "RUNNING" and r.data.tags["raysweep.node_id"] == worker.node_id
+                    if any(r.info.status == "RUNNING" and r.data.tags["raysweep.node_id"] == node.node_id
                            for r in rs) and any(r.info.status == "FINISHED" for r in rs):
-                        out["finished_before_kill"] = sorted(r.info.run_id for r in rs
-                                                             if r.info.status == "FINISHED")
-                        cluster.remove_node(worker, allow_graceful=False)
-                        out["killed"] = True
-                        return
-                    time.sleep(0.5)
+                        finished = sorted(r.info.run_id for r in rs if r.info.status == "FINISHED")
+                        cluster.remove_node(node, allow_graceful=False)
+                        # The run seen RUNNING may have finished between that read and the kill: what died
+                        # is what the dead node left unfinished (RUNNING, or FAILED once Tune noticed).
+                        died = [r.info.run_id for r in runs(uri)
+                                if r.data.tags["raysweep.node_id"] == node.node_id and r.info.status != "FINISHED"]
+                        if died:
+                            out.update(killed=died, dead_node=node.node_id, finished_before_kill=finished)
+                            return
+                        node = cluster.add_node(num_cpus=1, resources={"worker_node": 1})  # missed: again
+                    time.sleep(0.2)
 
             threading.Thread(target=kill_worker_node, daemon=True).start()
         summary = run_sweep(str(workdir / "space.yaml"), out=str(workdir / "sweep"), tracking=uri, progress=False)
