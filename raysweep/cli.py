@@ -124,6 +124,14 @@ def _cmd_check_cluster(args) -> int:
     return 0
 
 
+def _cmd_reproduce(args) -> int:
+    from .reproduce import reproduce
+
+    reproduce(args.name, out=args.out, docs=args.docs, study_path=args.study, tracking=args.tracking_uri,
+              experiment=args.experiment, address=args.address)
+    return 0
+
+
 def _mlflow_args(p) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
                    "sqlite:///mlflow.db in this directory)")
@@ -155,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--quiet", action="store_true")
     _mlflow_args(w)
     w.set_defaults(func=_cmd_sweep)
+    r = sub.add_parser("reproduce", help="reproduce a paper's finding at small scale: runs, checks, report, plots")
+    r.add_argument("name", help="jacobian-ensembles, robust-ensembles, ensemble-adv, pdd-deg or je-sweep")
+    r.add_argument("--study", help="study file (default search_spaces/reproduce/<name>.yaml)")
+    r.add_argument("--out", help="runs directory (default runs/reproduce/<name>); finished runs there are reused")
+    r.add_argument("--docs", help="where the report and plots go (default docs/results/<name>)")
+    r.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
+                   "sqlite:///mlflow.db here); 'none': no MLflow")
+    r.add_argument("--experiment", help="MLflow experiment (default reproduce-<name>)")
+    r.set_defaults(func=_cmd_reproduce)
     c = sub.add_parser("check-cluster", help="validate cluster launcher YAMLs and KubeRay manifests offline")
     c.add_argument("files", nargs="*", help="files to check (default: every YAML in the repo's cluster/)")
     c.set_defaults(func=_cmd_check_cluster)

@@ -70,3 +70,10 @@ def tradeoff(points: list[dict], robust_name: str, color_name: str | None, path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def save(fig, path: Path, dpi: int = 130) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

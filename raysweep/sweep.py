@@ -238,7 +238,9 @@ def _summarise(space, grid, sweep_dir, client, parent_id, keys, seconds, registe
                          "params": dict(result.config),
                          "metrics": json.loads(m["metrics_json"])})
     summary = {"space": space.source, "trials": len(grid), "finished": len(rows), "failed": failed,
-               "stopped_early": stopped, "infeasible": infeasible, "seconds": seconds, "objectives": keys}
+               "stopped_early": stopped, "infeasible": infeasible, "seconds": seconds, "objectives": keys,
+               "finished_trials": [{**{k: r[k] for k in (*keys, "clean_acc", "trial_id", "params")},
+                                    "seconds": r["metrics"].get("total_seconds")} for r in rows]}
     if not rows:
         client.set_terminated(parent_id, "FAILED")
         raise UserError(f"no trial of the sweep finished ({failed} failed, {stopped} stopped early, {infeasible} "

@@ -1,0 +1,68 @@
+"""`raysweep reproduce NAME`: one paper's central finding at small scale. Each study trains its
+variants (search_spaces/reproduce/NAME.yaml) as Ray tasks, re-evaluates the key ones under a stronger
+evaluation (the checks), and writes a markdown report and its plots to docs/results/NAME/."""
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from pathlib import Path
+
+from ..errors import UserError
+
+STUDIES = {  # command name -> module in this package (and study file search_spaces/reproduce/<module>.yaml)
+    "jacobian-ensembles": "jacobian_ensembles",
+    "robust-ensembles": "robust_ensembles",
+    "ensemble-adv": "ensemble_adv",
+    "pdd-deg": "pdd_deg",
+    "je-sweep": "je_sweep",
+}
+
+
+def study_file(module: str) -> Path:
+    return Path(__file__).resolve().parents[2] / "search_spaces" / "reproduce" / f"{module}.yaml"
+
+
+def reproduce(name: str, out: str | None = None, docs: str | None = None, study_path: str | None = None,
+              tracking: str | None = None, experiment: str | None = None, address: str | None = None,
+              log=print) -> dict:
+    if name not in STUDIES:
+        raise UserError(f"unknown study {name!r}; choose one of: {', '.join(STUDIES)}")
+    module = importlib.import_module(f".{STUDIES[name]}", __name__)
+    path = Path(study_path) if study_path else study_file(STUDIES[name])
+    out_dir = Path(out or Path("runs") / "reproduce" / STUDIES[name]).resolve()
+    docs_dir = Path(docs or Path("docs") / "results" / STUDIES[name]).resolve()
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tracking == "none":
+        uri = None
+    else:
+        from ..tracking import experiment_id, tracking_uri
+
+        uri = tracking_uri(tracking)
+        experiment_id(experiment or f"reproduce-{name}", uri)  # create store and experiment once, before the tasks race to
+    t0 = time.perf_counter()
+    results = module.run(path, out_dir, uri=uri, experiment=experiment or f"reproduce-{name}", address=address,
+                         log=log)
+    seconds = time.perf_counter() - t0
+    report = module.report(path, results, docs_dir)
+    (docs_dir / "report.md").write_text(report)
+    (docs_dir / "results.json").write_text(json.dumps(_compact(results), indent=1, default=str))
+    log(report)
+    log(f"\nwrote {docs_dir / 'report.md'} ({seconds:.0f} s; runs under {out_dir})")
+    failed = sorted(k for k, r in results.items() if isinstance(r, dict) and "error" in r)
+    if failed:
+        raise UserError(f"{len(failed)} run(s) failed: {', '.join(failed)} (their rows say so; re-run to retry only them)")
+    return results
+
+
+def _compact(results: dict) -> dict:
+    """Per run: its metrics without the per-epoch history (that stays in metrics.json and MLflow)."""
+    out = {}
+    for k, r in results.items():
+        if isinstance(r, dict):
+            r = dict(r)
+            if isinstance(r.get("train"), dict):
+                r["train"] = {k2: v for k2, v in r["train"].items() if k2 != "history"}
+        out[k] = r
+    return out

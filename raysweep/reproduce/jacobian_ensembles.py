@@ -1,0 +1,118 @@
+"""Jacobian Ensembles (SPEC section 1): does JR + ensembling beat either alone on weighted accuracy,
+and does the ensemble's mean ||J||_F^2 fall as K grows?"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..plots import save  # noqa: E402
+from .common import best_by, run_variants_then_checks, variant_results  # noqa: E402
+from .study import load_study  # noqa: E402
+from .tables import attack_results, md_table, worst_case  # noqa: E402
+
+GROUPS = ["standard", "JR only", "ensemble only", "Jacobian Ensemble"]
+
+
+def _weighted(m):
+    return m["weighted_acc"]
+
+
+def _best_per_group(study, results):
+    return [best_by(study, results, _weighted, g) for g in GROUPS]
+
+
+def run(path, out, *, uri, experiment, address, log):
+    return run_variants_then_checks(path, out, _best_per_group, uri=uri, experiment=experiment, address=address,
+                                    log=log)
+
+
+def _row(v, m):
+    c = v.cfg
+    if "error" in m:
+        return [v.name, v.group, c.ensemble.method, c.ensemble.k, c.train.jr.lambda_jr, f"FAILED: {m['error']}"] + [None] * 9
+    j = m.get("jacobian_sq_norm", {})
+    return [v.name, v.group, "soft voting" if c.ensemble.method == "independent" else c.ensemble.method,
+            c.ensemble.k, c.train.jr.lambda_jr, m["clean_acc"], *m["uap_acc"].values(), m["mean_uap_acc"],
+            m["weighted_acc"], j.get("members_mean"), j.get("ensemble"), round(m["train"]["seconds"])]
+
+
+def report(path, results, docs: Path) -> str:
+    study = load_study(path)
+    vr = variant_results(study, results)
+    eps = study.variants[0].cfg.eval.uap.eps
+    headers = ["variant", "group", "method", "K", "λ_JR", "clean"] + [f"UAP {e:g}" for e in eps] + [
+        "mean UAP", "weighted", "‖J‖² members", "‖J‖² ensemble", "train s"]
+    best = _best_per_group(study, results)
+    lines = ["### Best of each group (by weighted accuracy, w = 0.5)", "",
+             md_table(headers, [_row(study.variant(n), vr[n]) for n in best if n]), "",
+             "### Every variant", "", md_table(headers, [_row(v, vr[v.name]) for v in study.variants]), ""]
+
+    rows = []
+    for n in best:
+        m, c = vr.get(n) or {}, results.get(f"checks/{n}")
+        if not n or not c or "error" in c:
+            continue
+        w, name = worst_case(c, 0.05)
+        per = attack_results(c, 0.02)
+        rows.append([n, m["mean_uap_acc"], c["mean_uap_acc"], m["weighted_acc"], c["weighted_acc"],
+                     min(per.values()) if per else None, w, name])
+    if rows:
+        p = study.spec["checks"]
+        lines += ["### Checks: the best of each group under a stronger evaluation", "",
+                  f"UAP with {p['eval.uap.seeds']} seeds x {p['eval.uap.iterations']} iterations (the table above: "
+                  f"{study.variants[0].cfg.eval.uap.seeds} x {study.variants[0].cfg.eval.uap.iterations}); per-image "
+                  "l_inf PGD with steps doubled until accuracy stops falling, and AutoAttack (APGD-CE, APGD-DLR) on "
+                  f"{p['eval.autoattack']['samples']} test images.", "",
+                  md_table(["variant", "mean UAP", "mean UAP (strong)", "weighted", "weighted (strong)",
+                            "worst per-image acc, eps 0.02", "worst per-image acc, eps 0.05", "worst attack at 0.05"],
+                           rows), ""]
+    _scatter(study, vr, docs / "tradeoff.png")
+    _jacobian_vs_k(study, vr, docs / "jacobian_vs_k.png")
+    lines += ["![accuracy vs robustness](tradeoff.png)", "", "![mean ||J||_F^2 vs K](jacobian_vs_k.png)", ""]
+    return "\n".join(lines)
+
+
+def _scatter(study, vr, path):
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    for g, marker in zip(GROUPS, "s^oD"):
+        vs = [v for v in study.variants if v.group == g and "error" not in vr[v.name]]
+        if not vs:
+            continue
+        xs, ys = [vr[v.name]["clean_acc"] for v in vs], [vr[v.name]["mean_uap_acc"] for v in vs]
+        ax.scatter(xs, ys, marker=marker, s=40, label=g, edgecolors="k", linewidths=0.4, zorder=3)
+        for v, x, y in zip(vs, xs, ys):
+            ax.annotate(f"λ={v.cfg.train.jr.lambda_jr:g}, K={v.cfg.ensemble.k}", (x, y), fontsize=6,
+                        xytext=(3, 2), textcoords="offset points")
+    ax.set(xlabel="clean accuracy", ylabel="mean UAP accuracy (eps 0.10-0.25)",
+           title="Jacobian Ensembles: accuracy vs robustness (labels: λ_JR, K)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, path)
+
+
+def _jacobian_vs_k(study, vr, path):
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    std = vr.get("standard", {})
+    base = std.get("jacobian_sq_norm", {}).get("ensemble") if "error" not in std else None
+    for method, label in (("bagging", "bagging"), ("snapshot", "snapshot"), ("independent", "soft voting")):
+        for lam, style in ((0.0, "-"), (0.05, "--"), (0.2, ":")):
+            vs = sorted((v for v in study.variants if v.cfg.ensemble.method == method and v.cfg.ensemble.k > 1
+                         and v.cfg.train.jr.lambda_jr == lam and "error" not in vr[v.name]
+                         and "jacobian_sq_norm" in vr[v.name]), key=lambda v: v.cfg.ensemble.k)
+            if not vs:
+                continue
+            ks = [v.cfg.ensemble.k for v in vs]
+            ys = [vr[v.name]["jacobian_sq_norm"]["ensemble"] for v in vs]
+            if lam == 0.0 and base is not None:
+                ks, ys = [1] + ks, [base] + ys
+            ax.plot(ks, ys, style, marker="o", label=f"{label}, λ={lam:g}")
+    ax.set(xlabel="K (members)", ylabel="mean ||J_F||_F^2 of the ensemble", yscale="log",
+           title="Ensemble Jacobian norm vs K (200 test images)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    save(fig, path)
+

@@ -1,0 +1,94 @@
+"""PDD + DEG (SPEC section 4): do priority diversified dropout and dispersed ensemble gradients make a
+K = 3 ensemble more robust and more diverse than its baseline and ADP, and at what cost per epoch?"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..plots import save  # noqa: E402
+from .common import run_variants_then_checks, variant_results  # noqa: E402
+from .study import load_study  # noqa: E402
+from .tables import md_table, worst_case  # noqa: E402
+
+
+def run(path, out, *, uri, experiment, address, log):
+    return run_variants_then_checks(path, out, lambda s, r: [], uri=uri, experiment=experiment, address=address,
+                                    log=log)
+
+
+def _epoch_seconds(m):
+    """Mean epoch time after the first (which pays start-up)."""
+    h = m["train"]["history"]
+    rows = h[1:] or h
+    return sum(r["seconds"] for r in rows) / len(rows)
+
+
+def report(path, results, docs: Path) -> str:
+    study = load_study(path)
+    vr = variant_results(study, results)
+    ev = study.variants[0].cfg.eval
+    eps_list = ev.attacks[0].eps
+    ok = [v for v in study.variants if "error" not in vr[v.name]]
+    failed = [[v.group, f"FAILED: {vr[v.name]['error']}"] for v in study.variants if "error" in vr[v.name]]
+
+    headers = ["method", "clean"] + [f"{a.name} {e:g}" for e in eps_list for a in ev.attacks] + [
+        f"AutoAttack {e:g}" for e in eps_list] + [f"worst {e:g} (attack)" for e in eps_list]
+    rows = []
+    for v in ok:
+        m = vr[v.name]
+        aa = m.get("autoattack", {}).get("per_eps", {})
+        worst = [worst_case(m, e) for e in eps_list]
+        rows.append([v.group, m["clean_acc"]] + [m["robust_acc"][a.name][str(e)] for e in eps_list for a in ev.attacks]
+                    + [aa.get(str(e), {}).get("acc") for e in eps_list] + [f"{w:.3f} ({n})" for w, n in worst])
+    lines = ["### White-box attacks (l_inf)", "", md_table(headers, rows + [r + [None] * (len(headers) - 2)
+                                                                              for r in failed]), ""]
+
+    t_headers = ["method", "JSMA acc", "JSMA mean L0 fraction", "C&W L2 acc", "C&W mean L2 of successes"] + [
+        f"transfer {t.name} (type {t.type}) {e:g}" for t in ev.transfer for e in t.attack.eps]
+    t_rows = []
+    for v in ok:
+        m = vr[v.name]
+        j, c, tr = m.get("jsma", {}), m.get("cw_l2", {}), m.get("transfer", {})
+        t_rows.append([v.group, j.get("acc"), j.get("mean_l0_fraction"), c.get("acc"), c.get("mean_l2_of_successes")]
+                      + [tr.get(t.name, {}).get("per_eps", {}).get(str(e), {}).get("target_acc")
+                         for t in ev.transfer for e in t.attack.eps])
+    lines += ["### JSMA, C&W and black-box transfer", "", md_table(t_headers, t_rows), ""]
+
+    base = vr.get("baseline", {})
+    base_epoch = _epoch_seconds(base) if "error" not in base else None
+    d_rows = []
+    for v in ok:
+        m = vr[v.name]
+        d = m.get("diversity", {})
+        e = _epoch_seconds(m)
+        d_rows.append([v.group, d.get("output_ambiguity"), d.get("discrimination_score"),
+                       d.get("mean_gradient_angle_deg"), e, e / base_epoch if base_epoch else None])
+    lines += ["### Diversity and cost", "",
+              md_table(["method", "output ambiguity", "discrimination score", "gradient angle (deg)",
+                        "epoch s", "epoch time / baseline"], d_rows), "",
+              "Epoch times come from runs sharing the 2 cores with one other run (two Ray tasks at once); "
+              "`benchmarks/bench_methods.py` measures the step-time ratios side by side on an idle machine.", ""]
+    _plot(ok, vr, eps_list, docs / "robustness.png")
+    lines += ["![robust accuracy per method](robustness.png)", ""]
+    return "\n".join(lines)
+
+
+def _plot(vs, vr, eps_list, path):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for v in vs:
+        m = vr[v.name]
+        axes[0].plot([0.0] + eps_list, [m["clean_acc"]] + [worst_case(m, e)[0] for e in eps_list], marker="o",
+                     label=v.group)
+        d = m.get("diversity", {})
+        axes[1].scatter(d.get("mean_gradient_angle_deg"), worst_case(m, eps_list[0])[0], s=40, label=v.group)
+    axes[0].set(xlabel="l_inf eps", ylabel="worst-case accuracy over the attacks", title="Robustness")
+    axes[1].set(xlabel="mean pairwise gradient angle (deg)", ylabel=f"worst-case accuracy at eps {eps_list[0]:g}",
+                title="Gradient dispersion vs robustness")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save(fig, path)

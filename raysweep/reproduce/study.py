@@ -1,0 +1,180 @@
+"""A study: named variants of one run config, each trained and evaluated as a Ray task (one CPU or
+GPU share each, so a 2-core machine runs two at once and a cluster runs many), every run recorded
+in MLflow, results cached per variant so a re-run or an interrupted run only does what is missing.
+
+Study file (search_spaces/reproduce/*.yaml):
+    study: NAME
+    base: {run config} | path/to/config.yaml    # relative to the study file
+    common: {sections deep-merged into every variant, e.g. the shared eval}
+    variants:
+      VARIANT: {group: LABEL, from: other_config.yaml, set: {dotted.path: value}}
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import RunConfig, absolute_paths, dump_config, read_yaml, set_path, validate_config
+from ..errors import ConfigError
+
+VARIANT_KEYS = {"group", "from", "set"}
+
+
+@dataclass
+class Variant:
+    name: str
+    group: str
+    raw: dict
+    cfg: RunConfig
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path
+    variants: list[Variant]
+    spec: dict = field(default_factory=dict)
+
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.variants if v.name == name)
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _config_at(ref, here: Path, what: str) -> dict:
+    if isinstance(ref, dict):
+        return ref
+    if isinstance(ref, str):
+        return read_yaml(here / ref, what)
+    raise ConfigError(f"{what}: expected a run config mapping or a file path, got {ref!r}")
+
+
+def load_study(path: str | Path) -> Study:
+    """Every variant's config is validated here, before anything runs."""
+    path = Path(path)
+    spec = read_yaml(path, "study")
+    unknown = set(spec) - {"study", "base", "common", "variants", "checks"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: study, base, common, variants, checks")
+    if not spec.get("variants"):
+        raise ConfigError(f"{path}: 'variants' must name at least one variant")
+    name = spec.get("study") or path.stem
+    variants = []
+    for vname, v in spec["variants"].items():
+        v = v or {}
+        bad = set(v) - VARIANT_KEYS
+        if bad:
+            raise ConfigError(f"{path}: variant {vname!r} has unknown keys {sorted(bad)}; allowed: {sorted(VARIANT_KEYS)}")
+        if "from" in v:
+            raw = _config_at(v["from"], path.parent, f"variant {vname!r} from")
+        elif "base" in spec:
+            raw = _config_at(spec["base"], path.parent, "base")
+        else:
+            raise ConfigError(f"{path}: variant {vname!r} has no 'from' and the study has no 'base'")
+        raw = deep_merge(raw, spec.get("common") or {})
+        for dotted, value in (v.get("set") or {}).items():
+            set_path(raw, dotted.split("."), value, f"variant {vname!r} set {dotted!r}")
+        raw["name"] = f"{name}-{vname}"
+        raw = absolute_paths(raw, path.parent.resolve())
+        variants.append(Variant(vname, v.get("group", vname), raw, validate_config(raw, f"{path} variant {vname!r}")))
+    return Study(name, path, variants, spec)
+
+
+def _cached(out: Path, cfg: RunConfig) -> dict | None:
+    """The variant's metrics when `out` holds a finished run of exactly this config."""
+    m, c = out / "metrics.json", out / "config.yaml"
+    if m.is_file() and c.is_file() and c.read_text() == dump_config(cfg):
+        return json.loads(m.read_text())
+    return None
+
+
+def _run_variant(raw: dict, out: str, uri: str | None, experiment: str, tags: dict, checkpoint: str | None) -> dict:
+    """One Ray task: train + evaluate (or, with `checkpoint`, evaluate that checkpoint under this
+    config's eval), recorded as one MLflow run."""
+    from ..run import evaluate_checkpoint, train_and_evaluate
+    from ..tracking import log_results, tracked_run
+
+    cfg = validate_config(raw)
+
+    def work():
+        if checkpoint:
+            return evaluate_checkpoint(checkpoint, cfg, out, progress=False)
+        return train_and_evaluate(cfg, out, progress=False)
+
+    if uri is None:
+        return work()
+    with tracked_run(uri, experiment, cfg.name, raw, tags) as (client, run_id):
+        metrics = work()
+        log_results(client, run_id, Path(out), metrics)
+        return {**metrics, "mlflow_run_id": run_id}
+
+
+@dataclass
+class Job:
+    key: str          # "variants/NAME" or "checks/NAME"
+    raw: dict
+    cfg: RunConfig
+    checkpoint: str | None = None
+
+
+def run_jobs(jobs: list[Job], out: Path, study: str, *, uri: str | None, experiment: str, address: str | None,
+             cpus_per_job: float = 1.0, gpus_per_job: float = 0.0, log=print) -> dict[str, dict]:
+    """Runs the jobs as Ray tasks, as many at once as the cluster's resources allow; a job that fails
+    is reported as {"error": ...} and the others go on. Results finished earlier are reused."""
+    results: dict[str, dict] = {}
+    todo = []
+    for job in jobs:
+        cached = _cached(out / job.key, job.cfg)
+        if cached is not None:
+            results[job.key] = cached
+        else:
+            todo.append(job)
+    if len(results):
+        log(f"{study}: {len(results)} of {len(jobs)} runs already done in {out} (reused)")
+    if not todo:
+        return results
+
+    import ray
+
+    from ..executors.ray_train import connect
+
+    connect(address)
+    task = ray.remote(num_cpus=cpus_per_job, num_gpus=gpus_per_job, max_retries=0)(_run_variant)
+    t0 = time.perf_counter()
+    pending = {task.remote(j.raw, str(out / j.key), uri, experiment,
+                           {"raysweep.kind": "reproduce", "raysweep.study": study, "raysweep.variant": j.key},
+                           j.checkpoint): j for j in todo}
+    done_count = len(results)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        job = pending.pop(ready[0])
+        done_count += 1
+        try:
+            results[job.key] = ray.get(ready[0])
+            m = results[job.key]
+            log(f"[{done_count}/{len(jobs)}] {job.key}: clean {m['clean_acc']:.4f}"
+                f"  ({m.get('total_seconds', m.get('eval_seconds', 0)):.0f} s; {time.perf_counter() - t0:.0f} s elapsed)")
+        except Exception as err:  # noqa: BLE001 - one variant's failure must not lose the others
+            results[job.key] = {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}"}
+            log(f"[{done_count}/{len(jobs)}] {job.key}: FAILED {results[job.key]['error']}")
+    return results
+
+
+def check_job(study: Study, name: str, variant: str, overrides: dict, out: Path) -> Job:
+    """Re-evaluate a trained variant's checkpoint under a stronger evaluation (more steps, more seeds,
+    AutoAttack): a robustness claim must survive it."""
+    v = study.variant(variant)
+    raw = copy.deepcopy(v.raw)
+    for dotted, value in overrides.items():
+        set_path(raw, dotted.split("."), value, f"check {name!r} {dotted!r}")
+    raw["name"] = f"{study.name}-check-{name}"
+    return Job(f"checks/{name}", raw, validate_config(raw, f"check {name!r}"),
+               checkpoint=str(out / "variants" / variant / "checkpoint"))

@@ -1,0 +1,56 @@
+"""Markdown tables and the worst-case robust accuracy over every attack a run faced."""
+from __future__ import annotations
+
+import math
+
+
+def fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _at(curve: dict, eps: float):
+    return next((a for e, a in curve.items() if math.isclose(float(e), eps)), None)
+
+
+def attack_label(metrics: dict, name: str, eps: float) -> str:
+    """The attack's name, with the steps it ended at when step doubling ran."""
+    per_eps = metrics.get("attacks", {}).get(name, {}).get("per_eps", {})
+    r = _at(per_eps, eps) or {}
+    if r.get("history"):
+        return f"{name} ({r['history'][-1][0]} steps{'' if r.get('converged') else ', cap'})"
+    return name
+
+
+def attack_results(metrics: dict, eps: float) -> dict[str, float]:
+    """Robust accuracy at eps under each attack (white-box PGD/BIM/FGSM and AutoAttack)."""
+    out = {}
+    for name, curve in metrics.get("robust_acc", {}).items():
+        a = _at(curve, eps)
+        if a is not None:
+            out[attack_label(metrics, name, eps)] = a
+    aa = metrics.get("autoattack")
+    if aa:
+        r = _at(aa["per_eps"], eps)
+        if r is not None:
+            out[f"AutoAttack ({'+'.join(r['after'])}, {aa['samples']} img)"] = r["acc"]
+    return out
+
+
+def worst_case(metrics: dict, eps: float) -> tuple[float | None, str]:
+    """Lowest accuracy over the attacks at eps, and which attack gave it. A minimum of accuracies, not
+    a per-image union: an upper bound on the true worst case."""
+    res = attack_results(metrics, eps)
+    if not res:
+        return None, "–"
+    name = min(res, key=res.get)
+    return res[name], name

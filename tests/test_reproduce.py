@@ -1,0 +1,133 @@
+"""`raysweep reproduce`: every shipped study, shrunk to tiny synthetic data, runs its variants as Ray
+tasks, writes its report and plots, records its runs in MLflow and reuses finished runs."""
+import copy
+import json
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import repo_root
+from raysweep.errors import ConfigError, UserError
+from raysweep.reproduce import STUDIES, reproduce, study_file
+from raysweep.reproduce.study import load_study
+
+CAPS = {"max_iter": 2, "square_queries": 5, "max_steps": 20, "iterations": 2, "seeds": 1, "selection_size": 32,
+        "binary_search_steps": 1, "samples": 24}
+KEEP = {"jacobian_ensembles": ["standard", "jr_0.05", "snapshot_k3", "je_bagging_k3_0.2"],
+        "robust_ensembles": ["single_eps_target", "alpha_k1", "alpha_k2"],
+        "ensemble_adv": ["baseline", "ensemble2_adv"],
+        "pdd_deg": ["baseline", "pdd_deg"]}
+TINY_DATA = {"dataset": "synthetic", "train_size": 640, "test_size": 32, "batch_size": 64,
+             "synthetic": {"num_classes": 4, "image_shape": [1, 28, 28], "noise": 0.3}}
+
+
+def _cap(node):
+    if isinstance(node, dict):
+        return {k: min(v, CAPS[k.split(".")[-1]]) if k.split(".")[-1] in CAPS and isinstance(v, int)
+                and not isinstance(v, bool) else _cap(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_cap(v) for v in node]
+    return node
+
+
+def tiny_study(module: str, tmp_path, keep=None):
+    """The shipped study file, on tiny synthetic data, 1 epoch, attacks and evaluations capped."""
+    spec = yaml.safe_load(study_file(module).read_text())
+    spec = _cap(spec)
+    spec["variants"] = {k: v for k, v in spec["variants"].items() if k in (keep or KEEP[module])}
+    for v in spec["variants"].values():
+        if "from" in v:
+            v["from"] = str(study_file(module).parent / v["from"])
+    common = spec.setdefault("common", {})
+    common["data"] = TINY_DATA
+    common.setdefault("train", {})["epochs"] = 1
+    if isinstance(spec.get("base"), dict):
+        spec["base"]["eval"]["jacobian_samples"] = min(spec["base"]["eval"].get("jacobian_samples", 0), 16)
+    path = tmp_path / f"{module}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("name", [n for n in STUDIES if n != "je-sweep"])
+def test_study_runs_reports_and_reuses_finished_runs(name, tmp_path, ray_local):
+    module = STUDIES[name]
+    path = tiny_study(module, tmp_path)
+    logs = []
+    results = reproduce(name, out=str(tmp_path / "runs"), docs=str(tmp_path / "docs"), study_path=str(path),
+                        log=logs.append)
+    variants = [f"variants/{v}" for v in KEEP[module]]
+    assert all("error" not in results[v] and 0 <= results[v]["clean_acc"] <= 1 for v in variants)
+    report = (tmp_path / "docs" / "report.md").read_text()
+    assert all(v.split("/")[1] in report or load_study(path).variant(v.split("/")[1]).group in report for v in variants)
+    for picture in [line[line.index("(") + 1:-1] for line in report.splitlines() if line.startswith("![")]:
+        assert (tmp_path / "docs" / picture).stat().st_size > 1000
+    stored = json.loads((tmp_path / "docs" / "results.json").read_text())
+    assert set(results) == set(stored)
+    # every run is in MLflow, tagged with its study
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(f"reproduce-{name}")
+    runs = client.search_runs([exp.experiment_id], f"tags.`raysweep.study` = '{load_study(path).name}'")
+    assert {r.data.tags["raysweep.variant"] for r in runs} >= set(variants)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    # a second call reuses every finished run and gives the same report
+    again = []
+    reproduce(name, out=str(tmp_path / "runs"), docs=str(tmp_path / "docs"), study_path=str(path), log=again.append)
+    assert any("already done" in line for line in again) and not any(line.startswith("[") for line in again)
+    assert (tmp_path / "docs" / "report.md").read_text() == report
+
+
+def test_a_failing_variant_is_reported_and_the_others_finish(tmp_path, ray_local):
+    path = tiny_study("jacobian_ensembles", tmp_path, keep=["standard", "snapshot_k9"])
+    spec = yaml.safe_load(path.read_text())
+    spec["variants"]["snapshot_k9"]["set"]["data.train_size"] = 64  # one step: 9 snapshots cannot be taken
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(UserError, match="1 run.* failed: variants/snapshot_k9"):
+        reproduce("jacobian-ensembles", out=str(tmp_path / "runs"), docs=str(tmp_path / "docs"), study_path=str(path),
+                  log=lambda *_: None)
+    stored = json.loads((tmp_path / "docs" / "results.json").read_text())
+    assert "snapshot" in stored["variants/snapshot_k9"]["error"]
+    assert stored["variants/standard"]["clean_acc"] > 0
+    assert "FAILED" in (tmp_path / "docs" / "report.md").read_text()
+
+
+def test_je_sweep_against_the_grid(tmp_path, ray_local):
+    spec = _cap(yaml.safe_load(study_file("je_sweep").read_text()))
+    spec["data"], spec["train"]["epochs"] = TINY_DATA, 1
+    spec["eval"]["jacobian_samples"] = 0
+    spec["search"].update(samples=2, params={"train.jr.lambda_jr": {"loguniform": [0.01, 1.0]},
+                                             "ensemble.k": {"int": [2, 3]}, "ensemble.method": {"choice": ["bagging"]}})
+    path = tmp_path / "je_sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    docs = tmp_path / "docs"
+    (docs / "jacobian_ensembles").mkdir(parents=True)
+    (docs / "jacobian_ensembles" / "results.json").write_text(json.dumps(
+        {"variants/a": {"weighted_acc": 0.5, "clean_acc": 0.6, "total_seconds": 10.0}, "variants/b": {"error": "x"}}))
+    reproduce("je-sweep", out=str(tmp_path / "runs"), docs=str(docs / "je_sweep"), study_path=str(path),
+              log=lambda *_: None)
+    report = (docs / "je_sweep" / "report.md").read_text()
+    assert "grid (jacobian-ensembles) | 0.500 | 0.600 | 1 | 10" in report
+    assert report.count("| bagging |") == 2
+
+
+def test_study_errors_name_the_field(tmp_path):
+    bad = {"study": "x", "base": {"seed": 0}, "variants": {"a": {"sett": {}}}}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match="variant 'a' has unknown keys \\['sett'\\]"):
+        load_study(tmp_path / "a.yaml")
+    bad = copy.deepcopy(bad)
+    bad["variants"] = {"a": {"set": {"ensemble.kk": 3}}}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match="kk"):
+        load_study(tmp_path / "b.yaml")
+    with pytest.raises(UserError, match="unknown study 'nope'"):
+        reproduce("nope")
+
+
+def test_shipped_studies_load():
+    for module in STUDIES.values():
+        path = study_file(module)
+        assert path.is_file()
+        if module != "je_sweep":
+            assert load_study(path).variants
+    assert (repo_root() / "search_spaces" / "reproduce").is_dir()
