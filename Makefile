@@ -1,6 +1,7 @@
 # Two entry points, each sets itself up from nothing but python3 and the package registries:
 #   make demo   a small real sweep on Fashion-MNIST (Jacobian Ensembles: Ray Tune + Optuna, MLflow in ./mlflow.db)
 #   make test   the test suite
+#   make reproduce   the four papers' findings and the JE sweep at small scale (docs/RESULTS.md; ~1.5 h on 2 cores)
 PYTHON ?= python3
 UV_VERSION := 0.13.9
 TOOLS := .tools
@@ -8,7 +9,8 @@ UV := $(TOOLS)/bin/uv
 VENV := .venv
 SYNCED := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: demo test bench setup data clean
+.PHONY: demo test bench reproduce setup data clean
+STUDIES := jacobian-ensembles robust-ensembles ensemble-adv pdd-deg je-sweep
 
 demo: setup data
 	$(VENV)/bin/raysweep sweep search_spaces/jacobian_ensembles_sweep.yaml --out runs/demo-$$(date +%Y%m%d-%H%M%S) \
@@ -16,6 +18,10 @@ demo: setup data
 
 test: setup data
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# One study: make reproduce STUDIES=pdd-deg. Finished runs under runs/reproduce/ are reused.
+reproduce: setup data
+	for s in $(STUDIES); do $(VENV)/bin/raysweep reproduce $$s || exit 1; done
 
 bench: setup data
 	$(VENV)/bin/python benchmarks/run_all.py

@@ -11,6 +11,7 @@ from conftest import repo_root
 CONFIGS = sorted(p.relative_to(repo_root() / "search_spaces")
                  for p in (repo_root() / "search_spaces").rglob("*.yaml")
                  if "composite" not in p.name  # needs two checkpoints: test_composite.py runs it
+                 and "reproduce" not in p.parts  # study files, not run configs: test_reproduce.py
                  and not p.name.endswith("_sweep.yaml"))  # search spaces: test_sweep.py
 TINY = ["data.dataset=synthetic", "data.train_size=64", "data.test_size=32", "data.batch_size=32",
         "train.epochs=1", "eval.diversity_samples=16", "eval.jacobian_samples=4"]

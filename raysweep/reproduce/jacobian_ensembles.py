@@ -51,6 +51,7 @@ def report(path, results, docs: Path) -> str:
              md_table(headers, [_row(study.variant(n), vr[n]) for n in best if n]), "",
              "### Every variant", "", md_table(headers, [_row(v, vr[v.name]) for v in study.variants]), ""]
 
+    lines += _seed_noise(study, vr)
     rows = []
     for n in best:
         m, c = vr.get(n) or {}, results.get(f"checks/{n}")
@@ -76,6 +77,31 @@ def report(path, results, docs: Path) -> str:
     return "\n".join(lines)
 
 
+def _seed_noise(study, vr) -> list[str]:
+    """Variants `NAME_seedS` against NAME (seed 0): the spread of each metric over seeds."""
+    groups: dict[str, list[str]] = {}
+    for v in study.variants:
+        if v.group == "seed noise":
+            groups.setdefault(v.name.rsplit("_seed", 1)[0], [v.name.rsplit("_seed", 1)[0]]).append(v.name)
+    rows = []
+    for base, names in groups.items():
+        ms = [vr[n] for n in names if "error" not in vr[n]]
+        if len(ms) < 2:
+            continue
+        row = [base, len(ms)]
+        for key in ("clean_acc", "mean_uap_acc", "weighted_acc"):
+            xs = [m[key] for m in ms]
+            mu = sum(xs) / len(xs)
+            sd = (sum((x - mu) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+            row += [f"{mu:.3f} ± {sd:.3f}", max(xs) - min(xs)]
+        rows.append(row)
+    if not rows:
+        return []
+    return ["### Seed noise (seeds 0, 1, 2: mean ± sample std, and max - min)", "",
+            md_table(["variant", "seeds", "clean", "clean spread", "mean UAP", "mean UAP spread", "weighted",
+                      "weighted spread"], rows), ""]
+
+
 def _scatter(study, vr, path):
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     for g, marker in zip(GROUPS, "s^oD"):
@@ -98,20 +124,25 @@ def _jacobian_vs_k(study, vr, path):
     fig, ax = plt.subplots(figsize=(6, 4.2))
     std = vr.get("standard", {})
     base = std.get("jacobian_sq_norm", {}).get("ensemble") if "error" not in std else None
-    for method, label in (("bagging", "bagging"), ("snapshot", "snapshot"), ("independent", "soft voting")):
+    for (method, label), color in zip((("bagging", "bagging"), ("snapshot", "snapshot"),
+                                       ("independent", "soft voting")), ("C0", "C3", "C2")):
         for lam, style in ((0.0, "-"), (0.05, "--"), (0.2, ":")):
-            vs = sorted((v for v in study.variants if v.cfg.ensemble.method == method and v.cfg.ensemble.k > 1
+            vs = sorted((v for v in study.variants if v.group in GROUPS and v.cfg.ensemble.method == method
+                         and v.cfg.ensemble.k > 1
                          and v.cfg.train.jr.lambda_jr == lam and "error" not in vr[v.name]
                          and "jacobian_sq_norm" in vr[v.name]), key=lambda v: v.cfg.ensemble.k)
             if not vs:
                 continue
             ks = [v.cfg.ensemble.k for v in vs]
             ys = [vr[v.name]["jacobian_sq_norm"]["ensemble"] for v in vs]
-            if lam == 0.0 and base is not None:
-                ks, ys = [1] + ks, [base] + ys
-            ax.plot(ks, ys, style, marker="o", label=f"{label}, λ={lam:g}")
+            single = base if lam == 0.0 else next(
+                (vr[v.name]["jacobian_sq_norm"]["ensemble"] for v in study.variants if v.group == "JR only"
+                 and v.cfg.train.jr.lambda_jr == lam and "jacobian_sq_norm" in vr[v.name]), None)
+            if single is not None:  # K = 1: the single model with the same lambda
+                ks, ys = [1] + ks, [single] + ys
+            ax.plot(ks, ys, style, color=color, marker="o", label=f"{label}, λ={lam:g}")
     ax.set(xlabel="K (members)", ylabel="mean ||J_F||_F^2 of the ensemble", yscale="log",
-           title="Ensemble Jacobian norm vs K (200 test images)")
+           title="Ensemble Jacobian norm vs K (200 test images; K=1: the single model)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     save(fig, path)
