@@ -141,8 +141,8 @@ def _jacobian_vs_k(study, vr, path):
             if single is not None:  # K = 1: the single model with the same lambda
                 ks, ys = [1] + ks, [single] + ys
             ax.plot(ks, ys, style, color=color, marker="o", label=f"{label}, λ={lam:g}")
-    ax.set(xlabel="K (members)", ylabel="mean ||J_F||_F^2 of the ensemble", yscale="log",
-           title="Ensemble Jacobian norm vs K (200 test images; K=1: the single model)")
+    ax.set(xlabel="K (members; K = 1: the single model)", ylabel="mean ||J||_F^2 of the ensemble (200 test images)",
+           yscale="log", title="Ensemble Jacobian norm vs K")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     save(fig, path)

@@ -70,7 +70,8 @@ def report(path, results, docs: Path) -> str:
     lines += ["### Diversity and cost", "",
               md_table(["method", "output ambiguity", "discrimination score", "gradient angle (deg)",
                         "epoch s", "epoch time / baseline"], d_rows), "",
-              "Epoch times come from runs sharing the 2 cores with one other run (two Ray tasks at once); "
+              "Epoch times come from runs that shared the machine's cores with other runs (a study runs its "
+              "variants as concurrent Ray tasks), so their ratios are rough; "
               "`benchmarks/bench_methods.py` measures the step-time ratios side by side on an idle machine.", ""]
     _plot(ok, vr, eps_list, docs / "robustness.png")
     lines += ["![robust accuracy per method](robustness.png)", ""]
