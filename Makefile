@@ -1,7 +1,7 @@
 # Two entry points, each sets itself up from nothing but python3 and the package registries:
 #   make demo   a small real sweep on Fashion-MNIST (Jacobian Ensembles: Ray Tune + Optuna, MLflow in ./mlflow.db)
 #   make test   the test suite
-#   make reproduce   the four papers' findings and the JE sweep at small scale (docs/RESULTS.md; about 3.5 h of runs on 2 cores)
+#   make reproduce   the four papers' findings and the JE sweep at small scale (docs/RESULTS.md; about 3 h on 2 cores)
 PYTHON ?= python3
 UV_VERSION := 0.13.9
 TOOLS := .tools
