@@ -22,10 +22,7 @@ def robustness_curves(metrics: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # nothing to draw when no attack or UAP was configured
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=120)
 
 
 def uap_images(deltas: dict, path: Path) -> Path:
@@ -36,10 +33,7 @@ def uap_images(deltas: dict, path: Path) -> Path:
                   vmin=0, vmax=1)
         ax.set_title(f"UAP eps={eps}")
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=120)
 
 
 def tradeoff(points: list[dict], robust_name: str, color_name: str | None, path: Path,
@@ -66,13 +60,11 @@ def tradeoff(points: list[dict], robust_name: str, color_name: str | None, path:
         ax.plot(xs, ys, color="crimson", linestyle="--", marker="D", markersize=5, label="Pareto front", zorder=2)
     ax.set(xlabel="clean accuracy", ylabel=robust_name, title=f"trade-off over {len(points)} trials")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=120)
 
 
 def save(fig, path: Path, dpi: int = 130) -> Path:
+    """Lay out, write and close the figure (an open figure per plot would pile up in a long sweep)."""
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)

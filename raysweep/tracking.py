@@ -110,9 +110,10 @@ def tracked_run(uri: str, experiment: str, run_name: str, cfg_raw: dict, tags: d
     client.set_terminated(run_id, "FINISHED")
 
 
-def log_train_run(cfg: RunConfig, out: Path, uri: str, experiment: str, train):
-    """`raysweep train` as one MLflow run: `train()` returns metrics written under `out`."""
-    with tracked_run(uri, experiment, cfg.name, cfg.model_dump(mode="json"), {"raysweep.kind": "train"}) as (c, rid):
+def log_train_run(cfg: RunConfig, out: Path, uri: str, experiment: str, train, tags: dict | None = None):
+    """`raysweep train` (or a reproduce task) as one MLflow run: `train()` returns metrics written under `out`."""
+    with tracked_run(uri, experiment, cfg.name, cfg.model_dump(mode="json"),
+                     tags or {"raysweep.kind": "train"}) as (c, rid):
         metrics = train()
         log_results(c, rid, out, metrics)
         return metrics, rid

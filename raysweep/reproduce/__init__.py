@@ -34,16 +34,16 @@ def reproduce(name: str, out: str | None = None, docs: str | None = None, study_
     docs_dir = Path(docs or Path("docs") / "results" / STUDIES[name]).resolve()
     docs_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    experiment = experiment or f"reproduce-{name}"
     if tracking == "none":
         uri = None
     else:
         from ..tracking import experiment_id, tracking_uri
 
         uri = tracking_uri(tracking)
-        experiment_id(experiment or f"reproduce-{name}", uri)  # create store and experiment once, before the tasks race to
+        experiment_id(experiment, uri)  # create store and experiment once, before the tasks race to
     t0 = time.perf_counter()
-    results = module.run(path, out_dir, uri=uri, experiment=experiment or f"reproduce-{name}", address=address,
-                         log=log)
+    results = module.run(path, out_dir, uri=uri, experiment=experiment, address=address, log=log)
     seconds = time.perf_counter() - t0
     report = module.report(path, results, docs_dir)
     (docs_dir / "report.md").write_text(report)

@@ -5,15 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..plots import save  # noqa: E402
-from .common import run_variants_then_checks, variant_results  # noqa: E402
-from .study import load_study  # noqa: E402
-from .tables import attack_results, md_table, worst_case  # noqa: E402
+from ..plots import plt, save  # plots selects the Agg backend
+from .common import run_variants_then_checks, variant_results
+from .study import load_study
+from .tables import attack_results, md_table, worst_case
 
 
 def run(path, out, *, uri, experiment, address, log):

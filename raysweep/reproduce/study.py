@@ -100,7 +100,7 @@ def _run_variant(raw: dict, out: str, uri: str | None, experiment: str, tags: di
     """One Ray task: train + evaluate (or, with `checkpoint`, evaluate that checkpoint under this
     config's eval), recorded as one MLflow run."""
     from ..run import evaluate_checkpoint, train_and_evaluate
-    from ..tracking import log_results, tracked_run
+    from ..tracking import log_train_run
 
     cfg = validate_config(raw)
 
@@ -111,10 +111,8 @@ def _run_variant(raw: dict, out: str, uri: str | None, experiment: str, tags: di
 
     if uri is None:
         return work()
-    with tracked_run(uri, experiment, cfg.name, raw, tags) as (client, run_id):
-        metrics = work()
-        log_results(client, run_id, Path(out), metrics)
-        return {**metrics, "mlflow_run_id": run_id}
+    metrics, run_id = log_train_run(cfg, Path(out), uri, experiment, work, tags)
+    return {**metrics, "mlflow_run_id": run_id}
 
 
 @dataclass
