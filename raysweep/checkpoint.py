@@ -12,7 +12,7 @@ from .config import RunConfig, validate_config
 from .ensemble import Ensemble
 from .errors import UserError
 from .composite import rebuild_composite
-from .models import build_member
+from .models import ARCHS, build_member
 
 FORMAT = 1
 WEIGHTS_FILE, MANIFEST_FILE = "members.safetensors", "ensemble.json"
@@ -36,25 +36,57 @@ def save_checkpoint(path: str | Path, ensemble: Ensemble, cfg: RunConfig, image_
     return path
 
 
+MANIFEST_KEYS = {"arch": str, "width": (int, float), "k": int, "weights": list, "combine": str, "image_shape": list,
+                 "num_classes": int, "mean": list, "std": list, "config": dict}
+
+
 def read_manifest(path: str | Path) -> dict:
+    """The manifest, checked field by field and against the stored config: a damaged or edited
+    checkpoint is a UserError saying what is wrong, never a traceback."""
     path = Path(path)
     if not (path / MANIFEST_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise UserError(f"{path} is not a raysweep checkpoint: expected {MANIFEST_FILE} and {WEIGHTS_FILE} in it")
-    manifest = json.loads((path / MANIFEST_FILE).read_text())
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{path}: checkpoint format {manifest.get('format')} is not supported (expected {FORMAT})")
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path / MANIFEST_FILE}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise UserError(f"{path}: checkpoint format {got} is not supported (expected {FORMAT})")
+    for key, kind in MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            what = getattr(kind, "__name__", "number")
+            raise UserError(f"{path / MANIFEST_FILE}: field {key!r} is missing or not a {what} (got {manifest.get(key)!r})")
+    if manifest["arch"] != "composite" and manifest["arch"] not in ARCHS:
+        raise UserError(f"{path / MANIFEST_FILE}: arch {manifest['arch']!r} is unknown; known: "
+                        f"{', '.join([*ARCHS, 'composite'])}")
+    if manifest["k"] < 1 or len(manifest["weights"]) != manifest["k"]:
+        raise UserError(f"{path / MANIFEST_FILE}: k {manifest['k']} does not match its {len(manifest['weights'])} "
+                        "member weights")
+    stored = manifest["config"].get("model", {})
+    if (stored.get("arch"), stored.get("width", 1.0)) != (manifest["arch"], manifest["width"]):
+        raise UserError(f"{path / MANIFEST_FILE}: the manifest's model ({manifest['arch']}, width {manifest['width']}) "
+                        f"disagrees with its stored config's ({stored.get('arch')}, width {stored.get('width', 1.0)})")
     return manifest
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
     """The saved ensemble as a torch.nn.Module in eval mode; see raysweep.ensemble.Ensemble. `path`
-    may be a registry URI: models:/NAME@champion, models:/NAME/3."""
-    if str(path).startswith("models:/"):
+    may be a registry URI (models:/NAME@champion, models:/NAME/3) or a run's artifact URI
+    (runs:/RUN_ID/checkpoint, as a sweep's summary.json names it)."""
+    if str(path).startswith(("models:/", "runs:/")):
         from .registry import resolve_checkpoint
 
         path = resolve_checkpoint(str(path))
     m = read_manifest(path)
-    tensors = load_file(str(Path(path) / WEIGHTS_FILE), device=str(device))
+    try:
+        tensors = load_file(str(Path(path) / WEIGHTS_FILE), device=str(device))
+    except Exception as err:  # safetensors raises its own SafetensorError (truncated, garbage header)
+        raise UserError(f"{Path(path) / WEIGHTS_FILE}: not a readable safetensors file ({err})") from None
+    found = {name.split(".", 1)[0] for name in tensors}
+    if found != {f"member{k}" for k in range(m["k"])}:
+        raise UserError(f"{Path(path) / WEIGHTS_FILE}: holds tensors of {sorted(found)}, the manifest says "
+                        f"k = {m['k']}")
     members = []
     for k in range(m["k"]):
         if m["arch"] == "composite":
@@ -62,7 +94,11 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
         else:
             member = build_member(m["arch"], m["image_shape"], m["num_classes"], m["mean"], m["std"], m["width"])
         prefix = f"member{k}."
-        member.load_state_dict({n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)})
+        try:
+            member.load_state_dict({n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)})
+        except RuntimeError as err:  # names or shapes that are not this architecture's
+            raise UserError(f"{path}: member {k}'s tensors do not fit a {m['arch']} of the manifest's shape: "
+                            f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}") from None
         members.append(member)
     return Ensemble(members, torch.tensor(m["weights"]), m["combine"]).to(device).eval()
 

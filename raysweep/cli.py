@@ -68,19 +68,30 @@ def _cmd_sweep(args) -> int:
                   register=args.register, tracking=args.tracking_uri, experiment=args.experiment,
                   address=args.address, progress=not args.quiet, storage=args.storage)
     print(f"trials: {s['finished']} finished, {s['stopped_early']} stopped early, {s['infeasible']} infeasible, "
-          f"{s['failed']} failed, in {s['seconds']:.0f} s")
+          f"{s['failed']} failed of {s['samples']}, in {s['seconds']:.0f} s")
     if "pareto" in s:
         print("Pareto set (" + ", ".join(s["objectives"]) + "):")
         for r in s["pareto"]:
             print("  " + "  ".join(f"{k} {r[k]:.4f}" for k in s["objectives"]) + f"  {r['params']}")
-    b = s["best"]
-    print("best: " + "  ".join(f"{k} {b[k]:.4f}" for k in s["objectives"]) + f"  clean_acc {b['clean_acc']:.4f}"
-          f"  (trial {b['trial_id']}, mlflow run {b['mlflow_run_id']})")
-    print(f"best params: {b['params']}")
+    if "best" in s:
+        b = s["best"]
+        print(("best so far: " if s["status"] == "interrupted" else "best: ")
+              + "  ".join(f"{k} {b[k]:.4f}" for k in dict.fromkeys([*s["objectives"], "clean_acc"]))
+              + f"  (trial {b['trial_id']}, checkpoint {b['checkpoint']})")
+        print(f"best params: {b['params']}")
     if "registered" in s:
         r = s["registered"]
         print(f"registered {r['name']} v{r['version']}; champion {'moved' if r['champion'] else 'kept'}: {r['reason']}")
-    print(f"wrote {s['dir']}/summary.json and best.yaml (the best trial's full config)")
+    print(f"wrote {s['dir']}/summary.json" + (" and best.yaml (the best trial's full config)" if "best" in s else ""))
+    if s["status"] == "interrupted":
+        print(f"raysweep: sweep interrupted; its unfinished trials' runs are KILLED. Continue it with:\n"
+              f"  raysweep sweep --resume --out {s['dir']}", file=sys.stderr)
+        return 130
+    if s["status"] == "failed":
+        print(f"raysweep: error: no trial of the sweep finished ({s['failed']} failed, {s['stopped_early']} stopped "
+              f"early, {s['infeasible']} infeasible); their MLflow runs and {s['dir']}/trials/ say why",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -88,12 +99,13 @@ def _cmd_evaluate(args) -> int:
     from .checkpoint import checkpoint_config
     from .run import evaluate_checkpoint
 
-    if args.checkpoint.startswith("models:/"):
+    if args.checkpoint.startswith(("models:/", "runs:/")):
         from .registry import resolve_checkpoint
 
         ckpt = resolve_checkpoint(args.checkpoint, args.tracking_uri)
-        args.out = args.out or str(Path("runs") / "registry" / args.checkpoint.removeprefix("models:/").replace(
-            "/", "_").replace("@", "_"))
+        scheme, _, rest = args.checkpoint.partition(":/")
+        args.out = args.out or str(Path("runs") / ("registry" if scheme == "models" else "mlflow-runs")
+                                   / rest.strip("/").replace("/", "_").replace("@", "_"))
     else:
         ckpt = Path(args.checkpoint)
     if ckpt.is_dir() and (ckpt / "checkpoint").is_dir():  # a run directory was given
@@ -150,14 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-mlflow", action="store_true", help="do not record the run in MLflow")
     t.set_defaults(func=_cmd_train)
     w = sub.add_parser("sweep", help="search a space with Ray Tune + Optuna, every trial tracked in MLflow")
-    w.add_argument("space", help="a search space YAML: a run config plus a search: section")
+    w.add_argument("space", nargs="?", help="a search space YAML: a run config plus a search: section (optional "
+                   "with --resume --out DIR)")
     w.add_argument("--samples", type=int, help="number of trials (default search.samples)")
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the run config or of search:, e.g. search.seed=1")
     w.add_argument("--out", help="sweep directory (default runs/sweeps/<name>)")
-    w.add_argument("--storage", help="Tune's experiment storage: a path every node sees or a pyarrow URI "
-                   "(s3://, gs://); default the sweep directory")
-    w.add_argument("--resume", action="store_true", help="continue the interrupted sweep in the sweep directory")
+    w.add_argument("--storage", help="where trials' checkpoints, metrics, pictures and Tune's state go: a path "
+                   "every node sees or a pyarrow URI (s3://, gs://, file://); default the sweep directory")
+    w.add_argument("--resume", action="store_true", help="continue the interrupted sweep in the sweep directory, "
+                   "exactly as it was started (its space, --set, --samples, storage and MLflow store)")
     w.add_argument("--register", metavar="NAME", help="register the best ensemble in the MLflow model registry")
     w.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
     w.add_argument("--quiet", action="store_true")
@@ -177,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("files", nargs="*", help="files to check (default: every YAML in the repo's cluster/)")
     c.set_defaults(func=_cmd_check_cluster)
     e = sub.add_parser("evaluate", help="re-evaluate a saved ensemble")
-    e.add_argument("checkpoint", help="a checkpoint directory (or the run directory holding it), or a registry "
-                   "URI models:/NAME@ALIAS or models:/NAME/VERSION")
+    e.add_argument("checkpoint", help="a checkpoint directory (or the run directory holding it), a registry "
+                   "URI models:/NAME@ALIAS or models:/NAME/VERSION, or an MLflow run's runs:/RUN_ID/checkpoint")
     e.add_argument("--config", help="YAML whose sections (e.g. eval:, data:) replace the stored config's")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--out", help="output directory (default <run>/eval)")

@@ -31,7 +31,8 @@ EpsGrid = Annotated[list[float], Field(min_length=1), AfterValidator(_nonneg_eps
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No field of a run makes sense at inf or nan (train.lr: .inf trained to NaN and reported accuracies).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SyntheticConfig(_Strict):
@@ -134,6 +135,17 @@ class ADPConfig(_Strict):
     det_offset: float = Field(1e-6, gt=0, description="multiple of the identity added before the log-det")
 
 
+class ProbeConfig(_Strict):
+    """A robustness reading after every epoch, for early stopping (search.asha.metric: probe_acc):
+    training accuracy cannot see a robustness collapse. The ensemble's accuracy on the first `samples`
+    test images under PGD-linf at `eps` against its averaged probabilities (the Ensemble-Adv attack
+    of training, uniform start, sign steps of 2.5 eps / steps). The test split is the one the
+    sweep's objectives are measured on: early stopping selects on it, as the objectives do."""
+    eps: float = Field(..., gt=0, le=1)
+    steps: int = Field(5, ge=1)
+    samples: int = Field(256, ge=1)
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(5, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -150,6 +162,7 @@ class TrainConfig(_Strict):
     deg: Optional[DEGConfig] = None
     pdd: Optional[PDDConfig] = None
     adp: Optional[ADPConfig] = None
+    probe: Optional[ProbeConfig] = None
 
 
 class RayExecutorConfig(_Strict):
@@ -359,7 +372,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set key {key!r} is not a dotted field path")
-    return key.split("."), yaml.safe_load(raw)
+    try:
+        return key.split("."), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({problem})") from None
 
 
 def set_path(raw: dict, path: list[str], value, what: str = "") -> dict:

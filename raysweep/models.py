@@ -85,4 +85,8 @@ ARCHS = {"lenet5": lenet5, "small_cnn": small_cnn, "resnet18": resnet18}
 
 
 def build_member(arch: str, image_shape, num_classes, mean, std, width: float = 1.0) -> Member:
-    return ARCHS[arch](tuple(image_shape), num_classes, mean, std, width)
+    try:
+        return ARCHS[arch](tuple(image_shape), num_classes, mean, std, width)
+    except RuntimeError as err:  # a convolution larger than what is left of the image
+        raise ConfigError(f"model.arch {arch}: images of shape {list(image_shape)} are too small for it "
+                          f"({str(err).splitlines()[0]}); use small_cnn or larger images") from None

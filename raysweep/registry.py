@@ -7,6 +7,7 @@ current champion's (same objective name; accuracies, higher is better).
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import mlflow
@@ -53,33 +54,58 @@ def log_model(run_id: str, checkpoint: Path, uri: str) -> str:
     return info.model_uri
 
 
-def register(name: str, checkpoint: Path, run_id: str, uri: str, objective: str, value: float) -> dict:
-    """New version of `name` from run_id's checkpoint; move `champion` to it if it is better."""
+def _champion(client: MlflowClient, name: str):
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def _settle_champion(client: MlflowClient, name: str, objective: str, rounds: int = 10) -> int:
+    """Point `champion` at the best version by `objective` (ties: the earlier version) and re-read until
+    it stays there. Two sweeps registering at once each settle after registering, so whichever writes
+    last sees both versions: the alias never rests on the worse one."""
+    for _ in range(rounds):
+        scored = [(float(v.tags["objective_value"]), -int(v.version)) for v in
+                  client.search_model_versions(f"name = '{name}'")
+                  if v.tags.get("objective") == objective and "objective_value" in v.tags]
+        best = -max(scored)[1]
+        champ = _champion(client, name)
+        if champ is not None and int(champ.version) == best:
+            return best
+        client.set_registered_model_alias(name, CHAMPION, str(best))
+        time.sleep(0.2)  # let a concurrent writer's move land before re-reading
+    return best
+
+
+def register(name: str, checkpoint: str | Path, run_id: str, uri: str, objective: str, value: float) -> dict:
+    """New version of `name` from run_id's checkpoint (a local directory, or a runs:/ or models:/ URI,
+    fetched from MLflow: the node that trained it may be gone); move `champion` to it if it is better."""
     client = MlflowClient(uri)
-    model_uri = log_model(run_id, checkpoint, uri)
+    if str(checkpoint).startswith(("runs:/", "models:/")):
+        checkpoint = resolve_checkpoint(str(checkpoint), uri)
+    model_uri = log_model(run_id, Path(checkpoint), uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     version = mlflow.register_model(model_uri, name, tags={"objective": objective, "objective_value": str(value)})
-    try:
-        champ = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champ = None
-    reason = "first version"
-    move = champ is None
-    if champ is not None:
-        if champ.tags.get("objective") != objective:
-            reason = f"champion v{champ.version} was chosen by {champ.tags.get('objective')!r}, not {objective!r}"
-        else:
-            old = float(champ.tags["objective_value"])
-            move = value > old
-            reason = f"{objective} {value:.4f} {'>' if move else '<='} champion v{champ.version}'s {old:.4f}"
-    if move:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
+    champ = _champion(client, name)
+    if champ is not None and champ.tags.get("objective") != objective:
+        return {"name": name, "version": int(version.version), "champion": False, "model_uri": model_uri,
+                "reason": f"champion v{champ.version} was chosen by {champ.tags.get('objective')!r}, not {objective!r}"}
+    final = _settle_champion(client, name, objective)
+    move = final == int(version.version)
+    if champ is None:
+        reason = "first version" if move else f"v{final} registered meanwhile is better"
+    else:
+        old = float(champ.tags["objective_value"])
+        reason = f"{objective} {value:.4f} {'>' if value > old else '<='} champion v{champ.version}'s {old:.4f}"
+        if not move and value > old:
+            reason += f"; v{final}, registered meanwhile, is better still"
     return {"name": name, "version": int(version.version), "champion": move, "reason": reason, "model_uri": model_uri}
 
 
 def resolve_checkpoint(uri: str, tracking: str | None = None) -> Path:
-    """models:/NAME@alias or models:/NAME/VERSION -> a local raysweep checkpoint directory."""
+    """models:/NAME@alias, models:/NAME/VERSION or runs:/RUN_ID/PATH -> a local raysweep checkpoint directory."""
     mlflow.set_tracking_uri(tracking_uri(tracking))
     mlflow.set_registry_uri(tracking_uri(tracking))
     try:

@@ -3,6 +3,7 @@ The CLI calls these; sweeps will call them per trial."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 from . import plots
 from .checkpoint import checkpoint_config, load, save_checkpoint
 from .config import RunConfig, dump_config
+from .errors import UserError
 from .data import load_dataset
 from .evaluate import evaluate
 from .train import fit
@@ -26,20 +28,40 @@ def _write_results(out: Path, cfg: RunConfig, metrics: dict, artifacts: dict) ->
         save_file({f"eps_{e}": d.contiguous() for e, d in artifacts["uap_deltas"].items()}, str(out / "uap.safetensors"))
 
 
-def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, callbacks=()) -> dict:
-    """`callbacks` (train.fit hooks) run in this process, so with the local executor only: a Ray run's
-    per-epoch history comes back with its result."""
+def ensure_writable(out: Path, flag: str = "--out") -> None:
+    """Fail before training, not when its result is saved."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".raysweep-write-check"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{flag} {out}: cannot write there ({err.strerror or err})") from None
+
+
+def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, callbacks=(),
+                       ray_storage: str | None = None, epoch_metrics=None) -> dict:
+    """`callbacks` (train.fit hooks) run in this process, so with the local executor only. A Ray run
+    inside a Tune trial relays `epoch_metrics(row)` of each epoch to Tune instead (see fit_on_ray).
+    `ray_storage`: where a Ray executor run keeps its checkpoints when executor.ray.storage is unset
+    (a path or URI every node reaches; default `out/ray`)."""
     out = Path(out)
+    ensure_writable(out)
     t0 = time.perf_counter()
     data = load_dataset(cfg.data, cfg.seed)
     if cfg.executor.kind == "ray":
         from .executors.ray_train import fit_on_ray
 
-        result = fit_on_ray(cfg, data, out / "ray", progress=progress)
+        result = fit_on_ray(cfg, data, ray_storage or out / "ray", progress=progress, epoch_metrics=epoch_metrics)
     else:
         result = fit(cfg, data, progress=progress, callbacks=callbacks)
     save_checkpoint(out / "checkpoint", result.ensemble, cfg, data.image_shape, data.num_classes, data.mean, data.std)
-    metrics, artifacts = evaluate(result.ensemble, data, cfg, progress=progress)
+    try:
+        metrics, artifacts = evaluate(result.ensemble, data, cfg, progress=progress)
+    except Exception:
+        print(f"raysweep: evaluation failed; the trained ensemble is saved: re-evaluate it with "
+              f"`raysweep evaluate {out / 'checkpoint'}`", file=sys.stderr)
+        raise
     metrics["train"] = {"seconds": result.seconds, "steps": result.state.step, "history": result.state.history,
                         "executor": cfg.executor.kind, **({"ray": result.info} if result.info else {})}
     metrics["total_seconds"] = time.perf_counter() - t0
@@ -49,6 +71,7 @@ def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, c
 
 def evaluate_checkpoint(path: str | Path, cfg: RunConfig | None, out: str | Path, progress: bool = True) -> dict:
     cfg = cfg or checkpoint_config(path)
+    ensure_writable(Path(out))
     ensemble = load(path)
     metrics, artifacts = evaluate(ensemble, load_dataset(cfg.data, cfg.seed), cfg, progress=progress)
     _write_results(Path(out), cfg, metrics, artifacts)

@@ -51,7 +51,9 @@ class Objective(_Strict):
 
 
 class AshaConfig(_Strict):
-    """Early stopping on the per-epoch training accuracy (the objectives exist only after evaluation)."""
+    """Early stopping on a per-epoch reading (the objectives exist only after evaluation): the training
+    accuracy, or the robustness probe of train.probe."""
+    metric: Literal["train_acc", "probe_acc"] = "train_acc"
     grace_period: int = Field(1, ge=1, description="epochs every trial runs")
     reduction_factor: float = Field(2.0, gt=1)
 
@@ -205,7 +207,9 @@ def _check_objective(o: Objective, cfg: RunConfig) -> None:
                               f"{attacks[o.attack].eps}")
 
 
-def load_search_space(path: str | Path, overrides: list[str] = ()) -> SearchSpace:
+def load_search_space(path: str | Path, overrides: list[str] = (), root: str | Path | None = None) -> SearchSpace:
+    """`root`: where the config's relative paths resolve (default the working directory; a resumed
+    sweep passes the directory it was started in)."""
     path = Path(path)
     raw = apply_overrides(read_yaml(path, "search space"), list(overrides))
     search_raw = raw.pop("search", None)
@@ -228,10 +232,9 @@ def load_search_space(path: str | Path, overrides: list[str] = ()) -> SearchSpac
     if search.asha is not None and search.multi:
         raise ConfigError("search.asha stops trials on one metric; a Pareto search (several objectives) compares "
                           "finished trials only: drop search.asha or keep one objective")
-    if search.asha is not None and base_cfg.executor.kind == "ray":
-        raise ConfigError("search.asha needs per-epoch reports, which only executor.kind: local trials send yet "
-                          "(a Ray executor trial reports when training ends): drop search.asha or use the local "
-                          "executor")
+    if search.asha is not None and search.asha.metric == "probe_acc" and base_cfg.train.probe is None:
+        raise ConfigError("search.asha.metric probe_acc needs train.probe (e.g. train: {probe: {eps: 0.1}}) in the "
+                          "run config")
     if search.color_by is not None and search.color_by not in search.params:
         raise ConfigError(f"search.color_by {search.color_by!r} is not one of search.params {sorted(search.params)}")
-    return SearchSpace(search, absolute_paths(raw, Path.cwd()), base_cfg, params, str(path))
+    return SearchSpace(search, absolute_paths(raw, Path(root or Path.cwd())), base_cfg, params, str(path))

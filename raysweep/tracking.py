@@ -6,27 +6,88 @@ absolute once, in the launching process: Tune trials run in their own directorie
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 
 from .config import RunConfig
+from .errors import UserError
 
 DEFAULT_EXPERIMENT = "raysweep"
 
 
 def tracking_uri(explicit: str | None = None) -> str:
+    """The absolute tracking URI; an embedded SQLite store is created here, once, atomically."""
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     elif "://" not in uri:  # a bare path: a file store
         uri = Path(uri).resolve().as_uri()
+    if uri.startswith("sqlite:///"):
+        _ensure_sqlite_store(Path(uri.removeprefix("sqlite:///")))
     return uri
+
+
+def _ensure_sqlite_store(db: Path) -> None:
+    """MLflow creates and migrates a SQLite store in place, over seconds: a command killed meanwhile
+    leaves a half-migrated file no MLflow command repairs, and two first commands race. So the store
+    is made under a lock (`<db>.lock`, kept), in a temporary file moved into place when complete."""
+    if db.exists() or not db.parent.is_dir():
+        return  # a missing folder is check_tracking's error to report
+    with open(db.parent / f"{db.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if db.exists():
+            return  # another process made it while this one waited
+        for stale in db.parent.glob(f".{db.name}.creating-*"):  # left by a killed creator
+            stale.unlink()
+        tmp = db.parent / f".{db.name}.creating-{os.getpid()}"
+        MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)  # creates every table, registry's too
+        try:
+            os.link(tmp, db)  # into place, never over a store some other MLflow client made meanwhile
+        except FileExistsError:
+            pass
+        tmp.unlink()
+
+
+def context_tags() -> dict[str, str]:
+    """User, source and git commit tags, as mlflow.start_run would set them for this process. A sweep
+    resolves them once in its driver and gives them to every trial (a trial's own process is a Ray worker)."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = {k: str(v) for k, v in resolve_tags().items() if k.startswith("mlflow.")}
+    if "mlflow.source.git.commit" not in tags:  # MLflow looks beside the entry script; raysweep's own clone
+        try:
+            tags["mlflow.source.git.commit"] = subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass  # installed from a wheel: no commit to name
+    return tags
+
+
+def check_tracking(uri: str) -> None:
+    """Fail fast, naming the URI, when the store cannot be reached: MLflow's client retries an
+    unreachable server for minutes, and would do so in every trial."""
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=10)
+        except requests.RequestException as err:
+            raise UserError(f"--tracking-uri {uri}: cannot reach an MLflow server there ({type(err).__name__}); "
+                            "start it (mlflow server ...) or give another URI") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UserError(f"--tracking-uri {uri}: the folder {folder} does not exist or is not writable")
 
 
 def experiment_id(name: str, uri: str) -> str:
@@ -38,7 +99,13 @@ def experiment_id(name: str, uri: str) -> str:
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created by another process since the lookup
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def flat_params(raw: dict, prefix: str = "") -> dict[str, str]:
@@ -73,10 +140,11 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
     return out
 
 
-def log_results(client, run_id: str, out: Path, metrics: dict) -> None:
-    """Per-epoch history, final metrics and the run directory's files (checkpoint included)."""
+def log_results(client, run_id: str, out: Path, metrics: dict, logged_epochs: int = 0) -> None:
+    """Per-epoch history (but its first `logged_epochs` rows, logged live), final metrics and the run
+    directory's files (checkpoint included)."""
     now = int(time.time() * 1000)
-    rows = metrics.get("train", {}).get("history", [])
+    rows = [r for r in metrics.get("train", {}).get("history", []) if r["epoch"] >= logged_epochs]
     history = [Metric(f"train/{k}", float(v), now, int(row["epoch"])) for row in rows
                for k, v in row.items() if k != "epoch"]
     final = [Metric(k, v, now, 0) for k, v in flat_metrics(metrics).items()]
@@ -91,7 +159,7 @@ def log_results(client, run_id: str, out: Path, metrics: dict) -> None:
 @contextmanager
 def tracked_run(uri: str, experiment: str, run_name: str, cfg_raw: dict, tags: dict | None = None):
     """An MLflow run for the block: params up front; FAILED (keeping what was logged) if the block
-    raises, FINISHED otherwise. Yields (client, run_id)."""
+    raises, FINISHED otherwise unless the block closed the run itself. Yields (client, run_id)."""
     client = MlflowClient(uri)
     run = client.create_run(experiment_id(experiment, uri), run_name=run_name, tags=tags or {})
     run_id = run.info.run_id
@@ -107,13 +175,14 @@ def tracked_run(uri: str, experiment: str, run_name: str, cfg_raw: dict, tags: d
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    client.set_terminated(run_id, "FINISHED")
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, "FINISHED")
 
 
 def log_train_run(cfg: RunConfig, out: Path, uri: str, experiment: str, train, tags: dict | None = None):
     """`raysweep train` (or a reproduce task) as one MLflow run: `train()` returns metrics written under `out`."""
     with tracked_run(uri, experiment, cfg.name, cfg.model_dump(mode="json"),
-                     tags or {"raysweep.kind": "train"}) as (c, rid):
+                     {**context_tags(), **(tags or {"raysweep.kind": "train"})}) as (c, rid):
         metrics = train()
         log_results(c, rid, out, metrics)
         return metrics, rid

@@ -21,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .composite import composite_members
-from .config import RunConfig
+from .adversarial_training import ensemble_examples
+from .config import AdversarialTrainingConfig, RunConfig
 from .data import Dataset, member_batches, steps_per_epoch
 from .ensemble import Ensemble, uniform_weights
 from .errors import ConfigError
@@ -155,11 +156,31 @@ class Trainer:
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "loss": run_loss / seen, "train_acc": run_correct / (seen * self.n_train),
                "seconds": seconds}
+        if cfg.train.probe is not None:
+            row["probe_acc"] = self.probe(epoch)
         state.history.append(row)
         self.seconds += seconds
         for cb in callbacks:
             cb("epoch", state)
         return row
+
+    def probe(self, epoch: int) -> float:
+        """train.probe: PGD accuracy of the ensemble (the members trained so far) on the first test
+        images. Over stacked outputs like the training step, so every executor gives the same number;
+        its own generator per epoch, so the training stream and a resumed run are unchanged."""
+        p = self.cfg.train.probe
+        x, y = self.data.test.head(p.samples).batch(torch.arange(min(p.samples, len(self.data.test))), self.ex.device)
+        attack = AdversarialTrainingConfig(mode="ensemble", eps=p.eps, steps=p.steps, start="uniform")
+        weights = self.step.weights
+        self.ex.train(False)
+        try:
+            x_adv = ensemble_examples(self.ex.stacked_logits, x, y, weights, attack,
+                                      generator(self.cfg.seed, "probe", epoch, device=self.ex.device))
+            with torch.no_grad():
+                probs = (weights.view(-1, 1, 1) * self.ex.stacked_logits(x_adv).softmax(-1)).sum(0)
+        finally:
+            self.ex.train(True)
+        return (probs.argmax(1) == y).float().mean().item()
 
     def run(self, callbacks: tuple[Callable, ...] = ()) -> TrainResult:
         while not self.done:

@@ -2,10 +2,17 @@
 worker node are separate raylet processes, told apart by custom resources). Run by
 test_multinode.py in its own process, so its Ray instance never meets the suite's.
 
-usage: python tests/multinode_sweep.py WORKDIR plain|kill   -> prints one JSON line
+usage: python tests/multinode_sweep.py WORKDIR plain|kill|isolated   -> prints one JSON line
+
+isolated: the worker node keeps its session (trial folders) in its own temp dir, which is deleted
+with the node after the first part of the sweep, as a real node's disk would be out of reach.
 """
 import json
+import os
+import shutil
+import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,6 +23,7 @@ from mlflow import MlflowClient
 from ray.cluster_utils import Cluster
 
 from raysweep.sweep import run_sweep
+from raysweep.tracking import tracking_uri
 
 SPACE = {
     "name": "multinode", "seed": 0,
@@ -30,16 +38,48 @@ SPACE = {
 
 
 def runs(uri):
-    client = MlflowClient(uri)
+    client = MlflowClient(tracking_uri(uri))  # through raysweep: the store is created once, under its lock
     exp = client.get_experiment_by_name("raysweep")
     if exp is None:
         return []
     return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("raysweep.kind") == "trial"]
 
 
+def isolated(cluster, worker, worker_tmp: Path, workdir: Path, uri: str, out: dict) -> None:
+    """Interrupt the sweep once a trial of the worker node has finished, remove that node and delete its
+    temp dir, then resume: the rest runs on the head, and the summary and the registered champion
+    (maybe trained on the dead node) come from storage and MLflow."""
+    records = workdir / "sweep" / "trials"
+
+    def interrupt_after_a_worker_trial():
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            recs = [json.loads(p.read_text()) for p in records.glob("*.json")]
+            if any(r.get("node_id") == worker.node_id for r in recs):
+                os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: Tune stops the trials, the sweep is resumable
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=interrupt_after_a_worker_trial, daemon=True).start()
+    first = run_sweep(str(workdir / "space.yaml"), out=str(workdir / "sweep"), tracking=uri, progress=False,
+                      register="mn-ens")
+    out["first"] = {k: first[k] for k in ("status", "finished")}
+    cluster.remove_node(worker, allow_graceful=False)
+    shutil.rmtree(worker_tmp)
+    out["worker_tmp_gone"] = not worker_tmp.exists()
+    summary = run_sweep(None, out=str(workdir / "sweep"), resume=True, progress=False)
+    out["summary"] = {k: summary[k] for k in ("status", "trials", "finished", "failed")}
+    out["registered"] = summary["registered"]
+    recs = [json.loads(p.read_text()) for p in records.glob("*.json")]
+    out["dead_node_runs"] = [r["mlflow_run_id"] for r in recs if r.get("node_id") == worker.node_id]
+    out["storage"] = [t["storage"] for t in summary["finished_trials"]]
+
+
 def main(workdir: Path, mode: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head_node": 1}})
-    worker = cluster.add_node(num_cpus=1, resources={"worker_node": 1})
+    worker_tmp = Path(tempfile.mkdtemp(prefix="rsw", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    worker = cluster.add_node(num_cpus=1, resources={"worker_node": 1},
+                              **({"temp_dir": str(worker_tmp)} if mode == "isolated" else {}))
     out = {"head": cluster.head_node.node_id, "worker": worker.node_id}
     try:
         ray.init(address=cluster.address, logging_level="warning")
@@ -65,6 +105,9 @@ def main(workdir: Path, mode: str) -> None:
                     time.sleep(0.2)
 
             threading.Thread(target=kill_worker_node, daemon=True).start()
+        if mode == "isolated":
+            isolated(cluster, worker, worker_tmp, workdir, uri, out)
+            return
         summary = run_sweep(str(workdir / "space.yaml"), out=str(workdir / "sweep"), tracking=uri, progress=False)
         out["summary"] = {k: summary[k] for k in ("trials", "finished", "failed")}
         out["runs"] = [{"id": r.info.run_id, "status": r.info.status, "node": r.data.tags["raysweep.node_id"],
@@ -73,7 +116,8 @@ def main(workdir: Path, mode: str) -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
-    print(json.dumps(out))
+        shutil.rmtree(worker_tmp, ignore_errors=True)
+        print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -122,3 +122,23 @@ def test_width_multiplier_gives_parameter_matched_baseline():
     data = load_dataset(cfg.data, 0)
     n = lambda w: sum(p.numel() for p in build_members(make_cfg(model={"width": w}), data, 1)[0].parameters())  # noqa
     assert 1.8 < n(1.45) / n(1.0) < 2.2  # DoubleAdv for K=2
+
+
+def test_robustness_probe_reads_every_epoch_without_touching_training():
+    """train.probe adds PGD accuracy on fixed test images to each epoch's row: lower at a larger eps,
+    and the members trained are the same as without it (its own random stream)."""
+    base = dict(ensemble={"k": 2, "method": "independent"}, train={"epochs": 2, "optimizer": "adam", "lr": 2e-3},
+                data={"train_size": 256, "test_size": 128})
+    plain = make_cfg(**base)
+    data = load_dataset(plain.data, plain.seed)
+    results = {}
+    for eps in (0.02, 0.3):
+        cfg = make_cfg(**{**base, "train": {**base["train"], "probe": {"eps": eps, "steps": 3, "samples": 64}}})
+        results[eps] = fit(cfg, data, progress=False)
+    reference = fit(plain, data, progress=False)
+    for result in results.values():
+        assert [r["epoch"] for r in result.state.history] == [0, 1]
+        for got, want in zip(result.ensemble.parameters(), reference.ensemble.parameters()):
+            assert torch.equal(got, want)
+    low, high = (results[e].state.history[-1]["probe_acc"] for e in (0.02, 0.3))
+    assert 0 <= high < low <= 1

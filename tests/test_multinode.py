@@ -4,6 +4,7 @@ The cluster lives in a child process (tests/multinode_sweep.py), stopped there i
 should that process hang or die, by killing its process group here."""
 import json
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
@@ -49,3 +50,21 @@ def test_killing_the_worker_node_retries_its_trial_and_keeps_finished_ones(tmp_p
         r = runs[run_id]
         assert r["status"] == "FAILED" and r["node"] == out["dead_node"]
         assert any(f["trial"] == r["trial"] and f["node"] != out["dead_node"] for f in finished)
+
+
+def test_sweep_needs_no_node_local_folder(tmp_path):
+    """The worker node's session folder (where its trials ran) is deleted with the node mid-sweep; the
+    resumed sweep's summary, its registered champion and `raysweep evaluate` of a run the dead node
+    trained all work from storage and MLflow."""
+    out = _run(tmp_path, "isolated")
+    assert out["first"]["status"] == "interrupted" and out["worker_tmp_gone"]
+    assert out["summary"] == {"status": "finished", "trials": 4, "finished": 4, "failed": 0}
+    assert out["registered"]["champion"] and out["dead_node_runs"]
+    assert all(Path(p, "checkpoint", "ensemble.json").is_file() for p in out["storage"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for target in ("models:/mn-ens@champion", f"runs:/{out['dead_node_runs'][0]}/checkpoint"):
+        res = subprocess.run([sys.executable, "-m", "raysweep", "evaluate", target, "--tracking-uri", uri, "--quiet",
+                              "--out", str(tmp_path / "ev")], capture_output=True, text=True, timeout=300,
+                             cwd=tmp_path)
+        assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["clean_acc"] > 0.2

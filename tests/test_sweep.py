@@ -71,6 +71,7 @@ def test_sweep_records_every_trial_in_mlflow(sweep):
     for run in children:
         assert run.info.status == "FINISHED"
         assert "train.jr.lambda_jr" in run.data.params and run.data.tags["searched.train.jr.lambda_jr"]
+        assert run.data.tags["mlflow.user"] and len(run.data.tags["mlflow.source.git.commit"]) == 40
         assert {"weighted_acc", "clean_acc", "mean_uap_acc", "train/loss"} <= run.data.metrics.keys()
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.json", "acc_vs_eps.png",
                                                                             "uap.png", "checkpoint"}
@@ -126,6 +127,34 @@ def test_registry_champion_load_and_predict(sweep, monkeypatch):
     assert better["champion"] and int(MlflowClient(uri).get_model_version_by_alias("synth-ens", "champion").version) == 3
 
 
+def test_champion_settles_on_the_best_version_when_registrations_race(sweep, tmp_path):
+    """A stale writer (it read the champion before a better version arrived) leaves the alias on a worse
+    version; the next registration re-reads every version and puts it back on the best. Then two
+    processes register at once: the alias ends on the better of the two."""
+    summary, uri, _ = sweep
+    best = summary["best"]
+    client = MlflowClient(uri)
+    top = register("race-ens", best["checkpoint"], best["mlflow_run_id"], uri, "weighted_acc", 0.9)
+    low = register("race-ens", best["checkpoint"], best["mlflow_run_id"], uri, "weighted_acc", 0.1)
+    assert top["champion"] and not low["champion"]
+    client.set_registered_model_alias("race-ens", "champion", str(low["version"]))  # the stale write
+    mid = register("race-ens", best["checkpoint"], best["mlflow_run_id"], uri, "weighted_acc", 0.5)
+    assert not mid["champion"]
+    assert int(client.get_model_version_by_alias("race-ens", "champion").version) == top["version"]
+    code = ("import sys, time, pathlib; from raysweep.registry import register; "
+            "pathlib.Path(sys.argv[1] + '.ready').touch(); "  # imports done: wait for the other process
+            "[time.sleep(0.05) for _ in range(1200) if len(list(pathlib.Path('.').glob('*.ready'))) < 2]; "
+            f"register('duel-ens', {best['checkpoint']!r}, {best['mlflow_run_id']!r}, {uri!r}, 'weighted_acc', "
+            "float(sys.argv[1]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, v], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+             for v in ("0.3", "0.7")]
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-3000:]
+    champ = client.get_model_version_by_alias("duel-ens", "champion")
+    assert champ.tags["objective_value"] == "0.7"
+
+
 def test_evaluate_cli_loads_from_the_registry(sweep, tmp_path):
     summary, uri, _ = sweep
     res = subprocess.run([sys.executable, "-m", "raysweep", "evaluate", "models:/synth-ens/1", "--tracking-uri", uri,
@@ -144,7 +173,12 @@ def test_infeasible_points_are_reported_not_fatal(ray_local, tmp_path):
                   eval={"uap": None, "jacobian_samples": 0, "diversity_samples": 0})
     summary = run_sweep(str(path), out=str(tmp_path / "out"), tracking=f"sqlite:///{tmp_path / 'm.db'}",
                         progress=False, storage=f"file://{tmp_path / 'store'}")  # a pyarrow URI
-    assert list((tmp_path / "store" / "tune").glob("experiment_state-*.json"))
+    assert list((tmp_path / "store" / "tune-1").glob("experiment_state-*.json"))
+    best = summary["best"]  # the trial's results are in the storage, where the summary says
+    assert best["storage"].startswith(f"file://{tmp_path / 'store'}") and best["checkpoint"].startswith("runs:/")
+    stored = best["storage"].removeprefix("file://")
+    assert json.loads(open(f"{stored}/metrics.json").read())["clean_acc"] == pytest.approx(best["clean_acc"])
+    assert load(f"{stored}/checkpoint").k == 3
     assert summary["trials"] == 4 and summary["infeasible"] >= 1 and summary["failed"] == 0
     assert summary["finished"] + summary["infeasible"] == 4
     assert summary["best"]["params"]["train.pdd.m"] > 3
@@ -161,7 +195,7 @@ def test_infeasible_points_are_reported_not_fatal(ray_local, tmp_path):
     ({"params": {"train.jr.lambda_jr": {"loguniform": [0, 1]}}}, "loguniform needs low > 0"),
     ({"objective": "auc"}, "needs eval.auc"),
     ({"objective": ["clean_acc", "weighted_acc"], "asha": {}}, "drop search.asha"),
-    ({"asha": {}, "executor": {"kind": "ray"}}, "only executor.kind: local trials"),
+    ({"asha": {"metric": "probe_acc"}}, "needs train.probe"),
 ])
 def test_malformed_search_space_is_a_clear_error(tmp_path, search, message):
     search = dict(search)
@@ -180,40 +214,108 @@ def test_malformed_space_fails_before_any_trial_through_the_cli(tmp_path):
     assert time.perf_counter() - t0 < 60
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
-    path = _space(tmp_path, {"samples": 4, "max_concurrent": 1})
+def _start_sweep(tmp_path, cmd):
+    """The sweep CLI in its own process group, once one trial has ended (its record is written)."""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        if list((tmp_path / "out" / "trials").glob("*.json")):
+            return proc, env
+        if proc.poll() is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"the sweep ended before it was interrupted: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("no trial finished in time")
+
+
+def _trial_runs(client):
+    exp = client.get_experiment_by_name("raysweep").experiment_id
+    return [r for r in client.search_runs([exp]) if r.data.tags.get("raysweep.kind") == "trial"]
+
+
+def test_killed_sweep_resumes_exactly_as_it_was_started(tmp_path):
+    """SIGKILL of the whole sweep after one trial; --resume with no --set keeps the original override
+    (every trial's MLflow params say so), re-runs none of the finished trials, and the Optuna study
+    on disk holds every trial."""
+    path = _space(tmp_path, {"samples": 3, "max_concurrent": 1})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "raysweep", "sweep", str(path), "--out", str(tmp_path / "out"), "--tracking-uri",
            uri, "--quiet"]
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline:  # until Tune's experiment state records a finished trial
-            states = list((tmp_path / "out" / "tune").glob("experiment_state-*.json"))
-            if states and '\\"status\\": \\"TERMINATED\\"' in states[0].read_text():
-                break
-            assert proc.poll() is None, "the sweep ended before it was interrupted"
-            time.sleep(1)
-        else:
-            pytest.fail("no trial finished in time")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the Ray instance it started
-        proc.wait()
+    proc, env = _start_sweep(tmp_path, cmd + ["--set", "data.train_size=192"])
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the Ray instance it started
+    proc.wait()
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("raysweep").experiment_id
-    before = {r.data.tags["raysweep.trial_id"] for r in client.search_runs([exp], "attributes.status = 'FINISHED'")
-              if r.data.tags.get("raysweep.kind") == "trial"}
-    assert 1 <= len(before) < 4
-    res = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    before = {r.data.tags["raysweep.trial_id"] for r in _trial_runs(client) if r.info.status == "FINISHED"}
+    assert 1 <= len(before) < 3
+    changed = subprocess.run(cmd + ["--resume", "--set", "data.train_size=100"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 2 and "differs from the sweep's overrides" in changed.stderr
+    assert "Traceback" not in changed.stderr
+    edited = _space(tmp_path, {"samples": 3, "max_concurrent": 1, "seed": 8}, name="edited.yaml")
+    res = subprocess.run([*cmd[:4], str(edited), *cmd[5:], "--resume"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "differs from the search space this sweep started with" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "raysweep", "sweep", "--resume", "--out", str(tmp_path / "out"),
+                          "--quiet"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["finished"] == 4
-    runs = [r for r in client.search_runs([exp]) if r.data.tags.get("raysweep.kind") == "trial"]
+    assert summary["status"] == "finished" and summary["finished"] == 3
+    runs = _trial_runs(client)
     for trial_id in before:  # a finished trial ran once
         assert sum(r.data.tags["raysweep.trial_id"] == trial_id for r in runs) == 1
     assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)  # the interrupted trial's run is closed
+    assert all(r.data.params["data.train_size"] == "192" for r in runs)
+    study = optuna.load_study(study_name=summary["study_name"], storage=summary["optuna_storage"])
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3
+    assert sorted(t.value for t in complete) == pytest.approx(sorted(r["weighted_acc"]
+                                                                     for r in summary["finished_trials"]))
+    cut = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]  # running at the kill
+    reruns = [t for t in complete if "raysweep_rerun_of" in t.user_attrs]
+    assert len(reruns) == len(cut) and all(t.params == study.trials[t.user_attrs["raysweep_rerun_of"]].params
+                                           for t in reruns)
+
+
+def test_sigint_ends_the_sweep_as_interrupted(tmp_path):
+    path = _space(tmp_path, {"samples": 3, "max_concurrent": 1})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "raysweep", "sweep", str(path), "--out", str(tmp_path / "out"), "--tracking-uri",
+           uri, "--quiet"]
+    proc, _ = _start_sweep(tmp_path, cmd)
+    try:
+        os.kill(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "--resume --out" in stderr and "Traceback" not in stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 1 <= summary["finished"] < 3
+    client = MlflowClient(uri)
+    parent = client.get_run(summary["mlflow_parent_run_id"])
+    assert parent.info.status == "KILLED"
+    statuses = [r.info.status for r in _trial_runs(client)]
+    assert "RUNNING" not in statuses and statuses.count("FINISHED") == summary["finished"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--resume"], "no sweep in"),
+    (["--samples", "0"], "at least 1 trial"),
+    (["--register", "bad/name"], "registered model name"),
+    (["--storage", "/proc/nope"], "cannot write there"),
+    (["--tracking-uri", "http://127.0.0.1:9"], "cannot reach an MLflow server"),
+])
+def test_bad_sweep_input_fails_before_any_trial(tmp_path, args, message):
+    path = _space(tmp_path)
+    res = subprocess.run([sys.executable, "-m", "raysweep", "sweep", str(path), "--out", str(tmp_path / "o"),
+                          "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", *args], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and not (tmp_path / "o" / "tune-1").exists()
 
 
 def test_train_cli_records_one_mlflow_run(tmp_path):
@@ -233,30 +335,46 @@ def test_train_cli_records_one_mlflow_run(tmp_path):
 
 
 def test_asha_stops_trials_and_their_runs_are_closed(ray_local, tmp_path):
-    search = {"samples": 4, "max_concurrent": 1, "asha": {"grace_period": 1, "reduction_factor": 2}}
-    path = _space(tmp_path, search, train={"epochs": 3, "optimizer": "adam", "lr": 0.001})
+    """Seed 10 draws learning rates good, bad, good, bad (Optuna's seeded start-up sampling): a trial at
+    1e-5 has learnt nothing after one epoch, below the rung's median, and ASHA must stop it."""
+    search = {"samples": 4, "max_concurrent": 1, "seed": 10, "color_by": None,
+              "params": {"train.lr": {"choice": [0.003, 0.00001]}},
+              "asha": {"metric": "probe_acc", "grace_period": 1, "reduction_factor": 2}}
+    path = _space(tmp_path, search, train={"epochs": 3, "optimizer": "adam", "lr": 0.001,
+                                           "probe": {"eps": 0.02, "steps": 2, "samples": 64}})
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     summary = run_sweep(str(path), out=str(tmp_path / "out"), tracking=uri, progress=False)
     assert summary["finished"] + summary["stopped_early"] == 4 and summary["finished"] >= 1
+    assert summary["stopped_early"] >= 1, "ASHA stopped no trial: the test would not see a broken scheduler"
+    assert all(t["params"]["train.lr"] == 0.003 for t in summary["finished_trials"])
     client = MlflowClient(uri)
     _, children = _children(client, summary)
     statuses = sorted(r.info.status for r in children)
     assert statuses.count("KILLED") == summary["stopped_early"] and statuses.count("FINISHED") == summary["finished"]
+    for run in children:  # ASHA's reading, per epoch, also in MLflow
+        assert 0 in {m.step for m in client.get_metric_history(run.info.run_id, "train/probe_acc")}
 
 
 def test_sweep_of_ray_executor_trials(ray_local, tmp_path):
     """Each trial trains with one Ray Train worker per member; a trial holds 0.5 + 2 x 0.5 CPUs, so the
-    2-CPU cluster runs one trial at a time."""
-    search = {"samples": 2, "trial_cpus": 0.5}
-    path = _space(tmp_path, search, executor={"kind": "ray", "ray": {"cpus_per_worker": 0.5}})
+    2-CPU cluster runs one trial at a time. Epochs reach Tune (ASHA) and MLflow as they end, relayed
+    from the workers; Ray Train's checkpoints go to the sweep's storage."""
+    search = {"samples": 2, "trial_cpus": 0.5, "asha": {"grace_period": 1, "reduction_factor": 2}}
+    path = _space(tmp_path, search, executor={"kind": "ray", "ray": {"cpus_per_worker": 0.5}},
+                  train={**BASE["train"], "epochs": 2})
     from raysweep.sweep import _max_concurrent
 
     assert _max_concurrent(load_search_space(path)) == 1
-    summary = run_sweep(str(path), out=str(tmp_path / "out"), tracking=f"sqlite:///{tmp_path / 'm.db'}",
-                        progress=False)
-    assert summary["finished"] == 2
-    metrics = json.loads((tmp_dir(summary) / "summary.json").read_text())["best"]
-    assert metrics["weighted_acc"] > 0
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    summary = run_sweep(str(path), out=str(tmp_path / "out"), tracking=uri, progress=False,
+                        storage=str(tmp_path / "store"))
+    assert summary["finished"] + summary["stopped_early"] == 2 and summary["finished"] >= 1
+    assert json.loads((tmp_dir(summary) / "summary.json").read_text())["best"]["weighted_acc"] > 0
+    client = MlflowClient(uri)
+    for run in _children(client, summary)[1]:  # the first epoch (step 0) is logged live, from the relay only
+        steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/train_acc")}
+        assert steps == ({0, 1} if run.info.status == "FINISHED" else {0})
+    assert list((tmp_path / "store" / "ray-train").glob("*/checkpoint_*"))
 
 
 @pytest.mark.parametrize("name", ["jacobian_ensembles_sweep", "robust_ensembles_sweep", "ensemble_adv_sweep",
@@ -284,7 +402,7 @@ def test_shipped_search_spaces_load_and_sample(name):
 def test_failed_trials_are_recorded_failed_and_the_sweep_goes_on(ray_local, tmp_path):
     """Seed 0 draws mnist, synthetic, mnist; MNIST is not on this machine and downloads are off, so two
     trials raise at data loading. Their MLflow runs end FAILED, keeping the params they had logged."""
-    search = {"objective": "clean_acc", "samples": 3, "seed": 0, "color_by": None, "max_failures": 0,
+    search = {"objective": "clean_acc", "samples": 3, "seed": 0, "color_by": None, "max_failures": 2,
               "params": {"data.dataset": {"choice": ["synthetic", "mnist"]}}}
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -295,4 +413,13 @@ def test_failed_trials_are_recorded_failed_and_the_sweep_goes_on(ray_local, tmp_
     assert (summary["failed"], summary["finished"]) == (2, 1)
     _, children = _children(MlflowClient(uri), summary)
     failed = [r for r in children if r.info.status == "FAILED"]
+    # A Python error is not retried (max_failures is for dead processes and nodes): one run per trial,
+    # with its error as a tag and its traceback as an artifact.
     assert len(failed) == 2 and all(r.data.params["data.dataset"] == "mnist" for r in failed)
+    client = MlflowClient(uri)
+    for run in failed:
+        assert "not found" in run.data.tags["raysweep.error"]
+        local = client.download_artifacts(run.info.run_id, "error.txt", str(tmp_path / run.info.run_id))
+        assert "Traceback" in open(local).read()
+    records = [json.loads(p.read_text()) for p in (tmp_dir(summary) / "trials").glob("*.json")]
+    assert sorted(r["status"] for r in records) == ["failed", "failed", "finished"]

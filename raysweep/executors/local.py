@@ -109,6 +109,11 @@ class VmappedMembers:
 
 def make_local_executor(members: list[nn.Module], vectorize: str = "auto", device: str = "auto"):
     dev = resolve_device(device)
+    if dev.type == "cuda":
+        # fp32 means fp32: with PyTorch's default TF32 convolutions, vmapped and looped members differ by
+        # up to 2e-4 in gradients on an H200 (benchmarks/GPU_RESULTS.md); without TF32, by 1e-8.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     if vectorize == "auto":
         vectorize = "vmap" if dev.type == "cuda" and not _has_batchnorm(members[0]) else "loop"
     return (VmappedMembers if vectorize == "vmap" else LoopedMembers)(members, dev)

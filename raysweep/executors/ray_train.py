@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
 import tempfile
 import time
 import uuid
@@ -148,17 +150,62 @@ def check_resources(cfg: RunConfig) -> None:
 
 
 def connect(address: str | None = None) -> None:
-    """Join `address` or $RAY_ADDRESS when set, else start (or join) a local Ray; no-op if connected."""
+    """Join `address` or $RAY_ADDRESS when set, else start (or join) a local Ray; no-op if connected.
+    A HOST:PORT with nothing listening is an error at once (ray.init would wait for minutes)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, logging_level="warning")
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    where = f"--address {address!r} (or $RAY_ADDRESS)"
+    if address and "://" not in address and address not in ("auto", "local"):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(f"{where}: expected HOST:PORT of a Ray head (e.g. 10.0.0.1:6379), ray://HOST:PORT, "
+                            "'auto' or 'local'")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as err:
+            raise UserError(f"{where}: no Ray head answers there ({err.strerror or err}); start one with "
+                            "`ray start --head` or fix the address") from None
+    try:
+        ray.init(address=address, logging_level="warning")
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        raise UserError(f"{where}: cannot join a Ray cluster there: {str(err).strip().splitlines()[0][:300]}") from None
 
 
-def fit_on_ray(cfg: RunConfig, data: Dataset, storage: str | Path, progress: bool = True, callbacks=()):
+def _epoch_relay(to_metrics):
+    """A Ray Train callback that hands each epoch's report (rank 0's row) to the enclosing Tune trial as
+    the trial's own report, through Ray's TuneReportCallback queue. `to_metrics(row)` picks what Tune
+    sees (None: skip the epoch). Runs in Train's controller, so `to_metrics` must pickle."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochRelay(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            out = to_metrics(metrics[0])
+            if out is not None:
+                self._training_actor_item_queue.put(out)
+
+    return EpochRelay()
+
+
+def warn_if_local_storage(storage: str, flag: str) -> None:
+    """A local path is one disk per node: on a cluster of several nodes, say so (results written by
+    other nodes would land on their own disks)."""
+    import ray
+
+    nodes = sum(n["Alive"] for n in ray.nodes())
+    if nodes > 1 and "://" not in storage:
+        print(f"raysweep: {flag} {storage} is a local path on a {nodes}-node cluster: every node must see it (a "
+              "shared mount), else give an s3:// or gs:// URI", file=sys.stderr)
+
+
+def fit_on_ray(cfg: RunConfig, data: Dataset, storage: str | Path, progress: bool = True, callbacks=(),
+               epoch_metrics=None):
     """Train with one Ray Train worker per member group; returns a TrainResult like train.fit.
     `storage`: where checkpoints go when executor.ray.storage is unset. `callbacks` run in every
-    worker (picklable `fn(event, state)`, as for train.fit)."""
+    worker (picklable `fn(event, state)`, as for train.fit). `epoch_metrics(row) -> dict | None`: inside
+    a Tune trial, what of each epoch's row the trial reports to Tune as the epoch ends (ASHA, MLflow)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -167,7 +214,8 @@ def fit_on_ray(cfg: RunConfig, data: Dataset, storage: str | Path, progress: boo
     connect()
     check_resources(cfg)
     r = cfg.executor.ray
-    storage_path = r.storage or str(Path(storage).resolve())
+    storage_path = r.storage or (str(storage) if "://" in str(storage) else str(Path(storage).resolve()))
+    warn_if_local_storage(storage_path, "executor.ray.storage")
     name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     env = {k: v for k, v in os.environ.items() if k.startswith("RAYSWEEP_")}
     # Ray Train's worker logging prints every report and checkpoint at INFO, and its LoggingConfig
@@ -186,6 +234,7 @@ def fit_on_ray(cfg: RunConfig, data: Dataset, storage: str | Path, progress: boo
             name=name, storage_path=storage_path, worker_runtime_env={"env_vars": env},
             failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[_epoch_relay(epoch_metrics)] if epoch_metrics else None,
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     t0 = time.perf_counter()

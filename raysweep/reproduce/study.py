@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,23 +97,45 @@ def _cached(out: Path, cfg: RunConfig) -> dict | None:
     return None
 
 
-def _run_variant(raw: dict, out: str, uri: str | None, experiment: str, tags: dict, checkpoint: str | None) -> dict:
-    """One Ray task: train + evaluate (or, with `checkpoint`, evaluate that checkpoint under this
-    config's eval), recorded as one MLflow run."""
+def _files(root: Path) -> dict[str, bytes]:
+    """A run directory's files (Ray Train's own checkpoint folder aside) as bytes, to travel back to
+    the head: the node that ran a variant may be another machine, gone by the time the report is built."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).parts[0] != "ray"}
+
+
+def _write_files(files: dict[str, bytes], root: Path) -> None:
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def _run_variant(raw: dict, uri: str | None, experiment: str, tags: dict,
+                 checkpoint: dict[str, bytes] | None) -> tuple[dict, dict[str, bytes]]:
+    """One Ray task: train + evaluate (or, given a checkpoint's files, evaluate that checkpoint under
+    this config's eval), recorded as one MLflow run. Works in a scratch folder of whichever node runs
+    it and returns (metrics, the run directory's files)."""
     from ..run import evaluate_checkpoint, train_and_evaluate
     from ..tracking import log_train_run
 
     cfg = validate_config(raw)
-
-    def work():
+    with tempfile.TemporaryDirectory(prefix="raysweep-") as tmp:
+        out = Path(tmp) / "run"
         if checkpoint:
-            return evaluate_checkpoint(checkpoint, cfg, out, progress=False)
-        return train_and_evaluate(cfg, out, progress=False)
+            _write_files(checkpoint, Path(tmp) / "checkpoint")
 
-    if uri is None:
-        return work()
-    metrics, run_id = log_train_run(cfg, Path(out), uri, experiment, work, tags)
-    return {**metrics, "mlflow_run_id": run_id}
+        def work():
+            if checkpoint:
+                return evaluate_checkpoint(Path(tmp) / "checkpoint", cfg, out, progress=False)
+            return train_and_evaluate(cfg, out, progress=False)
+
+        if uri is None:
+            metrics = work()
+        else:
+            metrics, run_id = log_train_run(cfg, out, uri, experiment, work, tags)
+            metrics = {**metrics, "mlflow_run_id": run_id}
+        return metrics, _files(out)
 
 
 @dataclass
@@ -147,17 +170,18 @@ def run_jobs(jobs: list[Job], out: Path, study: str, *, uri: str | None, experim
     connect(address)
     task = ray.remote(num_cpus=cpus_per_job, num_gpus=gpus_per_job, max_retries=0)(_run_variant)
     t0 = time.perf_counter()
-    pending = {task.remote(j.raw, str(out / j.key), uri, experiment,
+    pending = {task.remote(j.raw, uri, experiment,
                            {"raysweep.kind": "reproduce", "raysweep.study": study, "raysweep.variant": j.key},
-                           j.checkpoint): j for j in todo}
+                           _files(Path(j.checkpoint)) if j.checkpoint else None): j for j in todo}
     done_count = len(results)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         job = pending.pop(ready[0])
         done_count += 1
         try:
-            results[job.key] = ray.get(ready[0])
-            m = results[job.key]
+            m, files = ray.get(ready[0])
+            _write_files(files, out / job.key)  # on this machine: the cache, the checks and the report read it
+            results[job.key] = m
             log(f"[{done_count}/{len(jobs)}] {job.key}: clean {m['clean_acc']:.4f}"
                 f"  ({m.get('total_seconds', m.get('eval_seconds', 0)):.0f} s; {time.perf_counter() - t0:.0f} s elapsed)")
         except Exception as err:  # noqa: BLE001 - one variant's failure must not lose the others
