@@ -112,10 +112,10 @@ def _stage_idx(folder: Path, tv_name: str) -> Path | None:
         dst = raw / name
         if dst.is_file() and dst.stat().st_mtime >= src.stat().st_mtime:
             continue
-        tmp = dst.with_suffix(".tmp")
+        tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")  # one per process: concurrent trials stage at once
         with (gzip.open(src) if src.suffix == ".gz" else open(src, "rb")) as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout)
-        tmp.replace(dst)  # atomic: concurrent trials may stage at once
+        tmp.replace(dst)  # atomic: the last of several identical copies wins
     return root
 
 

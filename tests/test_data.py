@@ -1,4 +1,7 @@
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -72,3 +75,19 @@ def test_missing_dataset_names_every_option(tmp_path, monkeypatch):
     for option in ("data.data_dir", "$RAYSWEEP_DATA_DIR", "Debian package /usr/share/datasets/cifar10",
                    "download: disabled"):
         assert option in msg, msg
+
+
+@needs_fmnist
+def test_concurrent_first_staging_of_the_idx_files(tmp_path):
+    """Two processes staging Fashion-MNIST into a fresh cache at once (two trials starting together)
+    both succeed: each writes its own temporary file before the atomic move."""
+    code = ("import sys; from pathlib import Path; from raysweep.data import _stage_idx; "
+            "assert _stage_idx(Path(sys.argv[1]), 'FashionMNIST') is not None")
+    env = {**os.environ, "RAYSWEEP_CACHE_DIR": str(tmp_path / "cache")}
+    for _ in range(3):  # fresh cache each round: the race is at the first copy
+        shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(FMNIST_DIR)], env=env, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err[-2000:]
