@@ -94,8 +94,11 @@ def main(workdir: Path, mode: str) -> None:
                            for r in rs) and any(r.info.status == "FINISHED" for r in rs):
                         finished = sorted(r.info.run_id for r in rs if r.info.status == "FINISHED")
                         cluster.remove_node(node, allow_graceful=False)
-                        # The run seen RUNNING may have finished between that read and the kill: what died
-                        # is what the dead node left unfinished (RUNNING, or FAILED once Tune noticed).
+                        # The run seen RUNNING may have finished between that read and the kill, and a
+                        # worker outlives its raylet by a moment (long enough to close a run it had just
+                        # finished): what died is what the dead node left unfinished once its processes
+                        # are gone (RUNNING, or FAILED once Tune noticed).
+                        time.sleep(3)
                         died = [r.info.run_id for r in runs(uri)
                                 if r.data.tags["raysweep.node_id"] == node.node_id and r.info.status != "FINISHED"]
                         if died:
