@@ -443,6 +443,7 @@ def run_sweep(space_path: str | None, overrides: list[str] = (), samples: int | 
     if resume:
         _close_open_runs(client, state)  # runs of trials cut off last time; their points are re-run below
         _requeue_interrupted(state)
+        client.update_run(state["parent_run_id"], status="RUNNING")  # KILLED or FAILED when it stopped
     done = len(_records(sweep_dir))
     remaining = state["samples"] - done
     state["attempts"] += 1
