@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from . import plots
 from .checkpoint import checkpoint_config, load, save_checkpoint
 from .config import RunConfig, dump_config
-from .errors import UserError
 from .data import load_dataset
+from .errors import UserError
 from .evaluate import evaluate
 from .train import fit
 

@@ -46,7 +46,7 @@ from ray.tune.search.optuna import OptunaSearch
 from . import plots
 from .config import dump_config, validate_config
 from .errors import ConfigError, UserError
-from .executors.ray_train import connect, num_workers, warn_if_local_storage
+from .executors.ray_train import connect, num_workers, storage_path, warn_if_local_storage
 from .registry import register as register_model
 from .run import train_and_evaluate
 from .search_space import SearchSpace, load_search_space
@@ -209,15 +209,8 @@ class _TrialLedger(Callback):
         """An epoch of a running trial: its row goes to the trial's MLflow run now, in one batch."""
         rows = [Metric(k, v, int(time.time() * 1000), int(result["epoch"]) - 1) for k, v in result.items()
                 if k.startswith("train/")]  # MLflow steps are the history's 0-based epochs
-        run_id = result.get("mlflow_run_id") or self._run_of(trial)
-        if rows and run_id:
-            MlflowClient(self.uri).log_batch(run_id, metrics=rows)
-
-    def _run_of(self, trial) -> str | None:
-        runs = MlflowClient(self.uri).search_runs([experiment_id(self.experiment, self.uri)],
-                                                  f"tags.`raysweep.trial_id` = '{trial.trial_id}' and "
-                                                  "attributes.status = 'RUNNING'")
-        return runs[0].info.run_id if runs else None
+        if rows:  # epoch_metrics puts the run id in every epoch's result
+            MlflowClient(self.uri).log_batch(result["mlflow_run_id"], metrics=rows)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self._close(trial, "FAILED")  # its process or node died; Tune retries it as a new run
@@ -241,14 +234,6 @@ class _TrialLedger(Callback):
 def _pareto(rows: list[dict], keys: list[str]) -> list[dict]:
     return [r for r in rows if not any(all(o[k] >= r[k] for k in keys) and any(o[k] > r[k] for k in keys)
                                        for o in rows)]
-
-
-def _absolute_storage(storage: str | None, sweep_dir: Path) -> str:
-    if not storage:
-        return str(sweep_dir)
-    if "://" in storage:
-        return storage.rstrip("/")
-    return str(Path(storage).expanduser().resolve())  # Tune needs an absolute path
 
 
 def _check_storage(storage: str) -> None:
@@ -288,7 +273,7 @@ def _start(space_path: str, overrides: list[str], samples: int | None, sweep_dir
         sweep_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"--out {sweep_dir}: cannot create the sweep directory ({err.strerror})") from None
-    storage = _absolute_storage(storage, sweep_dir)
+    storage = storage_path(storage or sweep_dir)
     _check_storage(storage)
     connect(address)
     client = MlflowClient(uri)
@@ -302,14 +287,18 @@ def _start(space_path: str, overrides: list[str], samples: int | None, sweep_dir
              "parent_run_id": parent.info.run_id, "optuna_storage": _optuna_storage(sweep_dir),
              "study_name": space.name, "objectives": [o.key for o in space.search.objective],
              "run_tags": run_tags, "started": time.time(), "attempts": 0}
-    tmp = sweep_dir / f".{STATE_FILE}"
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(state_file)
+    _write_state(sweep_dir, state)
     client.log_text(parent.info.run_id, Path(space_path).read_text(), "search_space.yaml")
     for key, value in flat_params(space.search.model_dump(mode="json"), "search.").items():
         client.log_param(parent.info.run_id, key, value)
     client.log_param(parent.info.run_id, "overrides", json.dumps(list(overrides)))
     return state
+
+
+def _write_state(sweep_dir: Path, state: dict) -> None:
+    tmp = sweep_dir / f".{STATE_FILE}"
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(sweep_dir / STATE_FILE)  # whole or absent, even if the sweep is killed here
 
 
 def _reopen(sweep_dir: Path, space_path: str | None, overrides: list[str], given: dict) -> dict:
@@ -347,19 +336,16 @@ def _close_open_runs(client: MlflowClient, state: dict, status: str = "KILLED") 
     return len(open_runs)
 
 
-def _requeue_interrupted(state: dict) -> int:
+def _requeue_interrupted(state: dict) -> None:
     """Trials the study holds as running were cut off by the interruption: close them as failed in
     Optuna and enqueue the same point again, so the resumed sweep re-runs them first."""
     try:
         study = optuna.load_study(study_name=state["study_name"], storage=state["optuna_storage"])
     except KeyError:
-        return 0  # interrupted before Optuna asked for any point
-    cut = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    for t in cut:
-        if t.state == TrialState.RUNNING:
-            study.tell(t.number, state=TrialState.FAIL)
-            study.enqueue_trial(t.params, user_attrs={"raysweep_rerun_of": t.number})
-    return len(cut)
+        return  # interrupted before Optuna asked for any point
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"raysweep_rerun_of": t.number})
 
 
 @contextmanager
@@ -432,7 +418,7 @@ def run_sweep(space_path: str | None, overrides: list[str] = (), samples: int | 
     if resume:
         state = _reopen(sweep_dir, space_path, list(overrides), {
             "samples": samples, "register": register, "experiment": experiment,
-            "storage": storage and _absolute_storage(storage, sweep_dir),
+            "storage": storage and storage_path(storage),
             "tracking_uri": tracking and tracking_uri(tracking)})
     else:
         state = _start(space_path, list(overrides), samples, sweep_dir, storage, register, tracking, experiment,
@@ -447,7 +433,7 @@ def run_sweep(space_path: str | None, overrides: list[str] = (), samples: int | 
     done = len(_records(sweep_dir))
     remaining = state["samples"] - done
     state["attempts"] += 1
-    (sweep_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+    _write_state(sweep_dir, state)
     t0 = time.perf_counter()
     try:
         interrupted = remaining > 0 and _tune(space, state, sweep_dir, done, remaining, address, progress)

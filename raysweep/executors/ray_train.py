@@ -189,6 +189,13 @@ def _epoch_relay(to_metrics):
     return EpochRelay()
 
 
+def storage_path(storage: str | Path) -> str:
+    """A pyarrow URI as given, or a local path made absolute (Ray Tune and Train need one)."""
+    if "://" in str(storage):
+        return str(storage).rstrip("/")
+    return str(Path(storage).expanduser().resolve())
+
+
 def warn_if_local_storage(storage: str, flag: str) -> None:
     """A local path is one disk per node: on a cluster of several nodes, say so (results written by
     other nodes would land on their own disks)."""
@@ -214,8 +221,8 @@ def fit_on_ray(cfg: RunConfig, data: Dataset, storage: str | Path, progress: boo
     connect()
     check_resources(cfg)
     r = cfg.executor.ray
-    storage_path = r.storage or (str(storage) if "://" in str(storage) else str(Path(storage).resolve()))
-    warn_if_local_storage(storage_path, "executor.ray.storage")
+    storage = r.storage or storage_path(storage)
+    warn_if_local_storage(storage, "executor.ray.storage")
     name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     env = {k: v for k, v in os.environ.items() if k.startswith("RAYSWEEP_")}
     # Ray Train's worker logging prints every report and checkpoint at INFO, and its LoggingConfig
@@ -231,7 +238,7 @@ def fit_on_ray(cfg: RunConfig, data: Dataset, storage: str | Path, progress: boo
             num_workers=num_workers(cfg), use_gpu=r.gpus_per_worker > 0,
             resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, worker_runtime_env={"env_vars": env},
+            name=name, storage_path=storage, worker_runtime_env={"env_vars": env},
             failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[_epoch_relay(epoch_metrics)] if epoch_metrics else None,
@@ -242,7 +249,7 @@ def fit_on_ray(cfg: RunConfig, data: Dataset, storage: str | Path, progress: boo
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise UserError(f"Ray training of {cfg.name!r} failed after {r.max_failures} restart(s); checkpoints "
-                        f"so far are under {storage_path}/{name}: {err}") from err
+                        f"so far are under {storage}/{name}: {err}") from err
     seconds = time.perf_counter() - t0
     with result.checkpoint.as_directory() as d:
         driver = torch.load(Path(d) / DRIVER_FILE, weights_only=True)
