@@ -254,6 +254,30 @@ def section_bf16():
           f"warm-up.", rows)
 
 
+def section_jr():
+    rows = []
+    for arch, k, shape, bs in (("lenet5", 3, (1, 28, 28), S["batch"]), ("resnet18", 3, (3, 32, 32), S["resnet_batch"])):
+        cfg, _, members, x, y = setup(arch, k, bs, 0.0, shape)
+        big = arch == "resnet18"
+        ex_cls = type(make_local_executor(copy.deepcopy(members[:1]), "auto", DEVICE.type))
+        row = {"model": arch, "K": k, "B": bs, "executor (auto)": ex_cls.__name__,
+               "plain ms": step_ms(ex_cls, cfg, members, x, y, big)}
+        for estimator in ("double_backward", "forward_mode"):
+            raw = cfg.model_dump(mode="json")
+            raw["train"]["jr"] = {"lambda_jr": 0.05, "estimator": estimator}
+            cfg_jr = validate_config(raw)
+            row[f"{estimator} ms"] = step_ms(ex_cls, cfg_jr, members, x, y, big)
+            row[f"{estimator}/plain"] = row[f"{estimator} ms"] / row["plain ms"]
+            if vmap_refusal(members) is None and estimator == "forward_mode":
+                row["forward_mode loop vs vmap max abs grad diff"] = equivalence(cfg_jr, members, x, y, strict=True)[1]
+        rows.append(row)
+        del members, x, y
+    table("jr", "7. JR estimators (train.jr.estimator): step time against a plain step",
+          f"raysweep TrainStep with lambda_jr 0.05, n_proj 1, fp32 (TF32 off), the executor `auto` picks; median "
+          f"of {S['timed']} ({S['timed_big']} for ResNet-18) timed steps after warm-up. Equivalence: one "
+          f"forward_mode step from identical members, looped vs vmapped.", rows)
+
+
 def section_packing():
     n, k, b = S["pack_trials"], 3, S["batch"]
     cfg, _, members, x, y = setup("lenet5", n * k, b)  # N*K members, each its own batch
@@ -461,7 +485,7 @@ def init_ref(cfg, data, k):
 # ----------------------------------------------------------------------------- main
 
 SECTIONS = {"executors": section_executors, "bf16": section_bf16, "packing": section_packing, "uap": section_uap,
-            "memory": section_memory, "gloo": section_gloo}
+            "memory": section_memory, "gloo": section_gloo, "jr": section_jr}
 
 
 def main():

@@ -1,18 +1,29 @@
-"""Jacobian-regularised step vs plain step (K=3 LeNet-5, B=128, looped members)."""
-from common import header, lenet_setup, median_ms, step_fn
+"""Jacobian-regularised step vs plain step (K=3 LeNet-5, B=128, looped members), per estimator:
+double_backward (output projections, the reference) and forward_mode (J u as a forward-mode tangent).
+Target for the cheap estimator: <= 2.0x a plain step."""
+from common import alternating_ms, header, lenet_setup, step_fn
 
 from raysweep.executors import LoopedMembers
 
+VARIANTS = {
+    "double_backward n_proj=1": {"estimator": "double_backward", "n_proj": 1},
+    "double_backward n_proj=4": {"estimator": "double_backward", "n_proj": 4},
+    "forward_mode": {"estimator": "forward_mode", "n_proj": 1},
+}
+
 
 def main():
-    header("Jacobian regularisation: JR step vs plain step, K=3 LeNet-5")
+    header("Jacobian regularisation: JR step / plain step, K=3 LeNet-5, B=128")
     cfg, _, members, x, y = lenet_setup(3)
-    plain = median_ms(step_fn(LoopedMembers, cfg, members, x, y))
-    for n_proj in (1, 4):
+    plain_fn = step_fn(LoopedMembers, cfg, members, x, y)
+    for name, jr in VARIANTS.items():
         cfg_jr = cfg.model_copy(deep=True)
-        cfg_jr.train.jr.lambda_jr, cfg_jr.train.jr.n_proj = 0.05, n_proj
-        jr = median_ms(step_fn(LoopedMembers, cfg_jr, members, x, y))
-        print(f"n_proj={n_proj}: plain {plain:6.1f} ms  JR {jr:6.1f} ms  JR/plain {jr / plain:4.2f}x")
+        cfg_jr.train.jr.lambda_jr = 0.05
+        for key, value in jr.items():
+            setattr(cfg_jr.train.jr, key, value)
+        fn = step_fn(LoopedMembers, cfg_jr, members, x, y)
+        t, p = alternating_ms(fn, plain_fn)
+        print(f"{name:<26} {t:7.1f} ms  plain {p:6.1f} ms  {t / p:5.2f}x plain")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Ensemble-level methods vs a plain simultaneous step (K=3 LeNet-5, B=128, same batch for all
 members, looped members). Targets from issue 3: DEG <= 3x (the paper's implementation: 13x),
 PDD <= 1.3x."""
-from common import header, lenet_setup, median_ms, step_fn
+from common import alternating_ms, header, lenet_setup, step_fn
 
 from raysweep.config import validate_config
 from raysweep.executors import LoopedMembers
@@ -26,12 +26,7 @@ def main():
     plain_fn = step_fn(LoopedMembers, plain_cfg, members, x, y)
     for name, train in METHODS.items():
         fn = step_fn(LoopedMembers, validate_config({**raw, "train": {**raw["train"], **train}}), members, x, y)
-        # This machine's timings drift by 20-30% within a minute: alternate the two and compare medians.
-        plains, times = [], []
-        for _ in range(3):
-            plains.append(median_ms(plain_fn, 1.0))
-            times.append(median_ms(fn, 1.0))
-        p, t = sorted(plains)[1], sorted(times)[1]
+        t, p = alternating_ms(fn, plain_fn)
         print(f"{name:<24} {t:7.1f} ms  plain {p:6.1f} ms  {t / p:5.2f}x plain")
 
 

@@ -43,3 +43,14 @@ def step_fn(executor_cls, cfg, members, x, y):
 
 def header(title: str) -> None:
     print(f"\n== {title} (device {DEVICE}, torch {torch.__version__}, {torch.get_num_threads()} threads)")
+
+
+def alternating_ms(fn, plain_fn, rounds: int = 3) -> tuple[float, float]:
+    """(ms of fn, ms of plain_fn), each the middle of `rounds` medians taken alternately: this machine's
+    timings drift by 20-30% within a minute, so two things are compared only side by side."""
+    plains, times = [], []
+    for _ in range(rounds):
+        plains.append(median_ms(plain_fn, 1.0))
+        times.append(median_ms(fn, 1.0))
+    return sorted(times)[rounds // 2], sorted(plains)[rounds // 2]
+

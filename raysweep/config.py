@@ -99,6 +99,18 @@ class JacobianRegConfig(_Strict):
     lambda_jr: float = Field(0.0, ge=0, le=2, description="SPEC section 1: L = CE + lambda_jr/2 * mean ||J||_F^2")
     n_proj: int = Field(1, ge=1)
     exact: bool = Field(False, description="exact ||J||_F^2 with C backward passes (tests, tiny models)")
+    estimator: Literal["double_backward", "forward_mode"] = Field(
+        "double_backward", description="double_backward: random output projections, one backward with "
+        "create_graph (the reference); forward_mode: J u for one random unit input direction u per sample, carried "
+        "through the forward pass as a forward-mode tangent, no double backward (docs/estimators.md)")
+
+    @model_validator(mode="after")
+    def _estimator_fits(self):
+        if self.estimator == "forward_mode" and (self.exact or self.n_proj != 1):
+            raise ValueError(f"train.jr.estimator 'forward_mode' draws one direction per sample and is not exact; "
+                             f"it cannot be combined with exact: {self.exact} or n_proj: {self.n_proj} (use "
+                             "estimator 'double_backward')")
+        return self
 
 
 class AdversarialTrainingConfig(_Strict):

@@ -3,7 +3,9 @@
 The penalty added to each member's loss is (lambda_JR / 2) * mean_i ||J(x_i)||_F^2, the full
 squared Frobenius norm halved by the 1/2 in front, with J = d logits / d x. The estimator is
 Hoffman, Roberts & Yaida (2019): ||J||_F^2 = C * E_v ||v^T J||^2, v uniform on the unit sphere
-of R^C, one extra backward with create_graph per projection.
+of R^C, one extra backward with create_graph per projection. `jacobian_sq_norm_forward` is the
+cheaper estimator (train.jr.estimator: forward_mode, docs/estimators.md): J u along a random input
+direction, carried through the forward pass as a forward-mode tangent.
 
 Both functions take stacked logits [K,B,C] computed from per-member inputs x [K,B,...], so
 member k's logits depend on x[k] only and one autograd call gives every member's Jacobian.
@@ -11,6 +13,7 @@ member k's logits depend on x[k] only and one autograd call gives every member's
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from .seeding import randn_like
 
@@ -35,6 +38,24 @@ def jacobian_sq_norm_exact(logits: torch.Tensor, x: torch.Tensor, create_graph: 
         (g,) = torch.autograd.grad(logits[..., j].sum(), x, create_graph=create_graph, retain_graph=True)
         total = total + g.pow(2).flatten(2).sum(-1)
     return total
+
+
+def unit_directions(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One random unit vector per sample of x [K,B,...], uniform on the sphere of R^D (D = one sample's size)."""
+    u = randn_like(x, generator)
+    return u / u.flatten(2).norm(dim=-1).view(*x.shape[:2], *[1] * (x.dim() - 2))
+
+
+def jacobian_sq_norm_forward(forward, x: torch.Tensor, generator: torch.Generator | None):
+    """(logits [K,B,C], unbiased estimate of ||J(x_i)||_F^2 [K,B]) from one forward pass carrying a
+    forward-mode tangent: J u for one unit direction u per sample, ||J||_F^2 = D * E_u ||J u||^2 (u uniform
+    on the sphere, E[u u^T] = I/D). The same variance as one output projection for Gaussian directions
+    (2 sum sigma^4 either way), and the logits come from the same pass, so no extra forward and no double
+    backward: backward runs once through the primal and the tangent. Exact J u, no step size."""
+    u = unit_directions(x, generator)
+    with fwAD.dual_level():
+        logits, ju = fwAD.unpack_dual(forward(fwAD.make_dual(x, u)))
+    return logits, x[0, 0].numel() * ju.pow(2).sum(-1)
 
 
 def jr_penalty(logits, x, lambda_jr: float, n_proj: int = 1, exact: bool = False, generator=None) -> torch.Tensor:

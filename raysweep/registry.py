@@ -1,9 +1,10 @@
 """The MLflow model registry: ensembles as pyfunc models, the `champion` alias, `models:/` URIs.
 
-A registered version holds the raysweep checkpoint (safetensors + manifest) as an artifact and a
-pyfunc wrapper whose predict returns ensemble probabilities; `raysweep.load("models:/NAME@champion")`
-gives the torch module back. The alias moves only to a version whose objective beats the
-current champion's (same objective name; accuracies, higher is better).
+A registered version holds the raysweep checkpoint (safetensors + manifest) as an artifact and the
+pyfunc wrapper as code (pyfunc_model.py; nothing pickled), whose predict returns ensemble
+probabilities; `raysweep.load("models:/NAME@champion")` gives the torch module back. The alias
+moves only to a version whose objective beats the current champion's (same objective name;
+accuracies, higher is better).
 """
 from __future__ import annotations
 
@@ -19,23 +20,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from .checkpoint import load, read_manifest
+from .checkpoint import read_manifest
 from .errors import UserError
 from .tracking import tracking_uri
 
 CHAMPION = "champion"
 MODEL_NAME = "ensemble"
-
-
-class EnsembleModel(mlflow.pyfunc.PythonModel):
-    """predict(images [B,C,H,W] float32 in [0,1]) -> ensemble probabilities [B, num_classes]."""
-
-    def load_context(self, context):
-        self.ensemble = load(context.artifacts["checkpoint"])
-
-    def predict(self, context, model_input, params=None):
-        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-        return self.ensemble.predict_proba(x).numpy()
 
 
 def log_model(run_id: str, checkpoint: Path, uri: str) -> str:
@@ -46,9 +36,12 @@ def log_model(run_id: str, checkpoint: Path, uri: str) -> str:
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME, python_model=EnsembleModel(), artifacts={"checkpoint": str(checkpoint)},
-            signature=signature, code_paths=[str(Path(__file__).parent)],
+            # Models-from-code: the model is this small file, run against the installed raysweep at load
+            # time; no pickled Python object and no bundled copy of raysweep (pyfunc_model.py).
+            name=MODEL_NAME, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            artifacts={"checkpoint": str(checkpoint)}, signature=signature,
             # Listed, not inferred: inference imports the model in a subprocess (slow, and it guesses).
+            # raysweep itself must be installed where the model is loaded (it is not on PyPI).
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pydantic>=2", "pyyaml",
                               "numpy"])
     return info.model_uri

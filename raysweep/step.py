@@ -4,7 +4,8 @@ Per step, on per-member batches x [K,B,...], y [K,B] (identical rows for ensembl
   1. adversarial examples if asked (adversarial_training.py), members in eval mode;
   2. a forward pass: last hidden features [K,B,D] -> PDD dropout (pdd.py) -> logits [K,B,C];
   3. the pass loss: the base loss (member_ce = sum_k CE(f_k); ensemble_ce = CE of the averaged
-     probabilities) plus JR (jacobian.py), DEG (deg.py) and ADP (adp.py) when configured;
+     probabilities) plus JR (jacobian.py; by double backward, or forward-mode in the forward pass of
+     step 2: train.jr.estimator), DEG (deg.py) and ADP (adp.py) when configured;
   4. total = clean pass + rho * adversarial pass (the clean pass is left out for Madry training
      unless adversarial.clean is set), one backward, one optimiser step.
 The executor supplies stacked forwards, plus `sync` for per-member quantities computed here from
@@ -22,7 +23,7 @@ from .adversarial_training import ensemble_examples, member_examples
 from .attack_objectives import ce_prob
 from .config import RunConfig
 from .deg import deg_penalty, member_input_grads
-from .jacobian import jr_penalty
+from .jacobian import jacobian_sq_norm_forward, jr_penalty
 from .pdd import PriorityDropout
 from .seeding import rand_like
 
@@ -55,9 +56,13 @@ class TrainStep:
 
     def pass_loss(self, x, y) -> tuple[torch.Tensor, dict, torch.Tensor]:
         t = self.cfg.train
-        if t.jr.lambda_jr > 0 or t.deg is not None:
+        forward_jr = t.jr.lambda_jr > 0 and t.jr.estimator == "forward_mode"
+        if (t.jr.lambda_jr > 0 and not forward_jr) or t.deg is not None:
             x = x.clone().requires_grad_(True)
-        logits = self.forward(x)
+        if forward_jr:  # the logits and J u from one forward pass
+            logits, sq_jacobian = jacobian_sq_norm_forward(self.forward, x, self.gen)
+        else:
+            logits = self.forward(x)
         k, b, c = logits.shape
         if t.loss == "member_ce":
             base = F.cross_entropy(logits.reshape(k * b, c), y.reshape(-1), reduction="none").view(k, b).mean(1).sum()
@@ -65,7 +70,8 @@ class TrainStep:
             base = ce_prob(logits, y[0], self.weights).mean()
         terms = {"ce": base}
         if t.jr.lambda_jr > 0:
-            jr = jr_penalty(logits, x, t.jr.lambda_jr, t.jr.n_proj, t.jr.exact, self.gen)
+            jr = (0.5 * t.jr.lambda_jr * sq_jacobian.mean(1) if forward_jr
+                  else jr_penalty(logits, x, t.jr.lambda_jr, t.jr.n_proj, t.jr.exact, self.gen))
             terms["jr"] = self.ex.sync(jr).sum()
         if t.deg is not None:
             terms["deg"] = t.deg.lambda_deg * deg_penalty(self.ex.sync(member_input_grads(logits, x, y)))

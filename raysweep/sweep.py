@@ -24,6 +24,7 @@ import math
 import os
 import re
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -35,6 +36,7 @@ import optuna
 import pyarrow.fs
 import ray
 import ray.tune
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from optuna.samplers import NSGAIISampler, TPESampler
@@ -83,7 +85,15 @@ def _last_report(metrics: dict, checkpoint_dir: Path | None = None) -> None:
         pass  # Tune may end the trial's thread at its last report; everything is logged: the run is complete
 
 
+def _quiet_interrupts(unraisable) -> None:
+    """A sweep stopped by Ctrl-C or SIGTERM interrupts its trials wherever they are, finalizers included;
+    Python would print that KeyboardInterrupt as an 'Exception ignored' traceback on the user's terminal."""
+    if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
+
+
 def _trial(values: dict, ctx: TrialContext) -> None:
+    sys.unraisablehook = _quiet_interrupts
     trial = ray.tune.get_context()
     trial_id = trial.get_trial_id()
     raw = ctx.space.trial_config(values)
@@ -167,12 +177,25 @@ class _FinalOnlyOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id, result):
         pass
 
+    def suggest(self, trial_id):
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials:  # lets _adopt_finished find the Optuna trial of a Tune trial
+            self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
+        return config
+
 
 def _storage_uri(storage: str, checkpoint) -> str:
     """Where Tune put a trial's checkpoint, as a path (local storage) or a URI of the storage's scheme."""
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem) and "://" not in storage:
         return checkpoint.path
     return f"{storage.split('://', 1)[0]}://{checkpoint.path}"
+
+
+def _write_record(records: Path, rec: dict) -> None:
+    records.mkdir(parents=True, exist_ok=True)
+    tmp = records / f".{rec['trial_id']}.json"
+    tmp.write_text(json.dumps(rec, indent=2, default=str))
+    tmp.replace(records / f"{rec['trial_id']}.json")  # whole or absent, even if the sweep is killed here
 
 
 class _TrialLedger(Callback):
@@ -200,10 +223,7 @@ class _TrialLedger(Callback):
                        checkpoint=f"runs:/{m['mlflow_run_id']}/checkpoint", metrics=json.loads(m["metrics_json"]))
             if trial.checkpoint is not None:
                 rec["storage"] = _storage_uri(self.storage, trial.checkpoint)
-        self.records.mkdir(parents=True, exist_ok=True)
-        tmp = self.records / f".{trial.trial_id}.json"
-        tmp.write_text(json.dumps(rec, indent=2, default=str))
-        tmp.replace(self.records / f"{trial.trial_id}.json")  # whole or absent, even if the sweep is killed here
+        _write_record(self.records, rec)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         """An epoch of a running trial: its row goes to the trial's MLflow run now, in one batch."""
@@ -336,6 +356,37 @@ def _close_open_runs(client: MlflowClient, state: dict, status: str = "KILLED") 
     return len(open_runs)
 
 
+def _adopt_finished(client: MlflowClient, state: dict, space: SearchSpace, sweep_dir: Path) -> int:
+    """A trial can end its MLflow run FINISHED, everything logged, just as the sweep is interrupted and
+    before Tune hands its last result to the driver: the ledger never sees it and Optuna holds it as
+    running, so a resume would train it again. Its record and its Optuna value come from its run."""
+    recorded = {r["trial_id"] for r in _records(sweep_dir)}
+    runs = [r for r in client.search_runs([experiment_id(state["experiment"], state["tracking_uri"])],
+                                          f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
+            if r.info.status == "FINISHED" and r.data.tags.get("raysweep.trial_id") not in recorded
+            and "raysweep.infeasible" not in r.data.tags]
+    if not runs:
+        return 0
+    study = optuna.load_study(study_name=state["study_name"], storage=state["optuna_storage"])
+    running = {t.user_attrs.get("tune_trial_id"): t for t in study.get_trials(deepcopy=False,
+                                                                              states=(TrialState.RUNNING,))}
+    keys = [o.key for o in space.search.objective]
+    for run in runs:
+        trial_id, run_id = run.data.tags["raysweep.trial_id"], run.info.run_id
+        metrics = json.loads(Path(client.download_artifacts(run_id, "metrics.json")).read_text())
+        values = _objectives(space, metrics)
+        ot = running.get(trial_id)
+        params = ot.params if ot is not None else {k[len("searched."):]: yaml.safe_load(v) for k, v in
+                                                   run.data.tags.items() if k.startswith("searched.")}
+        _write_record(sweep_dir / TRIALS, {
+            "trial_id": trial_id, "status": "finished", "params": params, "mlflow_run_id": run_id, **values,
+            "clean_acc": metrics["clean_acc"], "node_id": run.data.tags.get("raysweep.node_id"),
+            "checkpoint": f"runs:/{run_id}/checkpoint", "metrics": metrics, "adopted_from_mlflow": True})
+        if ot is not None:
+            study.tell(ot.number, [values[k] for k in keys] if space.search.multi else values[keys[0]])
+    return len(runs)
+
+
 def _requeue_interrupted(state: dict) -> None:
     """Trials the study holds as running were cut off by the interruption: close them as failed in
     Optuna and enqueue the same point again, so the resumed sweep re-runs them first."""
@@ -388,8 +439,10 @@ def _tune(space: SearchSpace, state: dict, sweep_dir: Path, done: int, remaining
     tuner = ray.tune.Tuner(trainable, run_config=ray.tune.RunConfig(
         name=f"tune-{state['attempts']}", storage_path=state["storage"], callbacks=[ledger],
         failure_config=ray.tune.FailureConfig(max_failures=s.max_failures), verbose=1 if progress else 0),
+        # reuse_actors: the next trial runs in the process the last one ended in (imports and start-up
+        # paid once per slot, not per trial); a trial keeps no state in its process (_trial).
         tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,
-                                        max_concurrent_trials=_max_concurrent(space)))
+                                        max_concurrent_trials=_max_concurrent(space), reuse_actors=True))
     try:
         with _sigterm_as_sigint():
             tuner.fit()
@@ -427,6 +480,7 @@ def run_sweep(space_path: str | None, overrides: list[str] = (), samples: int | 
     uri, keys = state["tracking_uri"], [o.key for o in space.search.objective]
     client = MlflowClient(uri)
     if resume:
+        _adopt_finished(client, state, space, sweep_dir)
         _close_open_runs(client, state)  # runs of trials cut off last time; their points are re-run below
         _requeue_interrupted(state)
         client.update_run(state["parent_run_id"], status="RUNNING")  # KILLED or FAILED when it stopped
@@ -440,12 +494,18 @@ def run_sweep(space_path: str | None, overrides: list[str] = (), samples: int | 
     except BaseException as err:  # the parent run is not left RUNNING; --resume can continue the sweep
         client.set_terminated(state["parent_run_id"], "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
+    closed = 0
+    if interrupted:
+        # Close first, then adopt: a trial still finishing in its (stopping) actor keeps the KILLED it gets
+        # here (tracked_run does not override it), and one that finished already is counted, not re-run.
+        closed = _close_open_runs(client, state)
+        _adopt_finished(client, state, space, sweep_dir)
     records = _records(sweep_dir)
     interrupted = interrupted or len(records) < state["samples"]
-    return _summarise(space, state, records, sweep_dir, client, keys, time.perf_counter() - t0, interrupted)
+    return _summarise(space, state, records, sweep_dir, client, keys, time.perf_counter() - t0, interrupted, closed)
 
 
-def _summarise(space, state, records, sweep_dir, client, keys, seconds, interrupted) -> dict:
+def _summarise(space, state, records, sweep_dir, client, keys, seconds, interrupted, closed) -> dict:
     s, parent_id = space.search, state["parent_run_id"]
     rows = [r for r in records if r["status"] == "finished"]
     count = lambda status: sum(r["status"] == status for r in records)  # noqa: E731
@@ -479,10 +539,10 @@ def _summarise(space, state, records, sweep_dir, client, keys, seconds, interrup
     if rows and state["register"] and not interrupted:  # the checkpoint comes from MLflow, not from a node
         summary["registered"] = register_model(state["register"], best["checkpoint"], best["mlflow_run_id"],
                                                state["tracking_uri"], keys[0], best[keys[0]])
+    if interrupted:
+        summary["closed_runs"] = closed
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     client.log_artifact(parent_id, str(sweep_dir / "summary.json"))
-    if interrupted:
-        summary["closed_runs"] = _close_open_runs(client, state)
     client.set_terminated(parent_id, {"interrupted": "KILLED", "failed": "FAILED"}.get(summary["status"], "FINISHED"))
     return summary
 

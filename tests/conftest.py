@@ -8,6 +8,9 @@ from raysweep.config import validate_config
 from raysweep.data import DEBIAN_ROOT, load_dataset
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Ray Train starts a spot-preemption watcher actor (one more process) with every run; no test
+# preempts nodes, and on 2 cores each process start is ~1 s. Inherited by the CLI subprocesses.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 FMNIST_DIR = DEBIAN_ROOT / "fashion-mnist"
 needs_fmnist = pytest.mark.skipif(not FMNIST_DIR.is_dir(),

@@ -25,10 +25,12 @@ def test_vmap_and_loop_give_same_logits(arch):
     assert torch.allclose(loop.stacked_logits(xk, per_member=True), vmap.stacked_logits(xk, per_member=True), atol=1e-5)
 
 
-@pytest.mark.parametrize("method, jr", [("bagging", 0.1), ("independent", 0.0)])
-def test_vmap_and_loop_give_same_updates(method, jr):
+@pytest.mark.parametrize("method, jr, estimator", [("bagging", 0.1, "double_backward"),
+                                                   ("bagging", 0.1, "forward_mode"),
+                                                   ("independent", 0.0, "double_backward")])
+def test_vmap_and_loop_give_same_updates(method, jr, estimator):
     cfg = make_cfg(ensemble={"k": 3, "method": method}, train={"epochs": 2, "optimizer": "sgd", "lr": 0.05,
-                                                              "jr": {"lambda_jr": jr}})
+                                                              "jr": {"lambda_jr": jr, "estimator": estimator}})
     data = load_dataset(cfg.data, 0)
     members = build_members(cfg, data, 3)
     a = fit(cfg, data, progress=False, executor=LoopedMembers(copy.deepcopy(members), torch.device("cpu")))

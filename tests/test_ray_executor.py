@@ -75,6 +75,17 @@ def test_ray_members_equal_local_members(ray_local, tmp_path, method, k):
     assert got.info["bytes_per_step"] > 0
 
 
+def test_forward_mode_jr_across_workers(ray_local, tmp_path):
+    """Forward-mode tangents pass through the gather (other workers' slots carry none): the same members
+    as in one process."""
+    cfg = _cfg("independent_jr", 3)
+    cfg.train.jr.estimator = "forward_mode"
+    data = load_dataset(cfg.data, 0)
+    got = fit_on_ray(cfg, data, tmp_path, progress=False)
+    ref, init = _local_reference(cfg, data)
+    _assert_same_members(got.ensemble.members, ref.ensemble.members, init)
+
+
 def test_vectorised_members_per_worker(ray_local, tmp_path):
     """Two workers holding two vmapped members each: same members as four looped in one process."""
     cfg = _cfg("deg", 4, {"kind": "ray", "vectorize": "vmap", "ray": {"cpus_per_worker": 0.5,

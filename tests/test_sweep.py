@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -49,8 +50,6 @@ def _children(client, summary):
 
 
 def tmp_dir(summary):
-    from pathlib import Path
-
     return Path(summary["dir"])
 
 
@@ -116,6 +115,11 @@ def test_registry_champion_load_and_predict(sweep, monkeypatch):
     expected = ensemble.predict_proba(x).numpy()
     pyfunc = mlflow.pyfunc.load_model("models:/synth-ens@champion")
     assert np.allclose(pyfunc.predict(x.numpy()), expected, atol=1e-6)
+    # Logged as code: nothing pickled to run, and no bundled raysweep to shadow the installed one.
+    stored = {p.relative_to(local).as_posix() for local in
+              [Path(mlflow.artifacts.download_artifacts("models:/synth-ens@champion"))] for p in local.rglob("*")}
+    assert "code/pyfunc_model.py" in stored or "pyfunc_model.py" in stored, sorted(stored)
+    assert not any(p.endswith(".pkl") or "raysweep/" in p for p in stored), sorted(stored)
     assert torch.allclose(load("models:/synth-ens@champion").predict_proba(x), torch.from_numpy(expected), atol=1e-6)
     # A worse later result gets a version but not the alias; a better one takes it.
     worse = register("synth-ens", summary["best"]["checkpoint"], summary["best"]["mlflow_run_id"], uri,
@@ -423,3 +427,14 @@ def test_failed_trials_are_recorded_failed_and_the_sweep_goes_on(ray_local, tmp_
         assert "Traceback" in open(local).read()
     records = [json.loads(p.read_text()) for p in (tmp_dir(summary) / "trials").glob("*.json")]
     assert sorted(r["status"] for r in records) == ["failed", "failed", "finished"]
+    # A trial whose run FINISHED but whose result never reached the driver (the sweep was interrupted in
+    # between) is adopted from MLflow on --resume: recorded as finished, not trained again.
+    finished = next(p for p in (tmp_dir(summary) / "trials").glob("*.json") if "finished" in p.read_text())
+    before = json.loads(finished.read_text())
+    finished.unlink()
+    resumed = run_sweep(None, out=str(tmp_path / "out"), resume=True, progress=False)
+    assert (resumed["failed"], resumed["finished"]) == (2, 1) and resumed["status"] == "finished"
+    after = json.loads(finished.read_text())
+    assert after["adopted_from_mlflow"] and after["clean_acc"] == before["clean_acc"]
+    assert after["params"] == before["params"] and after["mlflow_run_id"] == before["mlflow_run_id"]
+    assert len(_children(MlflowClient(uri), resumed)[1]) == 3  # no new trial ran

@@ -229,6 +229,10 @@ def fit_on_ray(cfg: RunConfig, data: Dataset, storage: str | Path, progress: boo
     # level does not reach those lines (Ray 2.60): plain Python logging (WARNING) in the workers;
     # rank 0 prints one line per epoch instead.
     env.setdefault("RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING", "0")
+    # Ray Train's controller polls its workers every 2 s by default, so every run waits ~2 s past its
+    # end and at each phase change: 0.2 s takes ~4 s off every run (15 s -> 11 s for a 2-worker run
+    # of 0.2 s of training, this CPU). One tiny remote call per worker per poll. Yours if you set it.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"cfg": absolute_paths(cfg.model_dump(mode="json"), Path.cwd()), "progress": progress,
