@@ -176,20 +176,56 @@ def _model_of(annotation):
     return None
 
 
-def check_path(path: str, where: str) -> None:
-    """Every segment of a dotted path must be a field of the run schema."""
+def check_path(path: str, where: str):
+    """Every segment of a dotted path must be a field of the run schema; returns the last field's
+    FieldInfo (None when the path ends in a list index)."""
     model: type[BaseModel] | None = RunConfig
     parts = path.split(".")
+    field = None
     for i, part in enumerate(parts):
         if model is None:
             raise ConfigError(f"{where}: {'.'.join(parts[:i])!r} is a value, not a section")
         if part.isdigit():
+            field = None
             continue  # a list index: the list's item model stays current
         field = model.model_fields.get(part)
         if field is None:
             raise ConfigError(f"{where}: unknown parameter path {path!r} ({part!r} is not a field of "
                               f"{'.'.join(parts[:i]) or 'the run config'}; fields: {', '.join(model.model_fields)})")
         model = _model_of(field.annotation)
+    return field
+
+
+# pydantic keeps Field(ge=..., ...) as annotated_types constraints named Ge, Gt, Le, Lt in field.metadata.
+_BOUNDS = {"Ge": (">=", lambda v, b: v >= b), "Gt": (">", lambda v, b: v > b),
+           "Le": ("<=", lambda v, b: v <= b), "Lt": ("<", lambda v, b: v < b)}
+
+
+def _check_bounds(p: Param, field, where: str) -> None:
+    """A distribution must stay inside the field's schema bounds (ge/gt/le/lt) and, for a fixed set of
+    values (Literal), choose among them: else every trial it draws out there fails, one by one."""
+    if field is None:
+        return
+    if p.kind == "per_member":
+        return _check_bounds(p.args, None, where)  # list items: checked by their validator, per trial
+    values = p.args if p.kind == "choice" else list(p.args)
+    literal = [a for a in typing.get_args(field.annotation) if typing.get_origin(a) is Literal] or \
+        ([field.annotation] if typing.get_origin(field.annotation) is Literal else [])
+    if literal and p.kind == "choice":
+        allowed = [v for lit in literal for v in typing.get_args(lit)]
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise ConfigError(f"{where}: {bad[0]!r} is not allowed for {p.path}; allowed: "
+                              f"{', '.join(map(str, allowed))}")
+    for bound in field.metadata:
+        name = type(bound).__name__
+        if name not in _BOUNDS:
+            continue
+        op, ok = _BOUNDS[name]
+        limit = getattr(bound, name.lower())
+        for v in values:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not ok(v, limit):
+                raise ConfigError(f"{where}: {p.kind} {list(p.args)} reaches {v}, but {p.path} must be {op} {limit}")
 
 
 def _check_objective(o: Objective, cfg: RunConfig) -> None:
@@ -224,8 +260,9 @@ def load_search_space(path: str | Path, overrides: list[str] = (), root: str | P
     params = []
     for name, spec in search.params.items():
         where = f"search.params.{name}"
-        check_path(name, where)
+        field = check_path(name, where)
         params.append(_parse_param(name, spec, where))
+        _check_bounds(params[-1], field, where)
     params.sort(key=lambda p: p.path != "ensemble.k")  # K first: per-member lists depend on it
     for o in search.objective:
         _check_objective(o, base_cfg)

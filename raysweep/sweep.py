@@ -101,7 +101,10 @@ def _trial(values: dict, ctx: TrialContext) -> None:
     node = ray.get_runtime_context().get_node_id()
     tags = {**ctx.run_tags, "mlflow.parentRunId": ctx.parent_run_id, "raysweep.trial_id": trial_id,
             "raysweep.kind": "trial", "raysweep.node_id": node}
-    with tracked_run(ctx.uri, ctx.experiment, raw["name"], raw, tags) as (client, run_id):
+    # An interrupted sweep marks its parent run KILLED before it settles its trials' runs (run_sweep); a
+    # trial still running in its stopping actor then ends KILLED, as the sweep will count it, not FINISHED.
+    sweep_running = lambda: MlflowClient(ctx.uri).get_run(ctx.parent_run_id).info.status == "RUNNING"  # noqa: E731
+    with tracked_run(ctx.uri, ctx.experiment, raw["name"], raw, tags, still_wanted=sweep_running) as (client, run_id):
         for name, value in values.items():  # the whole config is in the params; the sampled values also as tags
             client.set_tag(run_id, f"searched.{name}", str(value))
         try:
@@ -163,10 +166,13 @@ def _max_concurrent(space: SearchSpace) -> int:
         cpus += num_workers(cfg) * cfg.executor.ray.cpus_per_worker
         gpus += num_workers(cfg) * cfg.executor.ray.gpus_per_worker
     have = ray.cluster_resources()
-    fits = [math.floor(have.get("CPU", 0) / cpus + 1e-9)] + ([math.floor(have.get("GPU", 0) / gpus + 1e-9)] if gpus else [])
+    fits = [math.floor(have.get("CPU", 0) / cpus + 1e-9)]
+    if gpus:
+        fits.append(math.floor(have.get("GPU", 0) / gpus + 1e-9))
     if min(fits) < 1:
-        raise ConfigError(f"one trial needs {cpus:g} CPUs and {gpus:g} GPUs (search.trial_cpus/trial_gpus plus its Ray "
-                          f"workers), but the Ray cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs")
+        raise ConfigError(f"one trial needs {cpus:g} CPUs and {gpus:g} GPUs (search.trial_cpus/trial_gpus plus its "
+                          f"Ray workers), but the Ray cluster has {have.get('CPU', 0):g} CPUs and "
+                          f"{have.get('GPU', 0):g} GPUs")
     return min(fits)
 
 
@@ -494,14 +500,16 @@ def run_sweep(space_path: str | None, overrides: list[str] = (), samples: int | 
     except BaseException as err:  # the parent run is not left RUNNING; --resume can continue the sweep
         client.set_terminated(state["parent_run_id"], "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
-    closed = 0
-    if interrupted:
-        # Close first, then adopt: a trial still finishing in its (stopping) actor keeps the KILLED it gets
-        # here (tracked_run does not override it), and one that finished already is counted, not re-run.
+    records, closed = _records(sweep_dir), 0
+    if interrupted or len(records) < state["samples"]:  # Tune returns normally from a graceful Ctrl-C
+        # Trials may still be finishing in their stopping actors. In this order: the parent KILLED (a trial
+        # ending after this closes its own run KILLED), open runs KILLED, then runs that FINISHED already are
+        # adopted (counted, not re-run).
+        client.set_terminated(state["parent_run_id"], "KILLED")
         closed = _close_open_runs(client, state)
         _adopt_finished(client, state, space, sweep_dir)
-    records = _records(sweep_dir)
-    interrupted = interrupted or len(records) < state["samples"]
+        records = _records(sweep_dir)
+    interrupted = len(records) < state["samples"]
     return _summarise(space, state, records, sweep_dir, client, keys, time.perf_counter() - t0, interrupted, closed)
 
 

@@ -157,9 +157,11 @@ def log_results(client, run_id: str, out: Path, metrics: dict, logged_epochs: in
 
 
 @contextmanager
-def tracked_run(uri: str, experiment: str, run_name: str, cfg_raw: dict, tags: dict | None = None):
+def tracked_run(uri: str, experiment: str, run_name: str, cfg_raw: dict, tags: dict | None = None,
+                still_wanted=None):
     """An MLflow run for the block: params up front; FAILED (keeping what was logged) if the block
-    raises, FINISHED otherwise unless the block closed the run itself. Yields (client, run_id)."""
+    raises, FINISHED otherwise unless the block closed the run itself, or KILLED if `still_wanted()`
+    says no at the end (a sweep's trial that outlived its interrupted sweep). Yields (client, run_id)."""
     client = MlflowClient(uri)
     run = client.create_run(experiment_id(experiment, uri), run_name=run_name, tags=tags or {})
     run_id = run.info.run_id
@@ -176,7 +178,7 @@ def tracked_run(uri: str, experiment: str, run_name: str, cfg_raw: dict, tags: d
         client.set_terminated(run_id, "FAILED")
         raise
     if client.get_run(run_id).info.status == "RUNNING":
-        client.set_terminated(run_id, "FINISHED")
+        client.set_terminated(run_id, "FINISHED" if still_wanted is None or still_wanted() else "KILLED")
 
 
 def log_train_run(cfg: RunConfig, out: Path, uri: str, experiment: str, train, tags: dict | None = None):

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -200,6 +201,10 @@ def test_infeasible_points_are_reported_not_fatal(ray_local, tmp_path):
     ({"objective": "auc"}, "needs eval.auc"),
     ({"objective": ["clean_acc", "weighted_acc"], "asha": {}}, "drop search.asha"),
     ({"asha": {"metric": "probe_acc"}}, "needs train.probe"),
+    # ranges checked against the run schema's bounds before any trial (not trial by trial)
+    ({"params": {"train.jr.lambda_jr": {"uniform": [0.0, 5.0]}}}, "reaches 5.0, but train.jr.lambda_jr must be <= 2"),
+    ({"params": {"ensemble.k": {"int": [0, 4]}}}, "reaches 0, but ensemble.k must be >= 1"),
+    ({"params": {"ensemble.method": {"choice": ["bagging", "boosting"]}}}, "'boosting' is not allowed"),
 ])
 def test_malformed_search_space_is_a_clear_error(tmp_path, search, message):
     search = dict(search)
@@ -281,6 +286,33 @@ def test_killed_sweep_resumes_exactly_as_it_was_started(tmp_path):
     reruns = [t for t in complete if "raysweep_rerun_of" in t.user_attrs]
     assert len(reruns) == len(cut) and all(t.params == study.trials[t.user_attrs["raysweep_rerun_of"]].params
                                            for t in reruns)
+
+
+def test_a_start_killed_before_ray_answers_leaves_nothing_in_the_way(tmp_path):
+    """SIGKILL of a sweep while it reaches Ray (a head that accepts the connection and never answers):
+    the same command, run again against a working Ray, runs the whole sweep."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    path = _space(tmp_path, {"samples": 1})
+    cmd = [sys.executable, "-m", "raysweep", "sweep", str(path), "--out", str(tmp_path / "out"), "--tracking-uri",
+           f"sqlite:///{tmp_path / 'mlflow.db'}", "--quiet"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(cmd + ["--address", f"127.0.0.1:{silent.getsockname()[1]}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "out").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)  # the sweep folder is made just before Ray is reached
+        time.sleep(2)
+        assert proc.poll() is None, f"the start ended before the kill: {proc.stderr.read()[-2000:]}"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        silent.close()
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["finished"] == 1
 
 
 def test_sigint_ends_the_sweep_as_interrupted(tmp_path):
