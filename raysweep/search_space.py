@@ -68,7 +68,7 @@ class SearchConfig(_Strict):
                               "executor's driver and evaluation)")
     trial_gpus: float = Field(0.0, ge=0)
     max_failures: int = Field(2, ge=0, description="retries of a trial whose process or node died (Tune "
-                              "FailureConfig); errors raised by the trial's own code are retried too")
+                              "FailureConfig); an error raised by the trial's own code is recorded, not retried")
     asha: Optional[AshaConfig] = None
     color_by: Optional[str] = Field(None, description="parameter colouring the trade-off plot; default the first")
 
