@@ -152,7 +152,8 @@ def _mlflow_args(p) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raysweep", description="Train and evaluate adversarially robust ensembles.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=_versions())
+    sub = p.add_subparsers(dest="command")
     t = sub.add_parser("train", help="train and evaluate an ensemble from a YAML config")
     t.add_argument("config")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.epochs=2")
@@ -203,8 +204,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _versions() -> str:
+    """raysweep's version and those of the parts whose behaviour it depends on (read from the installed
+    distributions' metadata: nothing heavy is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"raysweep {__version__} (" + ", ".join(f"{n} {v(n)}" for n in ("torch", "ray", "mlflow", "optuna")) + ")"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `raysweep`: the commands and what they do
+        parser.print_help()
+        return 0
     try:
         return args.func(args)
     except UserError as err:

@@ -89,3 +89,16 @@ def test_cli_missing_config_and_checkpoint(tmp_path):
     assert res.returncode == 2 and "config file not found" in res.stderr
     res = run_cli("evaluate", str(tmp_path))
     assert res.returncode == 2 and "not a raysweep checkpoint" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bare_command_prints_help_and_version_names_the_stack(capsys):
+    from raysweep import __version__
+    from raysweep.cli import main
+
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: raysweep") and all(c in out for c in ("train", "sweep", "evaluate", "reproduce"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"raysweep {__version__} (torch ")
