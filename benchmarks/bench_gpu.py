@@ -189,6 +189,11 @@ def step_ms(cls, cfg, members, x, y, big=False, autocast: bool = False) -> float
     return median_ms(fn, S["warm_big"] if big else S["warm"], S["timed_big"] if big else S["timed"])
 
 
+def auto_executor(members):
+    """The executor class `vectorize: auto` picks for these members on DEVICE."""
+    return type(make_local_executor(copy.deepcopy(members[:1]), "auto", DEVICE.type))
+
+
 def vmap_refusal(members) -> str | None:
     try:
         VmappedMembers(copy.deepcopy(members[:1]), torch.device("cpu"))
@@ -226,7 +231,7 @@ def section_executors():
             row.update({"max abs logit diff (default flags)": ld, "max abs grad diff (default flags)": gd,
                         "max abs logit diff (strict fp32)": ls, "max abs grad diff (strict fp32)": gs,
                         "strict fp32 <= 1e-4": "yes" if max(ls, gs) <= 1e-4 else "NO"})
-        row["auto picks"] = type(make_local_executor(copy.deepcopy(members[:1]), "auto", DEVICE.type)).__name__
+        row["auto picks"] = auto_executor(members).__name__
         rows.append(row)
         del members, x, y
     table("executors", "1. Local executor: vmap (VmappedMembers) vs loop (LoopedMembers), one training step",
@@ -242,7 +247,7 @@ def section_bf16():
     for arch, k, shape, bs in (("lenet5", 9, (1, 28, 28), S["batch"]), ("resnet18", 3, (3, 32, 32), S["resnet_batch"])):
         cfg, _, members, x, y = setup(arch, k, bs, 0.0, shape)
         big = arch == "resnet18"
-        ex_cls = type(make_local_executor(copy.deepcopy(members[:1]), "auto", DEVICE.type))
+        ex_cls = auto_executor(members)
         fp32 = step_ms(ex_cls, cfg, members, x, y, big)
         bf16 = step_ms(ex_cls, cfg, members, x, y, big, autocast=True)
         rows.append({"model": arch, "K": k, "B": bs, "executor (auto)": ex_cls.__name__, "fp32 ms": fp32,
@@ -259,7 +264,7 @@ def section_jr():
     for arch, k, shape, bs in (("lenet5", 3, (1, 28, 28), S["batch"]), ("resnet18", 3, (3, 32, 32), S["resnet_batch"])):
         cfg, _, members, x, y = setup(arch, k, bs, 0.0, shape)
         big = arch == "resnet18"
-        ex_cls = type(make_local_executor(copy.deepcopy(members[:1]), "auto", DEVICE.type))
+        ex_cls = auto_executor(members)
         row = {"model": arch, "K": k, "B": bs, "executor (auto)": ex_cls.__name__,
                "plain ms": step_ms(ex_cls, cfg, members, x, y, big)}
         for estimator in ("double_backward", "forward_mode"):

@@ -49,9 +49,9 @@ def unit_directions(x: torch.Tensor, generator: torch.Generator | None) -> torch
 def jacobian_sq_norm_forward(forward, x: torch.Tensor, generator: torch.Generator | None):
     """(logits [K,B,C], unbiased estimate of ||J(x_i)||_F^2 [K,B]) from one forward pass carrying a
     forward-mode tangent: J u for one unit direction u per sample, ||J||_F^2 = D * E_u ||J u||^2 (u uniform
-    on the sphere, E[u u^T] = I/D). The same variance as one output projection for Gaussian directions
-    (2 sum sigma^4 either way), and the logits come from the same pass, so no extra forward and no double
-    backward: backward runs once through the primal and the tangent. Exact J u, no step size."""
+    on the sphere, E[u u^T] = I/D). The logits come from the same pass, so no extra forward and no double
+    backward: backward runs once through the primal and the tangent. Exact J u, no step size. Noisier than
+    the output projections of jacobian_sq_norm_estimate when C is small (docs/estimators.md)."""
     u = unit_directions(x, generator)
     with fwAD.dual_level():
         logits, ju = fwAD.unpack_dual(forward(fwAD.make_dual(x, u)))

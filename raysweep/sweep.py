@@ -197,6 +197,12 @@ def _storage_uri(storage: str, checkpoint) -> str:
     return f"{storage.split('://', 1)[0]}://{checkpoint.path}"
 
 
+def _finished_fields(run_id: str, objectives: dict, metrics: dict, node_id: str | None) -> dict:
+    """What a finished trial's record holds beyond its id, status and params (the ledger's and adopted ones)."""
+    return {"mlflow_run_id": run_id, **objectives, "clean_acc": metrics["clean_acc"], "node_id": node_id,
+            "checkpoint": f"runs:/{run_id}/checkpoint", "metrics": metrics}
+
+
 def _write_record(records: Path, rec: dict) -> None:
     records.mkdir(parents=True, exist_ok=True)
     tmp = records / f".{rec['trial_id']}.json"
@@ -225,8 +231,8 @@ class _TrialLedger(Callback):
         rec = {"trial_id": trial.trial_id, "status": status, "params": dict(trial.config),
                "mlflow_run_id": m.get("mlflow_run_id"), **extra}
         if status == "finished":
-            rec.update({k: m[k] for k in self.keys}, clean_acc=m["clean_acc"], node_id=m.get("node_id"),
-                       checkpoint=f"runs:/{m['mlflow_run_id']}/checkpoint", metrics=json.loads(m["metrics_json"]))
+            rec.update(_finished_fields(m["mlflow_run_id"], {k: m[k] for k in self.keys},
+                                        json.loads(m["metrics_json"]), m.get("node_id")))
             if trial.checkpoint is not None:
                 rec["storage"] = _storage_uri(self.storage, trial.checkpoint)
         _write_record(self.records, rec)
@@ -385,9 +391,9 @@ def _adopt_finished(client: MlflowClient, state: dict, space: SearchSpace, sweep
         params = ot.params if ot is not None else {k[len("searched."):]: yaml.safe_load(v) for k, v in
                                                    run.data.tags.items() if k.startswith("searched.")}
         _write_record(sweep_dir / TRIALS, {
-            "trial_id": trial_id, "status": "finished", "params": params, "mlflow_run_id": run_id, **values,
-            "clean_acc": metrics["clean_acc"], "node_id": run.data.tags.get("raysweep.node_id"),
-            "checkpoint": f"runs:/{run_id}/checkpoint", "metrics": metrics, "adopted_from_mlflow": True})
+            "trial_id": trial_id, "status": "finished", "params": params,
+            **_finished_fields(run_id, values, metrics, run.data.tags.get("raysweep.node_id")),
+            "adopted_from_mlflow": True})
         if ot is not None:
             study.tell(ot.number, [values[k] for k in keys] if space.search.multi else values[keys[0]])
     return len(runs)
