@@ -451,10 +451,8 @@ def _tune(space: SearchSpace, state: dict, sweep_dir: Path, done: int, remaining
     tuner = ray.tune.Tuner(trainable, run_config=ray.tune.RunConfig(
         name=f"tune-{state['attempts']}", storage_path=state["storage"], callbacks=[ledger],
         failure_config=ray.tune.FailureConfig(max_failures=s.max_failures), verbose=1 if progress else 0),
-        # reuse_actors: the next trial runs in the process the last one ended in (imports and start-up
-        # paid once per slot, not per trial); a trial keeps no state in its process (_trial).
         tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,
-                                        max_concurrent_trials=_max_concurrent(space), reuse_actors=True))
+                                        max_concurrent_trials=_max_concurrent(space)))
     try:
         with _sigterm_as_sigint():
             tuner.fit()

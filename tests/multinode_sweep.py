@@ -84,8 +84,8 @@ def main(workdir: Path, mode: str) -> None:
     try:
         ray.init(address=cluster.address, logging_level="warning")
         uri = f"sqlite:///{workdir / 'mlflow.db'}"
-        # kill: longer trials, so the kill lands while a trial runs on the worker node (Tune reuses trial
-        # processes, so a 4-epoch trial's run is open for only a couple of seconds on this CPU).
+        # kill: longer trials, so the kill lands while a trial runs on the worker node (a 4-epoch trial's
+        # run is open for only a couple of seconds on this CPU).
         space = {**SPACE, "train": {**SPACE["train"], "epochs": 10}} if mode == "kill" else SPACE
         (workdir / "space.yaml").write_text(yaml.safe_dump(space))
         if mode == "kill":
