@@ -34,14 +34,14 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from raysweep.config import validate_config  # noqa: E402
-from raysweep.data import load_dataset, member_batches  # noqa: E402
-from raysweep.ensemble import uniform_weights  # noqa: E402
+from raysweep.config.schema import validate_config  # noqa: E402
+from raysweep.core.data import load_dataset, member_batches  # noqa: E402
+from raysweep.core.ensemble import uniform_weights  # noqa: E402
 from raysweep.errors import ConfigError  # noqa: E402
-from raysweep.executors import LoopedMembers, VmappedMembers, make_local_executor  # noqa: E402
-from raysweep.seeding import generator  # noqa: E402
-from raysweep.step import TrainStep  # noqa: E402
-from raysweep.train import Trainer, build_members, make_optimizer  # noqa: E402
+from raysweep.members import LoopedMembers, VmappedMembers, make_local_executor  # noqa: E402
+from raysweep.core.seeding import generator  # noqa: E402
+from raysweep.training.step import TrainStep  # noqa: E402
+from raysweep.training.trainer import Trainer, build_members, make_optimizer  # noqa: E402
 
 FORBIDDEN = ("ray", "mlflow", "optuna")
 
@@ -406,7 +406,7 @@ def dist_cfg(lambda_jr: float, k: int, device: str, vectorize: str = "auto"):
 def _dist_worker(rank: int, world: int, k: int, tmp: str, device: str, sizes: dict, vectorize: str):
     import torch.distributed as dist
 
-    from raysweep.executors.distributed import DistributedMembers
+    from raysweep.members.distributed import DistributedMembers
 
     global S, DEVICE
     S, DEVICE = sizes, torch.device(device)
@@ -470,7 +470,7 @@ def section_gloo(vectorize: str = "auto"):
     table("gloo", "6. DistributedMembers over gloo (2 processes, both on one device) vs the local executor",
           f"torch.multiprocessing.spawn of 2 ranks, torch.distributed gloo, init_method file:// in a temp dir; each "
           f"rank builds all K members from the seeded stream and keeps its slice, wraps make_local_executor(vectorize="
-          f"{vectorize}) in raysweep.executors.distributed.DistributedMembers and runs raysweep's Trainer for one epoch of "
+          f"{vectorize}) in raysweep.members.distributed.DistributedMembers and runs raysweep's Trainer for one epoch of "
           f"{S['dist_steps']} steps (B={S['batch']}, independent batches), as ray_train._worker_loop does without "
           f"Ray. Reference: the local executor with all K members in this process, same steps. Spawn + all runs: "
           f"{spawn_s:.1f} s.", rows)

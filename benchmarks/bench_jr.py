@@ -3,7 +3,7 @@ double_backward (output projections, the reference) and forward_mode (J u as a f
 Target for the cheap estimator: <= 2.0x a plain step."""
 from common import alternating_ms, header, lenet_setup, step_fn
 
-from raysweep.executors import LoopedMembers
+from raysweep.members import LoopedMembers
 
 VARIANTS = {
     "double_backward n_proj=1": {"estimator": "double_backward", "n_proj": 1},

@@ -1,7 +1,7 @@
 """Vectorised (torch.func vmap) vs looped members: one LeNet-5 training step, B=128 per member."""
 from common import DEVICE, header, lenet_setup, median_ms, step_fn
 
-from raysweep.executors import LoopedMembers, VmappedMembers, make_local_executor
+from raysweep.members import LoopedMembers, VmappedMembers, make_local_executor
 
 
 def main():

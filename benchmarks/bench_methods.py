@@ -3,8 +3,8 @@ members, looped members). Targets from issue 3: DEG <= 3x (the paper's implement
 PDD <= 1.3x."""
 from common import alternating_ms, header, lenet_setup, step_fn
 
-from raysweep.config import validate_config
-from raysweep.executors import LoopedMembers
+from raysweep.config.schema import validate_config
+from raysweep.members import LoopedMembers
 
 METHODS = {
     "DEG (lambda 0.01)": {"deg": {"lambda_deg": 0.01}},

@@ -12,10 +12,10 @@ import torch
 
 from common import header
 
-from raysweep.config import validate_config
-from raysweep.data import load_dataset, steps_per_epoch
-from raysweep.executors.ray_train import fit_on_ray
-from raysweep.train import fit
+from raysweep.config.schema import validate_config
+from raysweep.core.data import load_dataset, steps_per_epoch
+from raysweep.training.ray import fit_on_ray
+from raysweep.training.trainer import fit
 
 CASES = {
     "plain": {},

@@ -3,8 +3,8 @@ a time. Same total work and the same deltas."""
 from common import DEVICE, header, lenet_setup, median_ms
 
 from raysweep.attacks.uap import seeds_per_forward, sgd_uap, uap_init
-from raysweep.seeding import generator
-from raysweep.ensemble import Ensemble
+from raysweep.core.seeding import generator
+from raysweep.core.ensemble import Ensemble
 
 
 def main():

@@ -7,13 +7,13 @@ import os
 import torch
 from torch.utils.benchmark import Timer
 
-from raysweep.config import validate_config
-from raysweep.data import load_dataset, member_batches
-from raysweep.seeding import generator
-from raysweep.executors import resolve_device
-from raysweep.ensemble import uniform_weights
-from raysweep.step import TrainStep
-from raysweep.train import build_members, make_optimizer
+from raysweep.config.schema import validate_config
+from raysweep.core.data import load_dataset, member_batches
+from raysweep.core.seeding import generator
+from raysweep.members import resolve_device
+from raysweep.core.ensemble import uniform_weights
+from raysweep.training.step import TrainStep
+from raysweep.training.trainer import build_members, make_optimizer
 
 DEVICE = resolve_device(os.environ.get("RAYSWEEP_BENCH_DEVICE", "auto"))
 

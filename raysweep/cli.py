@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import apply_overrides, load_config, validate_config
-from .errors import UserError
+from raysweep.config.schema import apply_overrides, load_config, validate_config
+from raysweep.errors import UserError
 
 
 def _summary(metrics: dict, out: Path) -> str:
@@ -44,14 +44,14 @@ def _summary(metrics: dict, out: Path) -> str:
 
 
 def _cmd_train(args) -> int:
-    from .run import train_and_evaluate
+    from raysweep.run import train_and_evaluate
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out or Path("runs") / cfg.name)
     if args.no_mlflow:
         metrics = train_and_evaluate(cfg, out, progress=not args.quiet)
     else:
-        from .tracking import DEFAULT_EXPERIMENT, log_train_run, tracking_uri
+        from raysweep.tracking.runs import DEFAULT_EXPERIMENT, log_train_run, tracking_uri
 
         uri = tracking_uri(args.tracking_uri)
         metrics, run_id = log_train_run(cfg, out, uri, args.experiment or DEFAULT_EXPERIMENT,
@@ -62,7 +62,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from .sweep import run_sweep
+    from raysweep.sweep.tune import run_sweep
 
     s = run_sweep(args.space, args.set, samples=args.samples, out=args.out, resume=args.resume,
                   register=args.register, tracking=args.tracking_uri, experiment=args.experiment,
@@ -96,11 +96,11 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .checkpoint import checkpoint_config
-    from .run import evaluate_checkpoint
+    from raysweep.core.checkpoint import checkpoint_config
+    from raysweep.run import evaluate_checkpoint
 
     if args.checkpoint.startswith(("models:/", "runs:/")):
-        from .registry import resolve_checkpoint
+        from raysweep.tracking.registry import resolve_checkpoint
 
         ckpt = resolve_checkpoint(args.checkpoint, args.tracking_uri)
         scheme, _, rest = args.checkpoint.partition(":/")
@@ -126,7 +126,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_check_cluster(args) -> int:
-    from .cluster_check import check_file, cluster_files
+    from raysweep.cluster_check import check_file, cluster_files
 
     files = [Path(f) for f in args.files] or cluster_files(Path(__file__).resolve().parents[1] / "cluster")
     if not files:
@@ -137,7 +137,7 @@ def _cmd_check_cluster(args) -> int:
 
 
 def _cmd_reproduce(args) -> int:
-    from .reproduce import reproduce
+    from raysweep.reproduce import reproduce
 
     reproduce(args.name, out=args.out, docs=args.docs, study_path=args.study, tracking=args.tracking_uri,
               experiment=args.experiment, address=args.address)
@@ -209,7 +209,7 @@ def _versions() -> str:
     distributions' metadata: nothing heavy is imported)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from raysweep import __version__
 
     def v(name):
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError
+from raysweep.errors import ConfigError
 
 KUBERAY_KINDS = ("RayCluster", "RayJob")
 

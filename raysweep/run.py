@@ -9,13 +9,13 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from . import plots
-from .checkpoint import checkpoint_config, load, save_checkpoint
-from .config import RunConfig, dump_config
-from .data import load_dataset
-from .errors import UserError
-from .evaluate import evaluate
-from .train import fit
+from raysweep import plots
+from raysweep.core.checkpoint import checkpoint_config, load, save_checkpoint
+from raysweep.config.schema import RunConfig, dump_config
+from raysweep.core.data import load_dataset
+from raysweep.errors import UserError
+from raysweep.evaluation.evaluate import evaluate
+from raysweep.training.trainer import fit
 
 
 def _write_results(out: Path, cfg: RunConfig, metrics: dict, artifacts: dict) -> None:
@@ -50,7 +50,7 @@ def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, c
     t0 = time.perf_counter()
     data = load_dataset(cfg.data, cfg.seed)
     if cfg.executor.kind == "ray":
-        from .executors.ray_train import fit_on_ray
+        from raysweep.training.ray import fit_on_ray
 
         result = fit_on_ray(cfg, data, ray_storage or out / "ray", progress=progress, epoch_metrics=epoch_metrics)
     else:

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from raysweep.config import validate_config
-from raysweep.data import DEBIAN_ROOT, load_dataset
+from raysweep.config.schema import validate_config
+from raysweep.core.data import DEBIAN_ROOT, load_dataset
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 # Ray Train starts a spot-preemption watcher actor (one more process) with every run; no test
@@ -47,7 +47,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def trained_synthetic():
     """A K=3 ensemble trained on easy synthetic data, shared by attack and metric tests."""
-    from raysweep.train import fit
+    from raysweep.training.trainer import fit
 
     cfg = make_cfg(ensemble={"k": 3, "method": "independent"}, train={"epochs": 4, "optimizer": "adam", "lr": 2e-3},
                    data={"train_size": 768, "test_size": 200})

@@ -22,8 +22,8 @@ import yaml
 from mlflow import MlflowClient
 from ray.cluster_utils import Cluster
 
-from raysweep.sweep import run_sweep
-from raysweep.tracking import tracking_uri
+from raysweep.sweep.tune import run_sweep
+from raysweep.tracking.runs import tracking_uri
 
 SPACE = {
     "name": "multinode", "seed": 0,

@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raysweep.adversarial_training import ensemble_examples, member_examples
-from raysweep.config import AdversarialTrainingConfig
-from raysweep.data import load_dataset
-from raysweep.seeding import generator
-from raysweep.executors import LoopedMembers, VmappedMembers
-from raysweep.train import build_members, fit
+from raysweep.attacks.adversarial import ensemble_examples, member_examples
+from raysweep.config.schema import AdversarialTrainingConfig
+from raysweep.core.data import load_dataset
+from raysweep.core.seeding import generator
+from raysweep.members import LoopedMembers, VmappedMembers
+from raysweep.training.trainer import build_members, fit
 
 from conftest import make_cfg
 

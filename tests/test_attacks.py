@@ -2,12 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raysweep.attack_objectives import OBJECTIVES
+from raysweep.core.objectives import OBJECTIVES
 from raysweep.attacks import attack_batch, robust_accuracy
 from raysweep.attacks.uap import evaluate_uap, sgd_uap, uap_init
-from raysweep.config import AttackConfig, UAPConfig
-from raysweep.seeding import generator
-from raysweep.evaluate import accuracies
+from raysweep.config.schema import AttackConfig, UAPConfig
+from raysweep.core.seeding import generator
+from raysweep.evaluation.evaluate import accuracies
 
 
 def setup(trained_synthetic, n=64):

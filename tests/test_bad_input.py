@@ -7,10 +7,10 @@ import sys
 import pytest
 import yaml
 
-from raysweep.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, save_checkpoint
+from raysweep.core.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, save_checkpoint
 from raysweep.cli import main
-from raysweep.ensemble import Ensemble
-from raysweep.models import build_member
+from raysweep.core.ensemble import Ensemble
+from raysweep.core.models import build_member
 
 from conftest import make_cfg
 

@@ -1,10 +1,10 @@
 import torch
 
 import raysweep
-from raysweep.checkpoint import save_checkpoint
-from raysweep.data import load_dataset
+from raysweep.core.checkpoint import save_checkpoint
+from raysweep.core.data import load_dataset
 from raysweep.cli import main
-from raysweep.train import build_members, fit
+from raysweep.training.trainer import build_members, fit
 
 from conftest import make_cfg, repo_root
 from test_ready_configs import TINY

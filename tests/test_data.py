@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from raysweep.config import DataConfig
-from raysweep.data import load_dataset, member_batches, member_orders
+from raysweep.config.schema import DataConfig
+from raysweep.core.data import load_dataset, member_batches, member_orders
 from raysweep.errors import DataError
 
 from conftest import FMNIST_DIR, needs_fmnist
@@ -81,7 +81,7 @@ def test_missing_dataset_names_every_option(tmp_path, monkeypatch):
 def test_concurrent_first_staging_of_the_idx_files(tmp_path):
     """Two processes staging Fashion-MNIST into a fresh cache at once (two trials starting together)
     both succeed: each writes its own temporary file before the atomic move."""
-    code = ("import sys; from pathlib import Path; from raysweep.data import _stage_idx; "
+    code = ("import sys; from pathlib import Path; from raysweep.core.data import _stage_idx; "
             "assert _stage_idx(Path(sys.argv[1]), 'FashionMNIST') is not None")
     env = {**os.environ, "RAYSWEEP_CACHE_DIR": str(tmp_path / "cache")}
     for _ in range(3):  # fresh cache each round: the race is at the first copy

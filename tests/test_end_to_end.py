@@ -6,8 +6,8 @@ import sys
 import torch
 
 import raysweep
-from raysweep.config import DataConfig
-from raysweep.data import load_dataset
+from raysweep.config.schema import DataConfig
+from raysweep.core.data import load_dataset
 
 from conftest import needs_fmnist, repo_root
 

@@ -3,10 +3,10 @@ the double-backward reference, on small LeNet-5 members; docs/estimators.md stat
 import pytest
 import torch
 
-from raysweep.data import load_dataset, member_batches
-from raysweep.executors import LoopedMembers
-from raysweep.jacobian import ensemble_jacobian_norms, jacobian_sq_norm_exact, jacobian_sq_norm_forward
-from raysweep.train import build_members, fit
+from raysweep.core.data import load_dataset, member_batches
+from raysweep.members import LoopedMembers
+from raysweep.regularisers.jacobian import ensemble_jacobian_norms, jacobian_sq_norm_exact, jacobian_sq_norm_forward
+from raysweep.training.trainer import build_members, fit
 
 from conftest import make_cfg
 

@@ -3,11 +3,11 @@ import copy
 import pytest
 import torch
 
-from raysweep.data import load_dataset
+from raysweep.core.data import load_dataset
 from raysweep.errors import ConfigError
-from raysweep.executors import LoopedMembers, VmappedMembers, make_local_executor
-from raysweep.models import build_member
-from raysweep.train import build_members, fit
+from raysweep.members import LoopedMembers, VmappedMembers, make_local_executor
+from raysweep.core.models import build_member
+from raysweep.training.trainer import build_members, fit
 
 from conftest import make_cfg
 
@@ -58,7 +58,7 @@ def test_auto_loops_on_cpu_and_vmap_refuses_batchnorm():
 def test_trainer_resumes_from_its_state_dict(method, train):
     """What the Ray executor's restarts rely on: members + Trainer.state_dict() after epoch 1 give the
     uninterrupted run's members after epoch 3."""
-    from raysweep.train import Trainer
+    from raysweep.training.trainer import Trainer
 
     cfg = make_cfg(ensemble={"k": 3, "method": method}, data={"train_size": 160, "batch_size": 32},
                    train={"epochs": 3, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, **train})

@@ -1,11 +1,11 @@
 import torch
 from torch.func import jacrev
 
-from raysweep.data import load_dataset
-from raysweep.seeding import generator
-from raysweep.executors import LoopedMembers
-from raysweep.jacobian import ensemble_jacobian_norms, jacobian_sq_norm_estimate, jacobian_sq_norm_exact
-from raysweep.train import build_members, fit
+from raysweep.core.data import load_dataset
+from raysweep.core.seeding import generator
+from raysweep.members import LoopedMembers
+from raysweep.regularisers.jacobian import ensemble_jacobian_norms, jacobian_sq_norm_estimate, jacobian_sq_norm_exact
+from raysweep.training.trainer import build_members, fit
 
 from conftest import make_cfg
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from raysweep.ensemble import Ensemble, combine
-from raysweep.metrics import auc, weighted_accuracy
+from raysweep.core.ensemble import Ensemble, combine
+from raysweep.evaluation.metrics import auc, weighted_accuracy
 
 
 def test_weighted_accuracy_by_hand():

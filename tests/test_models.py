@@ -2,9 +2,9 @@ import pytest
 import torch
 
 import raysweep
-from raysweep.checkpoint import save_checkpoint
-from raysweep.data import load_dataset
-from raysweep.train import fit
+from raysweep.core.checkpoint import save_checkpoint
+from raysweep.core.data import load_dataset
+from raysweep.training.trainer import fit
 
 from conftest import make_cfg
 

@@ -8,9 +8,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raysweep.config import RunConfig, apply_overrides, load_config, validate_config
+from raysweep.config.schema import RunConfig, apply_overrides, load_config, validate_config
 from raysweep.errors import ConfigError
-from raysweep.search_space import load_search_space
+from raysweep.sweep.space import load_search_space
 
 from conftest import repo_root
 
@@ -20,7 +20,7 @@ SETTINGS = settings(max_examples=int(os.environ.get("RAYSWEEP_HYPOTHESIS_EXAMPLE
 
 def _field_names(model, seen=None) -> set[str]:
     """Every field name of the run schema, nested ones included: keys likely to reach deep validators."""
-    from raysweep.search_space import _model_of
+    from raysweep.sweep.space import _model_of
 
     seen = set() if seen is None else seen
     for name, field in model.model_fields.items():

@@ -6,13 +6,13 @@ import time
 import pytest
 import torch
 
-from raysweep.config import validate_config
-from raysweep.data import load_dataset
+from raysweep.config.schema import validate_config
+from raysweep.core.data import load_dataset
 from raysweep.errors import ConfigError
-from raysweep.executors import LoopedMembers
-from raysweep.executors.ray_train import fit_on_ray
+from raysweep.members import LoopedMembers
+from raysweep.training.ray import fit_on_ray
 from raysweep.run import train_and_evaluate
-from raysweep.train import build_members, fit
+from raysweep.training.trainer import build_members, fit
 
 from conftest import make_cfg
 

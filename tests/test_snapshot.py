@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from raysweep.data import load_dataset
-from raysweep.train import fit, snapshot_steps
+from raysweep.core.data import load_dataset
+from raysweep.training.trainer import fit, snapshot_steps
 
 from conftest import make_cfg
 

@@ -15,11 +15,11 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from raysweep.checkpoint import load
+from raysweep.core.checkpoint import load
 from raysweep.errors import ConfigError
-from raysweep.registry import register
-from raysweep.search_space import load_search_space
-from raysweep.sweep import run_sweep
+from raysweep.tracking.registry import register
+from raysweep.sweep.space import load_search_space
+from raysweep.sweep.tune import run_sweep
 
 from conftest import repo_root
 
@@ -146,7 +146,7 @@ def test_champion_settles_on_the_best_version_when_registrations_race(sweep, tmp
     mid = register("race-ens", best["checkpoint"], best["mlflow_run_id"], uri, "weighted_acc", 0.5)
     assert not mid["champion"]
     assert int(client.get_model_version_by_alias("race-ens", "champion").version) == top["version"]
-    code = ("import sys, time, pathlib; from raysweep.registry import register; "
+    code = ("import sys, time, pathlib; from raysweep.tracking.registry import register; "
             "pathlib.Path(sys.argv[1] + '.ready').touch(); "  # imports done: wait for the other process
             "[time.sleep(0.05) for _ in range(1200) if len(list(pathlib.Path('.').glob('*.ready'))) < 2]; "
             f"register('duel-ens', {best['checkpoint']!r}, {best['mlflow_run_id']!r}, {uri!r}, 'weighted_acc', "
@@ -398,7 +398,7 @@ def test_sweep_of_ray_executor_trials(ray_local, tmp_path):
     search = {"samples": 2, "trial_cpus": 0.5, "asha": {"grace_period": 1, "reduction_factor": 2}}
     path = _space(tmp_path, search, executor={"kind": "ray", "ray": {"cpus_per_worker": 0.5}},
                   train={**BASE["train"], "epochs": 2})
-    from raysweep.sweep import _max_concurrent
+    from raysweep.sweep.tune import _max_concurrent
 
     assert _max_concurrent(load_search_space(path)) == 1
     uri = f"sqlite:///{tmp_path / 'm.db'}"
@@ -416,7 +416,7 @@ def test_sweep_of_ray_executor_trials(ray_local, tmp_path):
 @pytest.mark.parametrize("name", ["jacobian_ensembles_sweep", "robust_ensembles_sweep", "ensemble_adv_sweep",
                                   "pdd_deg_sweep"])
 def test_shipped_search_spaces_load_and_sample(name):
-    from raysweep.config import validate_config
+    from raysweep.config.schema import validate_config
 
     space = load_search_space(repo_root() / "search_spaces" / f"{name}.yaml")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))

@@ -8,7 +8,7 @@ import time
 from mlflow import MlflowClient
 
 # One command's first use of a store: resolve the URI (creates the store), then record a run.
-FIRST_USE = ("import os, sys, time, pathlib; from raysweep.tracking import tracking_uri, experiment_id; "
+FIRST_USE = ("import os, sys, time, pathlib; from raysweep.tracking.runs import tracking_uri, experiment_id; "
              "from mlflow import MlflowClient; pathlib.Path(sys.argv[2] + f'.ready-{os.getpid()}').touch(); "
              "[time.sleep(0.02) for _ in range(3000) if pathlib.Path(sys.argv[2]).exists()]; "  # wait for the go
              "uri = tracking_uri(sys.argv[1]); MlflowClient(uri).create_run(experiment_id('raysweep', uri))")

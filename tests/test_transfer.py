@@ -1,9 +1,9 @@
 import torch
 
-from raysweep.config import TransferConfig
-from raysweep.data import Split
-from raysweep.evaluate import accuracies
-from raysweep.transfer import evaluate_transfer, surrogate_config
+from raysweep.config.schema import TransferConfig
+from raysweep.core.data import Split
+from raysweep.evaluation.evaluate import accuracies
+from raysweep.evaluation.transfer import evaluate_transfer, surrogate_config
 
 from conftest import make_cfg
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..attack_objectives import cw_margin
-from ..config import CWL2Config
-from ..data import Split, eval_batches
-from ..ensemble import combine
+from raysweep.core.objectives import cw_margin
+from raysweep.config.schema import CWL2Config
+from raysweep.core.data import Split, eval_batches
+from raysweep.core.ensemble import combine
 
 
 def cw_l2_batch(stacked_fn, x, y, weights, how, cfg: CWL2Config):

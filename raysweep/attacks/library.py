@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import AutoAttackConfig, JSMAConfig
-from ..data import Split
+from raysweep.config.schema import AutoAttackConfig, JSMAConfig
+from raysweep.core.data import Split
 
 logging.getLogger("art").setLevel(logging.WARNING)
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from ..attack_objectives import get_objective
-from ..config import AttackConfig
-from ..data import eval_batches
-from ..seeding import generator
-from ..ensemble import combine
-from .steps import Ascent, project, random_start
+from raysweep.core.objectives import get_objective
+from raysweep.config.schema import AttackConfig
+from raysweep.core.data import eval_batches
+from raysweep.core.seeding import generator
+from raysweep.core.ensemble import combine
+from raysweep.attacks.steps import Ascent, project, random_start
 
 
 def attack_params(cfg: AttackConfig, eps: float) -> tuple[int, float, bool]:

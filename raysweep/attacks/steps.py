@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..seeding import rand_like, randn_like
+from raysweep.core.seeding import rand_like, randn_like
 
 
 def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from ..attack_objectives import get_objective
-from ..config import UAPConfig
-from ..data import Split, eval_batches
-from ..seeding import generator
-from ..ensemble import combine
-from .steps import Ascent
+from raysweep.core.objectives import get_objective
+from raysweep.config.schema import UAPConfig
+from raysweep.core.data import Split, eval_batches
+from raysweep.core.seeding import generator
+from raysweep.core.ensemble import combine
+from raysweep.attacks.steps import Ascent
 
 
 def uap_init(seeds: int, image_shape, eps: float, generator: torch.Generator) -> torch.Tensor:

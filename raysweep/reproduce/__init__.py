@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from ..errors import UserError
+from raysweep.errors import UserError
 
 STUDIES = {  # command name -> module in this package (and study file search_spaces/reproduce/<module>.yaml)
     "jacobian-ensembles": "jacobian_ensembles",
@@ -38,7 +38,7 @@ def reproduce(name: str, out: str | None = None, docs: str | None = None, study_
     if tracking == "none":
         uri = None
     else:
-        from ..tracking import experiment_id, tracking_uri
+        from raysweep.tracking.runs import experiment_id, tracking_uri
 
         uri = tracking_uri(tracking)
         experiment_id(experiment, uri)  # create store and experiment once, before the tasks race to

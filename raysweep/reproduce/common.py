@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .study import Job, Study, check_job, load_study, run_jobs
+from raysweep.reproduce.study import Job, Study, check_job, load_study, run_jobs
 
 
 def run_variants_then_checks(path: Path, out: Path, pick_checked, *, uri, experiment, address, log) -> dict:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..plots import plt, save  # plots selects the Agg backend
-from .common import best_by, run_variants_then_checks, variant_results
-from .study import load_study
-from .tables import attack_results, md_table, worst_case
+from raysweep.plots import plt, save  # plots selects the Agg backend
+from raysweep.reproduce.common import best_by, run_variants_then_checks, variant_results
+from raysweep.reproduce.study import load_study
+from raysweep.reproduce.tables import attack_results, md_table, worst_case
 
 GROUPS = ["standard", "JR only", "ensemble only", "Jacobian Ensemble"]
 

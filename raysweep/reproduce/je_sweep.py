@@ -6,8 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-from ..sweep import STATE_FILE, run_sweep
-from .tables import md_table
+from raysweep.sweep.tune import STATE_FILE, run_sweep
+from raysweep.reproduce.tables import md_table
 
 
 def run(path, out, *, uri, experiment, address, log):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..plots import plt, save  # plots selects the Agg backend
-from .common import run_variants_then_checks, variant_results
-from .study import load_study
-from .tables import md_table, worst_case
+from raysweep.plots import plt, save  # plots selects the Agg backend
+from raysweep.reproduce.common import run_variants_then_checks, variant_results
+from raysweep.reproduce.study import load_study
+from raysweep.reproduce.tables import md_table, worst_case
 
 
 def run(path, out, *, uri, experiment, address, log):

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import RunConfig, absolute_paths, dump_config, read_yaml, set_path, validate_config
-from ..errors import ConfigError
+from raysweep.config.schema import RunConfig, absolute_paths, dump_config, read_yaml, set_path, validate_config
+from raysweep.errors import ConfigError
 
 VARIANT_KEYS = {"group", "from", "set"}
 
@@ -116,8 +116,8 @@ def _run_variant(raw: dict, uri: str | None, experiment: str, tags: dict,
     """One Ray task: train + evaluate (or, given a checkpoint's files, evaluate that checkpoint under
     this config's eval), recorded as one MLflow run. Works in a scratch folder of whichever node runs
     it and returns (metrics, the run directory's files)."""
-    from ..run import evaluate_checkpoint, train_and_evaluate
-    from ..tracking import log_train_run
+    from raysweep.run import evaluate_checkpoint, train_and_evaluate
+    from raysweep.tracking.runs import log_train_run
 
     cfg = validate_config(raw)
     with tempfile.TemporaryDirectory(prefix="raysweep-") as tmp:
@@ -165,7 +165,7 @@ def run_jobs(jobs: list[Job], out: Path, study: str, *, uri: str | None, experim
 
     import ray
 
-    from ..executors.ray_train import connect
+    from raysweep.training.ray import connect
 
     connect(address)
     task = ray.remote(num_cpus=cpus_per_job, num_gpus=gpus_per_job, max_retries=0)(_run_variant)

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from raysweep.errors import ConfigError
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic")
 ARCHS = ("lenet5", "small_cnn", "resnet18", "composite")

@@ -45,14 +45,14 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from . import plots
-from .config import dump_config, validate_config
-from .errors import ConfigError, UserError
-from .executors.ray_train import connect, num_workers, storage_path, warn_if_local_storage
-from .registry import register as register_model
-from .run import train_and_evaluate
-from .search_space import SearchSpace, load_search_space
-from .tracking import (DEFAULT_EXPERIMENT, check_tracking, context_tags, experiment_id, flat_metrics, flat_params,
+from raysweep import plots
+from raysweep.config.schema import dump_config, validate_config
+from raysweep.errors import ConfigError, UserError
+from raysweep.training.ray import connect, num_workers, storage_path, warn_if_local_storage
+from raysweep.tracking.registry import register as register_model
+from raysweep.run import train_and_evaluate
+from raysweep.sweep.space import SearchSpace, load_search_space
+from raysweep.tracking.runs import (DEFAULT_EXPERIMENT, check_tracking, context_tags, experiment_id, flat_metrics, flat_params,
                        log_results, tracked_run, tracking_uri)
 
 STATE_FILE = "sweep.json"

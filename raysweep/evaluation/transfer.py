@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from .attacks.pgd import attack_batch, attack_params
-from .config import RunConfig, TransferConfig
-from .data import Dataset, Split, eval_batches
-from .ensemble import Ensemble, combine
-from .seeding import generator
-from .train import fit
+from raysweep.attacks.pgd import attack_batch, attack_params
+from raysweep.config.schema import RunConfig, TransferConfig
+from raysweep.core.data import Dataset, Split, eval_batches
+from raysweep.core.ensemble import Ensemble, combine
+from raysweep.core.seeding import generator
+from raysweep.training.trainer import fit
 
 
 def surrogate_config(cfg: RunConfig, t: TransferConfig) -> RunConfig:

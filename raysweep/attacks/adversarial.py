@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attack_objectives import ce_prob
-from .attacks.steps import Ascent, project, random_start
-from .config import AdversarialTrainingConfig
-from .seeding import randn_like
+from raysweep.core.objectives import ce_prob
+from raysweep.attacks.steps import Ascent, project, random_start
+from raysweep.config.schema import AdversarialTrainingConfig
+from raysweep.core.seeding import randn_like
 
 
 def _eps_list(cfg: AdversarialTrainingConfig, k: int) -> list[float]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from .seeding import randn_like
+from raysweep.core.seeding import randn_like
 
 
 def jacobian_sq_norm_estimate(logits: torch.Tensor, x: torch.Tensor, n_proj: int = 1,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from ..errors import ConfigError
+from raysweep.errors import ConfigError
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -25,9 +25,9 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from .config import (RunConfig, _format_validation_error, _Strict, absolute_paths, apply_overrides, read_yaml,
+from raysweep.config.schema import (RunConfig, _format_validation_error, _Strict, absolute_paths, apply_overrides, read_yaml,
                      set_path, validate_config)
-from .errors import ConfigError
+from raysweep.errors import ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "per_member")
 METRICS = ("clean_acc", "weighted_acc", "mean_uap_acc", "auc", "robust_acc")

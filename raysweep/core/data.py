@@ -19,9 +19,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .config import DataConfig
-from .seeding import generator
-from .errors import DataError
+from raysweep.config.schema import DataConfig
+from raysweep.core.seeding import generator
+from raysweep.errors import DataError
 
 ENV_DATA_DIR = "RAYSWEEP_DATA_DIR"
 ENV_CACHE_DIR = "RAYSWEEP_CACHE_DIR"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from raysweep.errors import ConfigError
 
 
 class Normalize(nn.Module):

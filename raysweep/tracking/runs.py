@@ -18,8 +18,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from .config import RunConfig
-from .errors import UserError
+from raysweep.config.schema import RunConfig
+from raysweep.errors import UserError
 
 DEFAULT_EXPERIMENT = "raysweep"
 

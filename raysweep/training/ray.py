@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import RayExecutorConfig, RunConfig, absolute_paths, validate_config
-from ..data import Dataset, load_dataset
-from ..ensemble import Ensemble
-from ..errors import ConfigError, UserError
-from .distributed import DistributedMembers
-from .local import make_local_executor
+from raysweep.config.schema import RayExecutorConfig, RunConfig, absolute_paths, validate_config
+from raysweep.core.data import Dataset, load_dataset
+from raysweep.core.ensemble import Ensemble
+from raysweep.errors import ConfigError, UserError
+from raysweep.members.distributed import DistributedMembers
+from raysweep.members.local import make_local_executor
 
 DRIVER_FILE = "driver.pt"
 
@@ -90,7 +90,7 @@ def _worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from ..train import Trainer, build_members
+    from raysweep.training.trainer import Trainer, build_members
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # see fit_on_ray: one line per epoch instead
     cfg = validate_config(config["cfg"], "sent to the Ray worker")
@@ -216,7 +216,7 @@ def fit_on_ray(cfg: RunConfig, data: Dataset, storage: str | Path, progress: boo
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ..train import TrainResult, TrainState, build_members
+    from raysweep.training.trainer import TrainResult, TrainState, build_members
 
     connect()
     check_resources(cfg)

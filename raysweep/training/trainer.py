@@ -20,16 +20,16 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .composite import composite_members
-from .adversarial_training import ensemble_examples
-from .config import AdversarialTrainingConfig, RunConfig
-from .data import Dataset, member_batches, steps_per_epoch
-from .ensemble import Ensemble, uniform_weights
-from .errors import ConfigError
-from .executors import make_local_executor
-from .models import build_member
-from .seeding import generator
-from .step import TrainStep
+from raysweep.core.composite import composite_members
+from raysweep.attacks.adversarial import ensemble_examples
+from raysweep.config.schema import AdversarialTrainingConfig, RunConfig
+from raysweep.core.data import Dataset, member_batches, steps_per_epoch
+from raysweep.core.ensemble import Ensemble, uniform_weights
+from raysweep.errors import ConfigError
+from raysweep.members import make_local_executor
+from raysweep.core.models import build_member
+from raysweep.core.seeding import generator
+from raysweep.training.step import TrainStep
 
 BATCH_MODE = {"independent": "independent", "bagging": "bootstrap", "snapshot": "shared", "joint": "shared"}
 

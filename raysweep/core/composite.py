@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models import build_member
+from raysweep.core.models import build_member
 
 
 class Composite(nn.Module):
@@ -38,8 +38,8 @@ class Composite(nn.Module):
 
 
 def composite_members(robust_path: str, natural_path: str, k: int, image_shape, num_classes: int) -> list[Composite]:
-    from .checkpoint import load, read_manifest
-    from .errors import ConfigError
+    from raysweep.core.checkpoint import load, read_manifest
+    from raysweep.errors import ConfigError
 
     robust, natural = load(robust_path), load(natural_path)
     spec = {}

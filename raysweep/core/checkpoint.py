@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import RunConfig, validate_config
-from .ensemble import Ensemble
-from .errors import UserError
-from .composite import rebuild_composite
-from .models import ARCHS, build_member
+from raysweep.config.schema import RunConfig, validate_config
+from raysweep.core.ensemble import Ensemble
+from raysweep.errors import UserError
+from raysweep.core.composite import rebuild_composite
+from raysweep.core.models import ARCHS, build_member
 
 FORMAT = 1
 WEIGHTS_FILE, MANIFEST_FILE = "members.safetensors", "ensemble.json"
@@ -75,7 +75,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
     may be a registry URI (models:/NAME@champion, models:/NAME/3) or a run's artifact URI
     (runs:/RUN_ID/checkpoint, as a sweep's summary.json names it)."""
     if str(path).startswith(("models:/", "runs:/")):
-        from .registry import resolve_checkpoint
+        from raysweep.tracking.registry import resolve_checkpoint
 
         path = resolve_checkpoint(str(path))
     m = read_manifest(path)

@@ -7,17 +7,17 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .attacks import evaluate_uap, robust_accuracy
-from .attacks.cw import cw_l2
-from .attacks.pgd import attack_params
-from .config import AttackConfig, RunConfig
-from .data import Dataset, Split, eval_batches
-from .diversity import discrimination_score, gradient_angles, output_ambiguity
-from .ensemble import Ensemble, combine
-from .executors import make_local_executor
-from .jacobian import ensemble_jacobian_norms
-from .metrics import auc, mean, weighted_accuracy
-from .transfer import evaluate_transfer
+from raysweep.attacks import evaluate_uap, robust_accuracy
+from raysweep.attacks.cw import cw_l2
+from raysweep.attacks.pgd import attack_params
+from raysweep.config.schema import AttackConfig, RunConfig
+from raysweep.core.data import Dataset, Split, eval_batches
+from raysweep.evaluation.diversity import discrimination_score, gradient_angles, output_ambiguity
+from raysweep.core.ensemble import Ensemble, combine
+from raysweep.members import make_local_executor
+from raysweep.regularisers.jacobian import ensemble_jacobian_norms
+from raysweep.evaluation.metrics import auc, mean, weighted_accuracy
+from raysweep.evaluation.transfer import evaluate_transfer
 
 
 @torch.no_grad()
@@ -136,7 +136,7 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
         metrics["cw_l2"] = cw_l2(stacked_fn, data.test, ev.cw_l2, weights, how, ev.batch_size, device)
 
     if ev.autoattack or ev.jsma:
-        from .attacks import library  # ART is imported only when asked for
+        from raysweep.attacks import library  # ART is imported only when asked for
 
         if ev.autoattack:
             metrics["autoattack"] = library.autoattack(model, data.test, ev.autoattack, data.num_classes,

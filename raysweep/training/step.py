@@ -18,14 +18,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .adp import adp_regulariser
-from .adversarial_training import ensemble_examples, member_examples
-from .attack_objectives import ce_prob
-from .config import RunConfig
-from .deg import deg_penalty, member_input_grads
-from .jacobian import jacobian_sq_norm_forward, jr_penalty
-from .pdd import PriorityDropout
-from .seeding import rand_like
+from raysweep.regularisers.adp import adp_regulariser
+from raysweep.attacks.adversarial import ensemble_examples, member_examples
+from raysweep.core.objectives import ce_prob
+from raysweep.config.schema import RunConfig
+from raysweep.regularisers.deg import deg_penalty, member_input_grads
+from raysweep.regularisers.jacobian import jacobian_sq_norm_forward, jr_penalty
+from raysweep.regularisers.pdd import PriorityDropout
+from raysweep.core.seeding import rand_like
 
 
 class TrainStep:

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .deg import member_input_grads, pairwise_cosines
+from raysweep.regularisers.deg import member_input_grads, pairwise_cosines
 
 
 def output_ambiguity(stacked: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

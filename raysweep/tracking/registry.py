@@ -20,9 +20,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from .checkpoint import read_manifest
-from .errors import UserError
-from .tracking import tracking_uri
+from raysweep.core.checkpoint import read_manifest
+from raysweep.errors import UserError
+from raysweep.tracking.runs import tracking_uri
 
 CHAMPION = "champion"
 MODEL_NAME = "ensemble"

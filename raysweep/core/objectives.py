@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .ensemble import combine
+from raysweep.core.ensemble import combine
 
 
 def ce_prob(stacked, y, weights, how="probability"):

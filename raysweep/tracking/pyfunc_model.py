@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from mlflow.pyfunc import PythonModel
 
-from raysweep.checkpoint import load
+from raysweep.core.checkpoint import load
 
 
 class EnsembleModel(PythonModel):

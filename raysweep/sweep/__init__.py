@@ -1,0 +1,1 @@
+"""Sweeps: the search space (space.py) and the Ray Tune + Optuna driver (tune.py)."""

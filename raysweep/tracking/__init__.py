@@ -1,0 +1,1 @@
+"""MLflow: runs (the one place they open and close), the model registry and the pyfunc model file."""
