@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from raysweep.config.schema import validate_config  # noqa: E402
+from raysweep.config import validate_config  # noqa: E402
 from raysweep.core.data import load_dataset, member_batches  # noqa: E402
 from raysweep.core.ensemble import uniform_weights  # noqa: E402
 from raysweep.errors import ConfigError  # noqa: E402

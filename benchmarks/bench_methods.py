@@ -3,7 +3,7 @@ members, looped members). Targets from issue 3: DEG <= 3x (the paper's implement
 PDD <= 1.3x."""
 from common import alternating_ms, header, lenet_setup, step_fn
 
-from raysweep.config.schema import validate_config
+from raysweep.config import validate_config
 from raysweep.members import LoopedMembers
 
 METHODS = {

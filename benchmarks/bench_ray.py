@@ -12,7 +12,7 @@ import torch
 
 from common import header
 
-from raysweep.config.schema import validate_config
+from raysweep.config import validate_config
 from raysweep.core.data import load_dataset, steps_per_epoch
 from raysweep.training.ray import fit_on_ray
 from raysweep.training.trainer import fit

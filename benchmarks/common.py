@@ -7,7 +7,7 @@ import os
 import torch
 from torch.utils.benchmark import Timer
 
-from raysweep.config.schema import validate_config
+from raysweep.config import validate_config
 from raysweep.core.data import load_dataset, member_batches
 from raysweep.core.seeding import generator
 from raysweep.members import resolve_device

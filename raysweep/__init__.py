@@ -1,6 +1,23 @@
 """raysweep: train and evaluate adversarially robust deep ensembles, locally or on Ray."""
-from raysweep.core.checkpoint import load
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from raysweep.core import checkpoint as _checkpoint
 from raysweep.core.ensemble import Ensemble
 
 __version__ = "0.1.0"
 __all__ = ["load", "Ensemble", "__version__"]
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
+    """A saved ensemble as a torch.nn.Module in eval mode (see raysweep.Ensemble). `path` is a
+    checkpoint folder, a registry URI (models:/NAME@champion, models:/NAME/3) or a run's artifact URI
+    (runs:/RUN_ID/checkpoint, as a sweep's summary.json names it); only URIs import MLflow."""
+    if str(path).startswith(("models:/", "runs:/")):
+        from raysweep.tracking.registry import resolve_checkpoint
+
+        path = resolve_checkpoint(str(path))
+    return _checkpoint.load(path, device)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from raysweep.config.schema import apply_overrides, load_config, validate_config
+from raysweep.config import apply_overrides, load_config, validate_config
 from raysweep.errors import UserError
 
 
@@ -51,7 +51,11 @@ def _cmd_train(args) -> int:
     if args.no_mlflow:
         metrics = train_and_evaluate(cfg, out, progress=not args.quiet)
     else:
-        from raysweep.tracking.runs import DEFAULT_EXPERIMENT, log_train_run, tracking_uri
+        from raysweep.tracking.runs import (
+            DEFAULT_EXPERIMENT,
+            log_train_run,
+            tracking_uri,
+        )
 
         uri = tracking_uri(args.tracking_uri)
         metrics, run_id = log_train_run(cfg, out, uri, args.experiment or DEFAULT_EXPERIMENT,
@@ -96,7 +100,7 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from raysweep.core.checkpoint import checkpoint_config
+    from raysweep.config import checkpoint_config
     from raysweep.run import evaluate_checkpoint
 
     if args.checkpoint.startswith(("models:/", "runs:/")):

@@ -10,8 +10,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from raysweep import plots
-from raysweep.core.checkpoint import checkpoint_config, load, save_checkpoint
-from raysweep.config.schema import RunConfig, dump_config
+from raysweep.config import RunConfig, checkpoint_config, dump_config
+from raysweep.core.checkpoint import load, save_checkpoint
 from raysweep.core.data import load_dataset
 from raysweep.errors import UserError
 from raysweep.evaluation.evaluate import evaluate

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raysweep.config.schema import validate_config
+from raysweep.config import validate_config
 from raysweep.core.data import DEBIAN_ROOT, load_dataset
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from raysweep.attacks.adversarial import ensemble_examples, member_examples
-from raysweep.config.schema import AdversarialTrainingConfig
+from raysweep.attacks.adversarial import AdversarialTrainingConfig
 from raysweep.core.data import load_dataset
 from raysweep.core.seeding import generator
 from raysweep.members import LoopedMembers, VmappedMembers

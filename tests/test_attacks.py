@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from raysweep.core.objectives import OBJECTIVES
 from raysweep.attacks import attack_batch, robust_accuracy
 from raysweep.attacks.uap import evaluate_uap, sgd_uap, uap_init
-from raysweep.config.schema import AttackConfig, UAPConfig
+from raysweep.attacks.pgd import AttackConfig
+from raysweep.attacks.uap import UAPConfig
 from raysweep.core.seeding import generator
 from raysweep.evaluation.evaluate import accuracies
 
@@ -64,6 +65,21 @@ def test_robust_accuracy_falls_with_eps_and_breaks_trivially(trained_synthetic):
     assert acc[-2] < clean - 0.2
     # eps = 1 lets the attacker paint any image: nothing survives.
     assert robust_accuracy(ens.stacked_logits, data.test, attack, 1.0, ens.weights, "probability", 100, "cpu")[0] == 0
+
+
+@pytest.mark.parametrize("norm, eps, rule, objective", [("linf", 0.1, "sign", "ce_prob"), ("l2", 1.5, "sign", "cw_margin"),
+                                                       ("linf", 0.06, "adam", "ce_logit")])
+def test_robust_accuracy_does_not_depend_on_the_evaluation_batch_size(trained_synthetic, norm, eps, rule, objective):
+    """Each image is attacked alone: a loss or a step normalised over the batch (a classic bug) would
+    make an image's fate depend on its batch mates. No random start, so every batching draws alike."""
+    _, data, ens = trained_synthetic
+    attack = AttackConfig(name="pgd", eps=[eps], steps=8, random_start=False, norm=norm, step_rule=rule,
+                          objectives=[objective])
+    runs = [robust_accuracy(ens.stacked_logits, data.test, attack, eps, ens.weights, "probability", b, "cpu")
+            for b in (7, 64, 200)]
+    assert 0 < runs[0][0] < 1
+    for acc, flags in runs[1:]:
+        assert torch.equal(flags, runs[0][1]) and acc == runs[0][0]
 
 
 def test_more_steps_and_restarts_never_raise_robust_accuracy(trained_synthetic):

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from raysweep.config.schema import load_config, validate_config
+from raysweep.config import load_config, validate_config
 from raysweep.errors import ConfigError
 
 from conftest import repo_root

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from raysweep.config.schema import DataConfig
+from raysweep.core.data import DataConfig
 from raysweep.core.data import load_dataset, member_batches, member_orders
 from raysweep.errors import DataError
 

@@ -6,7 +6,7 @@ import sys
 import torch
 
 import raysweep
-from raysweep.config.schema import DataConfig
+from raysweep.core.data import DataConfig
 from raysweep.core.data import load_dataset
 
 from conftest import needs_fmnist, repo_root

@@ -5,7 +5,9 @@ import torch
 from raysweep.attacks import robust_accuracy
 from raysweep.attacks.cw import cw_l2, cw_l2_batch
 from raysweep.attacks.library import art_classifier, autoattack, jsma
-from raysweep.config.schema import AttackConfig, AutoAttackConfig, CWL2Config, JSMAConfig
+from raysweep.attacks.cw import CWL2Config
+from raysweep.attacks.library import AutoAttackConfig, JSMAConfig
+from raysweep.attacks.pgd import AttackConfig
 
 CPU = torch.device("cpu")
 

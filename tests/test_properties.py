@@ -8,7 +8,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raysweep.config.schema import RunConfig, apply_overrides, load_config, validate_config
+from raysweep.config import RunConfig, apply_overrides, load_config, validate_config
 from raysweep.errors import ConfigError
 from raysweep.sweep.space import load_search_space
 

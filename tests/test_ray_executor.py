@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from raysweep.config.schema import validate_config
+from raysweep.config import validate_config
 from raysweep.core.data import load_dataset
 from raysweep.errors import ConfigError
 from raysweep.members import LoopedMembers

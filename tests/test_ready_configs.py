@@ -4,7 +4,7 @@ import json
 import pytest
 
 from raysweep.cli import main
-from raysweep.config.schema import load_config
+from raysweep.config import load_config
 
 from conftest import repo_root
 

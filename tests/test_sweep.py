@@ -15,7 +15,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from raysweep.core.checkpoint import load
+from raysweep import load
 from raysweep.errors import ConfigError
 from raysweep.tracking.registry import register
 from raysweep.sweep.space import load_search_space
@@ -416,7 +416,7 @@ def test_sweep_of_ray_executor_trials(ray_local, tmp_path):
 @pytest.mark.parametrize("name", ["jacobian_ensembles_sweep", "robust_ensembles_sweep", "ensemble_adv_sweep",
                                   "pdd_deg_sweep"])
 def test_shipped_search_spaces_load_and_sample(name):
-    from raysweep.config.schema import validate_config
+    from raysweep.config import validate_config
 
     space = load_search_space(repo_root() / "search_spaces" / f"{name}.yaml")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))

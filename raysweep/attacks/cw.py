@@ -9,11 +9,22 @@ per 100 images on 2 CPU cores; this one is batched.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
-from raysweep.core.objectives import cw_margin
-from raysweep.config.schema import CWL2Config
 from raysweep.core.data import Split, eval_batches
 from raysweep.core.ensemble import combine
+from raysweep.core.objectives import cw_margin
+from raysweep.core.sections import Section
+
+
+class CWL2Config(Section):
+    """Carlini & Wagner L2 (attacks/cw.py); SPEC section 4: learning rate 0.001, 1000 steps."""
+    learning_rate: float = Field(0.001, gt=0)
+    max_iter: int = Field(1000, ge=1)
+    binary_search_steps: int = Field(5, ge=1)
+    initial_const: float = Field(0.01, gt=0)
+    confidence: float = Field(0.0, ge=0)
+    samples: int = Field(200, ge=1)
 
 
 def cw_l2_batch(stacked_fn, x, y, weights, how, cfg: CWL2Config):

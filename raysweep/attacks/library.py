@@ -11,13 +11,32 @@ survives all of them.
 from __future__ import annotations
 
 import logging
+from typing import Literal, Optional
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
-from raysweep.config.schema import AutoAttackConfig, JSMAConfig
 from raysweep.core.data import Split
+from raysweep.core.sections import EpsGrid, Section
+
+
+class AutoAttackConfig(Section):
+    """AutoAttack-grade evaluation through ART: a sample is robust only if it survives every attack."""
+    eps: EpsGrid
+    norm: Literal["linf", "l2"] = "linf"
+    attacks: list[Literal["apgd-ce", "apgd-dlr", "square"]] = Field(["apgd-ce", "apgd-dlr", "square"], min_length=1)
+    max_iter: int = Field(100, ge=1, description="APGD iterations")
+    square_queries: int = Field(5000, ge=1)
+    samples: Optional[int] = Field(None, ge=1, description="first N test images; null = all")
+
+
+class JSMAConfig(Section):
+    """JSMA (L0) through ART: theta is the change per feature, gamma the largest fraction changed."""
+    theta: float = Field(1.0, gt=0)
+    gamma: float = Field(0.1, gt=0, le=1)
+    samples: int = Field(200, ge=1)
 
 logging.getLogger("art").setLevel(logging.WARNING)
 

@@ -6,14 +6,29 @@ gives each seed exactly the delta it would get alone (tests check this) at a fra
 """
 from __future__ import annotations
 
-import torch
+from typing import Literal, Optional
 
-from raysweep.core.objectives import get_objective
-from raysweep.config.schema import UAPConfig
-from raysweep.core.data import Split, eval_batches
-from raysweep.core.seeding import generator
-from raysweep.core.ensemble import combine
+import torch
+from pydantic import Field
+
 from raysweep.attacks.steps import Ascent
+from raysweep.core.data import Split, eval_batches
+from raysweep.core.ensemble import combine
+from raysweep.core.objectives import OBJECTIVES, get_objective
+from raysweep.core.sections import EpsGrid, Section
+from raysweep.core.seeding import generator
+
+
+class UAPConfig(Section):
+    eps: EpsGrid = [0.10, 0.15, 0.20, 0.25]
+    seeds: int = Field(50, ge=1)
+    iterations: int = Field(100, ge=1)
+    batch_size: int = Field(200, ge=1)
+    step_size: Optional[float] = Field(None, gt=0, description="null: eps/20")
+    step_rule: Literal["sign", "adam"] = "sign"
+    objective: Literal[tuple(OBJECTIVES)] = "ce_prob"
+    craft_on: Literal["train", "test"] = Field("train", description="which split's batches craft the UAP")
+    selection_size: int = Field(1000, ge=1, description="crafting images used to pick the worst-case seed")
 
 
 def uap_init(seeds: int, image_shape, eps: float, generator: torch.Generator) -> torch.Tensor:

@@ -1,63 +1,37 @@
-"""One typed config schema for every run, validated at load.
-
-A YAML file maps onto `RunConfig`; unknown keys, wrong types and out-of-range values are
-errors that name the field path and what is allowed. `--set a.b=value` overrides are applied
-to the raw YAML before validation, so they are checked the same way.
+"""The run config: one typed schema, validated at load. Sections are owned by the modules that
+read them (an attack's by its attack, a regulariser's by its file, data's by core/data.py); this
+module composes them into `RunConfig`, with the rules that tie sections together. The train
+section gets one field per registered regulariser and ensemble.method one value per registered
+method, so a plug-in is configurable, checked and searchable without an edit here.
 """
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Literal, Optional
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
-from raysweep.errors import ConfigError
-
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic")
-ARCHS = ("lenet5", "small_cnn", "resnet18", "composite")
-ATTACK_OBJECTIVES = ("ce_prob", "ce_logit", "cw_margin", "mean_member_ce")
-
-
-def _nonneg_eps(eps):
-    bad = [e for e in (eps if isinstance(eps, list) else [eps]) if e < 0]
-    if bad:
-        raise ValueError(f"eps must be >= 0, got {bad[0]}")
-    return eps
+import raysweep.methods  # noqa: F401  (registers the built-in methods)
+import raysweep.regularisers  # noqa: F401  (registers the built-in regularisers)
+from raysweep.plugins import load_installed_plugins
+from raysweep.attacks.adversarial import AdversarialTrainingConfig
+from raysweep.attacks.cw import CWL2Config
+from raysweep.attacks.library import AutoAttackConfig, JSMAConfig
+from raysweep.attacks.pgd import AttackConfig
+from raysweep.attacks.uap import UAPConfig
+from raysweep.core.data import DataConfig
+from raysweep.core.models import ARCHS
+from raysweep.core.sections import Section
+from raysweep.methods.base import METHODS, EnsembleMethod
+from raysweep.regularisers.base import REGULARISERS
 
 
-EpsGrid = Annotated[list[float], Field(min_length=1), AfterValidator(_nonneg_eps)]
-
-
-class _Strict(BaseModel):
-    # No field of a run makes sense at inf or nan (train.lr: .inf trained to NaN and reported accuracies).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-class SyntheticConfig(_Strict):
-    num_classes: int = Field(10, ge=2)
-    image_shape: tuple[int, int, int] = (1, 28, 28)
-    noise: float = Field(0.15, ge=0)
-
-
-class DataConfig(_Strict):
-    dataset: Literal[DATASETS] = "fashion_mnist"
-    data_dir: Optional[str] = None
-    download: bool = True
-    train_size: Optional[int] = Field(None, ge=1, description="first N after a seeded shuffle; null = all")
-    test_size: Optional[int] = Field(None, ge=1)
-    batch_size: int = Field(128, ge=1)
-    synthetic: SyntheticConfig = SyntheticConfig()
-
-
-class CompositeConfig(_Strict):
+class CompositeConfig(Section):
     robust: str = Field(..., description="checkpoint of the robust ensemble (PGD-trained at eps)")
     natural: str = Field(..., description="checkpoint of the natural ensemble")
 
 
-class ModelConfig(_Strict):
-    arch: Literal[ARCHS] = "lenet5"
+class ModelConfig(Section):
+    arch: Literal[(*ARCHS, "composite")] = "lenet5"
     width: float = Field(1.0, gt=0, le=8, description="multiplies channels and hidden units (lenet5, small_cnn); "
                          "about sqrt(K) gives one model with K times the parameters (DoubleAdv)")
     composite: Optional[CompositeConfig] = Field(None, description="with arch: composite (meta-composites)")
@@ -69,11 +43,9 @@ class ModelConfig(_Strict):
         return self
 
 
-class EnsembleConfig(_Strict):
+class EnsembleBase(Section):
+    """ensemble: K members and how they combine; `method` (one of methods.METHODS) is added by compose()."""
     k: int = Field(3, ge=1)
-    method: Literal["independent", "bagging", "snapshot", "joint"] = Field(
-        "independent", description="independent: own shuffles; bagging: own bootstrap samples; snapshot: one "
-        "run, cyclic LR; joint: all members see the same mini-batch (simultaneous training)")
     combine: Literal["probability", "logit"] = "probability"
     weights: Optional[list[float]] = Field(None, description="convex weights, one per member; null = uniform")
 
@@ -95,59 +67,7 @@ class EnsembleConfig(_Strict):
         return self
 
 
-class JacobianRegConfig(_Strict):
-    lambda_jr: float = Field(0.0, ge=0, le=2, description="SPEC section 1: L = CE + lambda_jr/2 * mean ||J||_F^2")
-    n_proj: int = Field(1, ge=1)
-    exact: bool = Field(False, description="exact ||J||_F^2 with C backward passes (tests, tiny models)")
-    estimator: Literal["double_backward", "forward_mode"] = Field(
-        "double_backward", description="double_backward: random output projections, one backward with "
-        "create_graph (the reference); forward_mode: J u for one random unit input direction u per sample, carried "
-        "through the forward pass as a forward-mode tangent, no double backward (docs/estimators.md)")
-
-    @model_validator(mode="after")
-    def _estimator_fits(self):
-        if self.estimator == "forward_mode" and (self.exact or self.n_proj != 1):
-            raise ValueError(f"train.jr.estimator 'forward_mode' draws one direction per sample and is not exact; "
-                             f"it cannot be combined with exact: {self.exact} or n_proj: {self.n_proj} (use "
-                             "estimator 'double_backward')")
-        return self
-
-
-class AdversarialTrainingConfig(_Strict):
-    """member: each member trained on PGD examples against itself alone (Madry; SeparateAdv), with
-    one eps or a per-member list; ensemble: Ensemble-Adv, examples against the averaged ensemble."""
-    mode: Literal["member", "ensemble"]
-    eps: Annotated[float | list[float], AfterValidator(_nonneg_eps)]
-    norm: Literal["linf", "l2"] = "linf"
-    steps: int = Field(7, ge=1)
-    step_size: Optional[float] = Field(None, gt=0, description="null: 2.5 * eps / steps")
-    step_rule: Literal["sign", "adam"] = Field("sign", description="sign = IFGSM/PGD sign steps; adam = Adam steps")
-    start: Optional[Literal["none", "uniform", "gaussian"]] = Field(
-        None, description="null: gaussian for mode ensemble (SPEC section 3), uniform for member")
-    sigma: Optional[float] = Field(None, ge=0, description="std of the gaussian start; null: eps / 2")
-    clean: Optional[bool] = Field(None, description="add the clean loss; null: true for ensemble, false for member")
-    rho: float = Field(1.0, ge=0, description="weight of the adversarial loss")
-
-
-class DEGConfig(_Strict):
-    lambda_deg: float = Field(0.01, ge=0, description="L = L_ECE + lambda * sum_{i<j} cos(g_i, g_j)")
-
-
-class PDDConfig(_Strict):
-    alpha: float = Field(0.9, gt=0, le=1)
-    beta: float = Field(0.1, ge=0, le=1)
-    m: int = Field(10, ge=2, description="number of intervals; must exceed ensemble.k")
-    period: int = Field(1, ge=1, description="steps per statistics period; 1 = the current mini-batch")
-    rescale: bool = Field(False, description="divide kept units by their keep rate (inverted dropout)")
-
-
-class ADPConfig(_Strict):
-    alpha: float = Field(2.0, ge=0)
-    beta: float = Field(0.5, ge=0)
-    det_offset: float = Field(1e-6, gt=0, description="multiple of the identity added before the log-det")
-
-
-class ProbeConfig(_Strict):
+class ProbeConfig(Section):
     """A robustness reading after every epoch, for early stopping (search.asha.metric: probe_acc):
     training accuracy cannot see a robustness collapse. The ensemble's accuracy on the first `samples`
     test images under PGD-linf at `eps` against its averaged probabilities (the Ensemble-Adv attack
@@ -158,7 +78,8 @@ class ProbeConfig(_Strict):
     samples: int = Field(256, ge=1)
 
 
-class TrainConfig(_Strict):
+class TrainBase(Section):
+    """train: the optimiser and the base loss; each registered regulariser adds its section (compose())."""
     epochs: int = Field(5, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0)
@@ -166,18 +87,14 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["constant", "cosine"] = Field(
         "constant", description="snapshot ensembles always use the cyclic cosine schedule of SPEC section 1")
-    jr: JacobianRegConfig = JacobianRegConfig()
     loss: Literal["member_ce", "ensemble_ce"] = Field(
         "member_ce", description="member_ce: sum_k CE(f_k) (members trained side by side); ensemble_ce: CE of the "
         "averaged probabilities (the ensemble trained as one model)")
     adversarial: Optional[AdversarialTrainingConfig] = None
-    deg: Optional[DEGConfig] = None
-    pdd: Optional[PDDConfig] = None
-    adp: Optional[ADPConfig] = None
     probe: Optional[ProbeConfig] = None
 
 
-class RayExecutorConfig(_Strict):
+class RayExecutorConfig(Section):
     """executor.kind: ray: a Ray Train TorchTrainer, one worker per `members_per_worker` members."""
     members_per_worker: int = Field(1, ge=1, description="members in each worker (vectorised per executor.vectorize)")
     cpus_per_worker: float = Field(1.0, gt=0, description="fractions share cores")
@@ -192,7 +109,7 @@ class RayExecutorConfig(_Strict):
                                      "asked for; true: wait (autoscaling clusters add nodes)")
 
 
-class ExecutorConfig(_Strict):
+class ExecutorConfig(Section):
     kind: Literal["local", "ray"] = "local"
     vectorize: Literal["auto", "loop", "vmap"] = Field(
         "auto", description="auto: loop on CPU, vmap on CUDA (measured faster there), loop when members have BatchNorm")
@@ -212,66 +129,12 @@ class ExecutorConfig(_Strict):
         return self
 
 
-class AttackConfig(_Strict):
-    name: str
-    kind: Literal["fgsm", "bim", "pgd"] = "pgd"
-    norm: Literal["linf", "l2"] = "linf"
-    eps: EpsGrid
-    steps: int = Field(10, ge=1)
-    step_size: Optional[float] = Field(None, gt=0, description="null: 2.5*eps/steps for pgd, eps/steps for bim")
-    restarts: int = Field(1, ge=1)
-    random_start: Optional[bool] = Field(None, description="null: true for pgd, false for fgsm/bim")
-    step_rule: Literal["sign", "adam"] = "sign"
-    objectives: list[Literal[ATTACK_OBJECTIVES]] = Field(["ce_prob"], min_length=1)
-    double_steps: bool = Field(False, description="double the steps until robust accuracy stops falling "
-                               "(Grefenstette et al.'s rule against false robustness); reports convergence")
-    max_steps: int = Field(640, ge=1, description="cap for double_steps")
-
-
-class UAPConfig(_Strict):
-    eps: EpsGrid = [0.10, 0.15, 0.20, 0.25]
-    seeds: int = Field(50, ge=1)
-    iterations: int = Field(100, ge=1)
-    batch_size: int = Field(200, ge=1)
-    step_size: Optional[float] = Field(None, gt=0, description="null: eps/20")
-    step_rule: Literal["sign", "adam"] = "sign"
-    objective: Literal[ATTACK_OBJECTIVES] = "ce_prob"
-    craft_on: Literal["train", "test"] = Field("train", description="which split's batches craft the UAP")
-    selection_size: int = Field(1000, ge=1, description="crafting images used to pick the worst-case seed")
-
-
-class AutoAttackConfig(_Strict):
-    """AutoAttack-grade evaluation through ART: a sample is robust only if it survives every attack."""
-    eps: EpsGrid
-    norm: Literal["linf", "l2"] = "linf"
-    attacks: list[Literal["apgd-ce", "apgd-dlr", "square"]] = Field(["apgd-ce", "apgd-dlr", "square"], min_length=1)
-    max_iter: int = Field(100, ge=1, description="APGD iterations")
-    square_queries: int = Field(5000, ge=1)
-    samples: Optional[int] = Field(None, ge=1, description="first N test images; null = all")
-
-
-class CWL2Config(_Strict):
-    """Carlini & Wagner L2 (attacks/cw.py); SPEC section 4: learning rate 0.001, 1000 steps."""
-    learning_rate: float = Field(0.001, gt=0)
-    max_iter: int = Field(1000, ge=1)
-    binary_search_steps: int = Field(5, ge=1)
-    initial_const: float = Field(0.01, gt=0)
-    confidence: float = Field(0.0, ge=0)
-    samples: int = Field(200, ge=1)
-
-
-class JSMAConfig(_Strict):
-    """JSMA (L0) through ART: theta is the change per feature, gamma the largest fraction changed."""
-    theta: float = Field(1.0, gt=0)
-    gamma: float = Field(0.1, gt=0, le=1)
-    samples: int = Field(200, ge=1)
-
-
-class TransferConfig(_Strict):
+class TransferConfig(Section):
     """Black-box transfer: raysweep trains a surrogate ensemble from this run's own config with
     another architecture, crafts adversarial examples on it, and measures the target on them.
-    type I (oblivious): the surrogate drops every defence (JR, adversarial training, PDD, DEG,
-    ADP; plain member CE); type II (adaptive): the surrogate keeps the same defence."""
+    type I (oblivious): the surrogate drops every defence (adversarial training, an ensemble loss,
+    and every regulariser registered as a defence: JR, PDD, DEG, ADP); type II (adaptive): the
+    surrogate keeps the same defence."""
     name: str
     type: Literal["I", "II"]
     arch: Literal["lenet5", "small_cnn", "resnet18"] = Field(..., description="the surrogate's architecture")
@@ -280,12 +143,12 @@ class TransferConfig(_Strict):
     samples: Optional[int] = Field(None, ge=1, description="first N test images; null = all")
 
 
-class AUCConfig(_Strict):
+class AUCConfig(Section):
     attack: str
     eps_target: float = Field(..., gt=0)
 
 
-class EvalConfig(_Strict):
+class EvalConfig(Section):
     batch_size: int = Field(500, ge=1)
     attacks: list[AttackConfig] = []
     uap: Optional[UAPConfig] = UAPConfig()
@@ -314,37 +177,43 @@ class EvalConfig(_Strict):
         return self
 
 
-class RunConfig(_Strict):
+class RunBase(Section):
+    """The run; compose() adds the ensemble and train sections built from the plug-in registries."""
     name: str = "run"
     seed: int = 0
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
-    ensemble: EnsembleConfig = EnsembleConfig()
-    train: TrainConfig = TrainConfig()
     executor: ExecutorConfig = ExecutorConfig()
     eval: EvalConfig = EvalConfig()
 
     @property
+    def method(self) -> type[EnsembleMethod]:
+        return METHODS[self.ensemble.method]
+
+    @property
     def trained_members(self) -> int:
-        """Networks actually trained: K, or 1 for snapshot ensembles (K snapshots of one network)."""
-        return 1 if self.ensemble.method == "snapshot" else self.ensemble.k
+        """Networks actually trained: K, or fewer for a method that derives members (snapshots of one network)."""
+        return self.method.trained_networks(self.ensemble.k)
 
     @model_validator(mode="after")
     def _method_combinations(self):
-        t, k, method = self.train, self.ensemble.k, self.ensemble.method
-        joint_only = [name for name, on in (("train.deg", t.deg), ("train.pdd", t.pdd), ("train.adp", t.adp),
-                                            ("train.loss: ensemble_ce", t.loss == "ensemble_ce"),
-                                            ("train.adversarial.mode: ensemble",
-                                             t.adversarial is not None and t.adversarial.mode == "ensemble")) if on]
-        if joint_only and method != "joint":
-            raise ValueError(f"{', '.join(joint_only)} make members interact and need ensemble.method: joint "
-                             f"(all members see the same mini-batch), got {method!r}")
-        for name, on in (("train.deg", t.deg), ("train.pdd", t.pdd), ("train.adp", t.adp)):
-            if on and k < 2:
-                raise ValueError(f"{name} is a diversity term between members and needs ensemble.k >= 2, got k = {k}")
-        if t.pdd is not None and t.pdd.m <= k:
-            raise ValueError(f"train.pdd.m must be > ensemble.k (each member needs its own priority interval), "
-                             f"got m = {t.pdd.m}, k = {k}")
+        t, k, method = self.train, self.ensemble.k, self.method
+        coupling = [f"train.{key}" for key, cls in REGULARISERS.items() if cls.joint and cls.enabled(getattr(t, key))]
+        coupling += [name for name, on in (("train.loss: ensemble_ce", t.loss == "ensemble_ce"),
+                                           ("train.adversarial.mode: ensemble",
+                                            t.adversarial is not None and t.adversarial.mode == "ensemble")) if on]
+        if coupling and not method.joint:
+            joint = " or ".join(name for name, m in METHODS.items() if m.joint)
+            raise ValueError(f"{', '.join(coupling)} make members interact and need ensemble.method: {joint} "
+                             f"(all members see the same mini-batch), got {method.name!r}")
+        for key, cls in REGULARISERS.items():
+            section = getattr(t, key)
+            if not cls.enabled(section):
+                continue
+            if k < cls.min_k:
+                raise ValueError(f"train.{key} is a term between members and needs ensemble.k >= {cls.min_k}, "
+                                 f"got k = {k}")
+            cls.check(section, k)
         adv = t.adversarial
         if adv is not None and isinstance(adv.eps, list):
             if adv.mode != "member":
@@ -353,109 +222,44 @@ class RunConfig(_Strict):
             if len(adv.eps) != k:
                 raise ValueError(f"train.adversarial.eps has {len(adv.eps)} values but ensemble.k = {k}: give one "
                                  f"eps per member")
-        if method == "snapshot" and (adv is not None and adv.mode == "ensemble"):
-            raise ValueError("snapshot ensembles train one network: train.adversarial.mode must be member")
+        method.check(self)
         trained = self.trained_members
         per_worker = self.executor.ray.members_per_worker
         if self.executor.kind == "ray" and trained % per_worker:
             raise ValueError(f"executor.ray.members_per_worker = {per_worker} must divide the {trained} trained "
-                             f"member(s) ({'snapshot trains one network' if method == 'snapshot' else 'ensemble.k'})")
+                             f"network(s) ({'ensemble.k' if trained == k else f'{method.name} trains {trained}'})")
         return self
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:" if source else "invalid config:"]
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field"
-        elif e["type"] == "literal_error":
-            msg = f"got {e['input']!r}; {msg.lower()}"
-        elif "input" in e and e["type"] not in ("value_error", "missing"):
-            msg = f"{msg} (got {e['input']!r})"
-        lines.append(f"  {path}: {msg}")
-    return "\n".join(lines)
+def _compose() -> tuple[type[Section], type[Section], type[RunBase]]:
+    """(EnsembleConfig, TrainConfig, RunConfig) from the static sections and the registered plug-ins."""
+    ensemble = create_model(
+        "EnsembleConfig", __base__=EnsembleBase, __module__=__name__,
+        method=(Literal[tuple(METHODS)], Field("independent", description="; ".join(
+            f"{name}: {m.description}" for name, m in METHODS.items()))))
+    train = create_model("TrainConfig", __base__=TrainBase, __module__=__name__,
+                         **{key: (Optional[cls.Config], cls.default) for key, cls in REGULARISERS.items()})
+    run = create_model("RunConfig", __base__=RunBase, __module__=__name__,
+                       ensemble=(ensemble, ensemble()), train=(train, train()))
+    return ensemble, train, run
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"--set expects key=value (e.g. train.epochs=3), got {text!r}")
-    key, raw = text.split("=", 1)
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set key {key!r} is not a dotted field path")
-    try:
-        return key.split("."), yaml.safe_load(raw)
-    except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({problem})") from None
+load_installed_plugins()
+_composed_from: tuple = ()
+EnsembleConfig: type[Section] = EnsembleBase
+TrainConfig: type[Section] = TrainBase
+RunConfig: type[RunBase] = RunBase
 
 
-def set_path(raw: dict, path: list[str], value, what: str = "") -> dict:
-    """Set a dotted path in a raw config, creating sections; a number indexes a list."""
-    what = what or ".".join(path)
-    node = raw
-    for i, part in enumerate(path):
-        last = i == len(path) - 1
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"{what}: {part!r} is not an index of a list of {len(node)}")
-            part = int(part)
-        elif not isinstance(node, dict):
-            raise ConfigError(f"{what}: {'.'.join(path[:i])!r} is not a section")
-        if last:
-            node[part] = value
-        else:
-            if isinstance(node, dict) and node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-    return raw
+def run_config_model() -> type[RunBase]:
+    """The current RunConfig class, composed again when a plug-in has registered since the last call.
+    Validate through this (or io.validate_config): a class imported earlier misses later plug-ins. The
+    composed classes are this module's globals, so configs pickle by reference (Ray, Tune)."""
+    global EnsembleConfig, TrainConfig, RunConfig, _composed_from
+    key = (tuple(REGULARISERS.items()), tuple(METHODS.items()))
+    if key != _composed_from:
+        (EnsembleConfig, TrainConfig, RunConfig), _composed_from = _compose(), key
+    return RunConfig
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`--set` overrides: dotted paths; a number indexes a list (eval.attacks.0.steps=20)."""
-    for text in overrides:
-        path, value = parse_override(text)
-        set_path(raw, path, value, f"--set {text!r}")
-    return raw
-
-
-def absolute_paths(raw: dict, root: Path) -> dict:
-    """A raw config with its file paths made absolute against `root`: Ray workers and Tune trials do
-    not run in the launching directory."""
-    raw = copy.deepcopy(raw)
-    data, comp = raw.get("data") or {}, (raw.get("model") or {}).get("composite") or {}
-    if data.get("data_dir"):
-        data["data_dir"] = str((root / Path(data["data_dir"]).expanduser()).resolve())
-    for key in ("robust", "natural"):
-        if comp.get(key):
-            comp[key] = str((root / comp[key]).resolve())
-    return raw
-
-
-def validate_config(raw: dict, source: str = "") -> RunConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"invalid config {source}: expected a mapping at the top level, got {type(raw).__name__}")
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
-
-
-def read_yaml(path: str | Path, what: str = "config") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} file not found: {path}")
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{what} {path} is not valid YAML: {err}") from None
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    raw = read_yaml(path) if path is not None else {}
-    return validate_config(apply_overrides(raw, list(overrides)), str(path or "(defaults)"))
-
-
-def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+run_config_model()

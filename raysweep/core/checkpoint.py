@@ -6,19 +6,19 @@ import json
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
-from raysweep.config.schema import RunConfig, validate_config
+from raysweep.core.composite import Composite, rebuild_composite
 from raysweep.core.ensemble import Ensemble
-from raysweep.errors import UserError
-from raysweep.core.composite import rebuild_composite
 from raysweep.core.models import ARCHS, build_member
+from raysweep.errors import ConfigError, UserError
 
 FORMAT = 1
 WEIGHTS_FILE, MANIFEST_FILE = "members.safetensors", "ensemble.json"
 
 
-def save_checkpoint(path: str | Path, ensemble: Ensemble, cfg: RunConfig, image_shape, num_classes, mean, std) -> Path:
+def save_checkpoint(path: str | Path, ensemble: Ensemble, cfg: BaseModel, image_shape, num_classes, mean, std) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {f"member{k}.{name}": t.detach().cpu().contiguous()
@@ -71,13 +71,9 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
-    """The saved ensemble as a torch.nn.Module in eval mode; see raysweep.ensemble.Ensemble. `path`
-    may be a registry URI (models:/NAME@champion, models:/NAME/3) or a run's artifact URI
-    (runs:/RUN_ID/checkpoint, as a sweep's summary.json names it)."""
-    if str(path).startswith(("models:/", "runs:/")):
-        from raysweep.tracking.registry import resolve_checkpoint
-
-        path = resolve_checkpoint(str(path))
+    """The ensemble saved in the checkpoint folder `path`, as a torch.nn.Module in eval mode (see
+    core.ensemble.Ensemble). Registry and run URIs are resolved by raysweep.load, not here: loading
+    a checkpoint never imports MLflow."""
     m = read_manifest(path)
     try:
         tensors = load_file(str(Path(path) / WEIGHTS_FILE), device=str(device))
@@ -103,5 +99,18 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
     return Ensemble(members, torch.tensor(m["weights"]), m["combine"]).to(device).eval()
 
 
-def checkpoint_config(path: str | Path) -> RunConfig:
-    return validate_config(read_manifest(path)["config"], f"stored in checkpoint {path}")
+def composite_members(robust_path: str, natural_path: str, k: int, image_shape, num_classes: int) -> list[Composite]:
+    """Meta-composite members: composite i pairs member i of the robust checkpoint with member i of the natural."""
+    robust, natural = load(robust_path), load(natural_path)
+    spec = {}
+    for name, path, ens in (("robust", robust_path, robust), ("natural", natural_path, natural)):
+        if ens.k < k:
+            raise ConfigError(f"model.composite.{name} has {ens.k} members but ensemble.k = {k}: composite i "
+                              f"pairs member i of each")
+        m = read_manifest(path)
+        spec[name] = {"arch": m["arch"], "width": m["width"]}
+        if m["num_classes"] != num_classes or tuple(m["image_shape"]) != tuple(image_shape):
+            raise ConfigError(f"model.composite.{name} ({path}) was trained on {m['num_classes']} classes of "
+                              f"{tuple(m['image_shape'])} images; this run's data has {num_classes} classes of "
+                              f"{tuple(image_shape)}")
+    return [Composite(robust.members[i], natural.members[i], num_classes, spec) for i in range(k)]

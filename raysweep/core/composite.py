@@ -37,25 +37,6 @@ class Composite(nn.Module):
         return self.head(self.features(x))
 
 
-def composite_members(robust_path: str, natural_path: str, k: int, image_shape, num_classes: int) -> list[Composite]:
-    from raysweep.core.checkpoint import load, read_manifest
-    from raysweep.errors import ConfigError
-
-    robust, natural = load(robust_path), load(natural_path)
-    spec = {}
-    for name, path, ens in (("robust", robust_path, robust), ("natural", natural_path, natural)):
-        if ens.k < k:
-            raise ConfigError(f"model.composite.{name} has {ens.k} members but ensemble.k = {k}: composite i "
-                              f"pairs member i of each")
-        m = read_manifest(path)
-        spec[name] = {"arch": m["arch"], "width": m["width"]}
-        if m["num_classes"] != num_classes or tuple(m["image_shape"]) != tuple(image_shape):
-            raise ConfigError(f"model.composite.{name} ({path}) was trained on {m['num_classes']} classes of "
-                              f"{tuple(m['image_shape'])} images; this run's data has {num_classes} classes of "
-                              f"{tuple(image_shape)}")
-    return [Composite(robust.members[i], natural.members[i], num_classes, spec) for i in range(k)]
-
-
 def rebuild_composite(spec: dict, image_shape, num_classes, mean, std) -> Composite:
     """An untrained composite of the right shapes, for loading a checkpoint into."""
     parts = [build_member(spec[n]["arch"], image_shape, num_classes, mean, std, spec[n].get("width", 1.0))

@@ -14,12 +14,13 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal, Optional
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from raysweep.config.schema import DataConfig
+from raysweep.core.sections import Section
 from raysweep.core.seeding import generator
 from raysweep.errors import DataError
 
@@ -27,7 +28,7 @@ ENV_DATA_DIR = "RAYSWEEP_DATA_DIR"
 ENV_CACHE_DIR = "RAYSWEEP_CACHE_DIR"
 DEBIAN_ROOT = Path("/usr/share/datasets")
 
-# name: (torchvision class name, Debian folder, raw IDX file names or None, mean, std)
+# name: (torchvision class name, Debian folder, stored as raw IDX files, mean, std)
 _SPECS = {
     "fashion_mnist": ("FashionMNIST", "fashion-mnist", True, (0.2860,), (0.3530,)),
     "mnist": ("MNIST", "mnist", True, (0.1307,), (0.3081,)),
@@ -35,6 +36,24 @@ _SPECS = {
     "cifar100": ("CIFAR100", "cifar100", False, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+DATASETS = (*_SPECS, "synthetic")
+
+
+class SyntheticConfig(Section):
+    num_classes: int = Field(10, ge=2)
+    image_shape: tuple[int, int, int] = (1, 28, 28)
+    noise: float = Field(0.15, ge=0)
+
+
+class DataConfig(Section):
+    dataset: Literal[DATASETS] = "fashion_mnist"
+    data_dir: Optional[str] = None
+    download: bool = True
+    train_size: Optional[int] = Field(None, ge=1, description="first N after a seeded shuffle; null = all")
+    test_size: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(128, ge=1)
+    synthetic: SyntheticConfig = SyntheticConfig()
 
 
 @dataclass

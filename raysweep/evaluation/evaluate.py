@@ -9,15 +9,19 @@ from tqdm.auto import tqdm
 
 from raysweep.attacks import evaluate_uap, robust_accuracy
 from raysweep.attacks.cw import cw_l2
-from raysweep.attacks.pgd import attack_params
-from raysweep.config.schema import AttackConfig, RunConfig
+from raysweep.attacks.pgd import AttackConfig, attack_params
+from raysweep.config import RunConfig
 from raysweep.core.data import Dataset, Split, eval_batches
-from raysweep.evaluation.diversity import discrimination_score, gradient_angles, output_ambiguity
 from raysweep.core.ensemble import Ensemble, combine
-from raysweep.members import make_local_executor
-from raysweep.regularisers.jacobian import ensemble_jacobian_norms
+from raysweep.evaluation.diversity import (
+    discrimination_score,
+    gradient_angles,
+    output_ambiguity,
+)
 from raysweep.evaluation.metrics import auc, mean, weighted_accuracy
 from raysweep.evaluation.transfer import evaluate_transfer
+from raysweep.members import make_local_executor
+from raysweep.regularisers.jacobian import ensemble_jacobian_norms
 
 
 @torch.no_grad()

@@ -6,10 +6,12 @@ from __future__ import annotations
 import torch
 
 from raysweep.attacks.pgd import attack_batch, attack_params
-from raysweep.config.schema import RunConfig, TransferConfig
+from raysweep.config import RunConfig, run_config_model
+from raysweep.config.schema import TransferConfig
 from raysweep.core.data import Dataset, Split, eval_batches
 from raysweep.core.ensemble import Ensemble, combine
 from raysweep.core.seeding import generator
+from raysweep.regularisers import REGULARISERS
 from raysweep.training.trainer import fit
 
 
@@ -20,12 +22,14 @@ def surrogate_config(cfg: RunConfig, t: TransferConfig) -> RunConfig:
     raw["model"] = {"arch": t.arch}
     if t.epochs:
         raw["train"]["epochs"] = t.epochs
-    if t.type == "I":
+    if t.type == "I":  # oblivious: no defence at all, whatever regulariser plug-ins the run uses
         train = raw["train"]
-        train.update(loss="member_ce", adversarial=None, deg=None, pdd=None, adp=None)
-        train["jr"]["lambda_jr"] = 0.0
+        train.update(loss="member_ce", adversarial=None)
+        for key, regulariser in REGULARISERS.items():
+            if regulariser.defence:
+                train[key] = regulariser.default.model_dump(mode="json") if regulariser.default else None
     raw["eval"] = {"uap": None, "jacobian_samples": 0, "diversity_samples": 0}
-    return RunConfig.model_validate(raw)
+    return run_config_model().model_validate(raw)
 
 
 def transfer_attack(target: Ensemble, surrogate: Ensemble, split: Split, t: TransferConfig, batch_size: int,

@@ -6,6 +6,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+
+from raysweep.core.sections import Section
+from raysweep.regularisers.base import Regulariser, StepOutputs, register
+
+
+class ADPConfig(Section):
+    alpha: float = Field(2.0, ge=0)
+    beta: float = Field(0.5, ge=0)
+    det_offset: float = Field(1e-6, gt=0, description="multiple of the identity added before the log-det")
 
 
 def ensemble_entropy(stacked: torch.Tensor) -> torch.Tensor:
@@ -28,3 +38,11 @@ def log_det_diversity(stacked: torch.Tensor, y: torch.Tensor, offset: float = 1e
 def adp_regulariser(stacked: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, offset: float = 1e-6):
     """The terms ADP adds to L_ECE: -alpha * H - beta * log ED, averaged over the batch."""
     return (-alpha * ensemble_entropy(stacked) - beta * log_det_diversity(stacked, y, offset)).mean()
+
+
+@register
+class AdaptiveDiversityPromoting(Regulariser):
+    key, Config = "adp", ADPConfig
+
+    def term(self, out: StepOutputs) -> torch.Tensor:
+        return adp_regulariser(out.logits, out.y[0], self.cfg.alpha, self.cfg.beta, self.cfg.det_offset)

@@ -10,6 +10,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+
+from raysweep.core.sections import Section
+from raysweep.regularisers.base import Regulariser, StepOutputs, register
+
+
+class DEGConfig(Section):
+    lambda_deg: float = Field(0.01, ge=0, description="L = L_ECE + lambda * sum_{i<j} cos(g_i, g_j)")
 
 
 def member_input_grads(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, create_graph: bool = True):
@@ -31,3 +39,15 @@ def pairwise_cosines(g: torch.Tensor) -> torch.Tensor:
 def deg_penalty(g: torch.Tensor) -> torch.Tensor:
     """sum over member pairs of the cosine of their input gradients, averaged over the batch."""
     return pairwise_cosines(g).sum(0).mean()
+
+
+@register
+class DispersedEnsembleGradients(Regulariser):
+    key, Config = "deg", DEGConfig
+
+    @property
+    def needs_input_grad(self) -> bool:
+        return True
+
+    def term(self, out: StepOutputs) -> torch.Tensor:
+        return self.cfg.lambda_deg * deg_penalty(out.member_input_grads())

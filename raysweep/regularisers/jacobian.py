@@ -12,10 +12,33 @@ member k's logits depend on x[k] only and one autograd call gives every member's
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.autograd.forward_ad as fwAD
+from pydantic import Field, model_validator
 
+from raysweep.core.sections import Section
 from raysweep.core.seeding import randn_like
+from raysweep.regularisers.base import Regulariser, StepOutputs, register
+
+
+class JacobianRegConfig(Section):
+    lambda_jr: float = Field(0.0, ge=0, le=2, description="SPEC section 1: L = CE + lambda_jr/2 * mean ||J||_F^2")
+    n_proj: int = Field(1, ge=1)
+    exact: bool = Field(False, description="exact ||J||_F^2 with C backward passes (tests, tiny models)")
+    estimator: Literal["double_backward", "forward_mode"] = Field(
+        "double_backward", description="double_backward: random output projections, one backward with "
+        "create_graph (the reference); forward_mode: J u for one random unit input direction u per sample, carried "
+        "through the forward pass as a forward-mode tangent, no double backward (docs/estimators.md)")
+
+    @model_validator(mode="after")
+    def _estimator_fits(self):
+        if self.estimator == "forward_mode" and (self.exact or self.n_proj != 1):
+            raise ValueError(f"train.jr.estimator 'forward_mode' draws one direction per sample and is not exact; "
+                             f"it cannot be combined with exact: {self.exact} or n_proj: {self.n_proj} (use "
+                             "estimator 'double_backward')")
+        return self
 
 
 def jacobian_sq_norm_estimate(logits: torch.Tensor, x: torch.Tensor, n_proj: int = 1,
@@ -81,3 +104,30 @@ def ensemble_jacobian_norms(stacked_fn, x: torch.Tensor, weights: torch.Tensor) 
         members += rows.pow(2).sum(-1)
         ens += (w.unsqueeze(-1) * rows).sum(0).pow(2).sum(-1)
     return members.detach(), ens.detach()
+
+
+@register
+class JacobianRegularisation(Regulariser):
+    """Per member: JR trains each member on its own Jacobian, so any ensemble method may use it."""
+    key, Config, default = "jr", JacobianRegConfig, JacobianRegConfig()
+    joint, min_k = False, 1
+
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        return cfg is not None and cfg.lambda_jr > 0
+
+    @property
+    def needs_input_grad(self) -> bool:
+        return self.cfg.estimator == "double_backward"
+
+    def forward(self, forward, x, generator):
+        if self.cfg.estimator != "forward_mode":
+            return None
+        logits, self._sq_norm = jacobian_sq_norm_forward(forward, x, generator)  # J u from the pass itself
+        return logits
+
+    def term(self, out: StepOutputs) -> torch.Tensor:
+        c = self.cfg
+        if c.estimator == "forward_mode":
+            return 0.5 * c.lambda_jr * self._sq_norm.mean(1)
+        return jr_penalty(out.logits, out.x, c.lambda_jr, c.n_proj, c.exact, out.generator)

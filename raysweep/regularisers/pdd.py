@@ -14,6 +14,19 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
+
+from raysweep.core.sections import Section
+from raysweep.core.seeding import rand_like
+from raysweep.regularisers.base import Regulariser, register
+
+
+class PDDConfig(Section):
+    alpha: float = Field(0.9, gt=0, le=1)
+    beta: float = Field(0.1, ge=0, le=1)
+    m: int = Field(10, ge=2, description="number of intervals; must exceed ensemble.k")
+    period: int = Field(1, ge=1, description="steps per statistics period; 1 = the current mini-batch")
+    rescale: bool = Field(False, description="divide kept units by their keep rate (inverted dropout)")
 
 
 @dataclass
@@ -86,3 +99,29 @@ class PriorityDropout:
         if self.rescale:
             return torch.where(keep, acts / rates.clamp_min(1e-12), torch.zeros_like(acts))
         return acts * keep
+
+
+@register
+class PriorityDiversifiedDropout(Regulariser):
+    """A feature transform, no loss term: the dropout itself is the regulariser."""
+    key, Config = "pdd", PDDConfig
+    transforms_features = True
+
+    def __init__(self, cfg: PDDConfig, k: int):
+        super().__init__(cfg, k)
+        self.dropout = PriorityDropout(cfg.alpha, cfg.beta, cfg.m, cfg.period, cfg.rescale)
+
+    @classmethod
+    def check(cls, cfg: PDDConfig, k: int) -> None:
+        if cfg.m <= k:
+            raise ValueError(f"train.pdd.m must be > ensemble.k (each member needs its own priority interval), "
+                             f"got m = {cfg.m}, k = {k}")
+
+    def features(self, feats, generator):
+        return self.dropout(feats, rand_like(feats, generator))
+
+    def state_dict(self) -> dict:
+        return self.dropout.state_dict()
+
+    def load_state_dict(self, sd: dict, device) -> None:
+        self.dropout.load_state_dict(sd, device)

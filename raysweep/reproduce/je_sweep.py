@@ -6,8 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-from raysweep.sweep.tune import STATE_FILE, run_sweep
 from raysweep.reproduce.tables import md_table
+from raysweep.sweep.ledger import STATE_FILE
+from raysweep.sweep.tune import run_sweep
 
 
 def run(path, out, *, uri, experiment, address, log):

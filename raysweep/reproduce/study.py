@@ -18,7 +18,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raysweep.config.schema import RunConfig, absolute_paths, dump_config, read_yaml, set_path, validate_config
+from raysweep.config import (
+    RunConfig,
+    absolute_paths,
+    dump_config,
+    read_yaml,
+    set_path,
+    validate_config,
+)
 from raysweep.errors import ConfigError
 
 VARIANT_KEYS = {"group", "from", "set"}

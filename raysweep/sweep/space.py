@@ -25,15 +25,24 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from raysweep.config.schema import (RunConfig, _format_validation_error, _Strict, absolute_paths, apply_overrides, read_yaml,
-                     set_path, validate_config)
+from raysweep.config import (
+    RunConfig,
+    absolute_paths,
+    apply_overrides,
+    format_validation_error,
+    read_yaml,
+    run_config_model,
+    set_path,
+    validate_config,
+)
+from raysweep.core.sections import Section
 from raysweep.errors import ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "per_member")
 METRICS = ("clean_acc", "weighted_acc", "mean_uap_acc", "auc", "robust_acc")
 
 
-class Objective(_Strict):
+class Objective(Section):
     metric: Literal[METRICS]
     attack: Optional[str] = Field(None, description="robust_acc: the eval.attacks name")
     eps: Optional[float] = Field(None, description="robust_acc: an eps of that attack's grid")
@@ -50,7 +59,7 @@ class Objective(_Strict):
         return float(metrics[self.metric])
 
 
-class AshaConfig(_Strict):
+class AshaConfig(Section):
     """Early stopping on a per-epoch reading (the objectives exist only after evaluation): the training
     accuracy, or the robustness probe of train.probe."""
     metric: Literal["train_acc", "probe_acc"] = "train_acc"
@@ -58,7 +67,7 @@ class AshaConfig(_Strict):
     reduction_factor: float = Field(2.0, gt=1)
 
 
-class SearchConfig(_Strict):
+class SearchConfig(Section):
     objective: list[Objective]
     samples: int = Field(8, ge=1)
     seed: int = 0
@@ -179,7 +188,7 @@ def _model_of(annotation):
 def check_path(path: str, where: str):
     """Every segment of a dotted path must be a field of the run schema; returns the last field's
     FieldInfo (None when the path ends in a list index)."""
-    model: type[BaseModel] | None = RunConfig
+    model: type[BaseModel] | None = run_config_model()
     parts = path.split(".")
     field = None
     for i, part in enumerate(parts):
@@ -254,7 +263,7 @@ def load_search_space(path: str | Path, overrides: list[str] = (), root: str | P
     try:
         search = SearchConfig.model_validate(search_raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, f"{path} (search section)").replace("  ", "  search.")) \
+        raise ConfigError(format_validation_error(err, f"{path} (search section)").replace("  ", "  search.")) \
             from None
     base_cfg = validate_config(raw, f"{path} (the run config around `search:`)")
     params = []

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from raysweep.config.schema import RunConfig
+from raysweep.config import RunConfig
 from raysweep.errors import UserError
 
 DEFAULT_EXPERIMENT = "raysweep"

@@ -1,14 +1,14 @@
 """The Ray executor: a Ray Train TorchTrainer with one worker per member (or per
-`executor.ray.members_per_worker` members), each worker running the same Trainer (train.py) over
-a DistributedMembers executor (distributed.py). docs/ray_executor.md has the step protocol.
+`executor.ray.members_per_worker` members), each worker running the same Trainer (trainer.py) over
+a DistributedMembers executor (members/distributed.py). docs/ray_executor.md has the step protocol.
 
 Roles:
 - Every rank builds all K members from the one seeded stream (so member k starts exactly as in a
   local run), keeps its own, and runs step.py on gathered stacks. Decisions that need all members
   (PDD intervals and priorities, DEG cosines, the Ensemble-Adv input, snapshot times) are computed
   from the same gathered bytes on every rank, so they agree with no extra round trip.
-- `Driver` is rank 0's role: it writes the driver state (schedule position, random stream, PDD
-  statistics, snapshots) into every checkpoint next to each rank's member weights and optimiser
+- `Reporter`: every rank holds one (all ranks call ray.train.report, a barrier); rank 0's writes the
+  trainer state (schedule position, random stream, PDD statistics, the method's snapshots) into every checkpoint next to each rank's member weights and optimiser
   state, and reports the epoch metrics. On a restart every rank restores from that checkpoint.
 - `fit_on_ray`, in the calling process: checks the cluster can hold the workers (fail fast, no
   hang), starts the run, and assembles the Ensemble from the final checkpoint.
@@ -27,14 +27,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from raysweep.config.schema import RayExecutorConfig, RunConfig, absolute_paths, validate_config
+from raysweep.config import RunConfig, absolute_paths, validate_config
+from raysweep.config.schema import RayExecutorConfig
 from raysweep.core.data import Dataset, load_dataset
 from raysweep.core.ensemble import Ensemble
 from raysweep.errors import ConfigError, UserError
 from raysweep.members.distributed import DistributedMembers
 from raysweep.members.local import make_local_executor
 
-DRIVER_FILE = "driver.pt"
+STATE_FILE = "trainer_state.pt"  # rank 0's Trainer.state_dict() less the optimiser
 
 
 def _member_file(k: int) -> str:
@@ -55,23 +56,24 @@ def backend(r: RayExecutorConfig) -> str:
     return "nccl" if r.gpus_per_worker >= 1 else "gloo"
 
 
-class Driver:
-    """Rank 0 plays the driver; every rank holds one so that all call report() (a barrier)."""
+class Reporter:
+    """Each rank's end of ray.train.report: all ranks report (a barrier) and write their own members'
+    weights and optimiser state; rank 0 adds the metrics and the trainer state."""
 
     def __init__(self, rank: int, first_member: int):
         self.rank, self.first = rank, first_member
-        self.is_driver = rank == 0
+        self.is_rank0 = rank == 0
 
     def restore(self, trainer, checkpoint) -> None:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / DRIVER_FILE, weights_only=True)
+            state = torch.load(Path(d) / STATE_FILE, weights_only=True)
             state["optimizer"] = torch.load(Path(d) / _optimizer_file(self.rank), weights_only=True)
         trainer.load_state_dict(state)
 
     def report(self, trainer, row: dict, with_checkpoint: bool, extra: dict) -> None:
         import ray.train
 
-        metrics = {**row, "step": trainer.state.step, **extra} if self.is_driver else {}
+        metrics = {**row, "step": trainer.state.step, **extra} if self.is_rank0 else {}
         if not with_checkpoint:
             ray.train.report(metrics)
             return
@@ -81,8 +83,8 @@ class Driver:
                 weights = {n: t.detach().cpu().contiguous() for n, t in member.state_dict().items()}
                 save_file(weights, os.path.join(d, _member_file(self.first + i)))
             torch.save(sd.pop("optimizer"), os.path.join(d, _optimizer_file(self.rank)))
-            if self.is_driver:
-                torch.save(sd, os.path.join(d, DRIVER_FILE))
+            if self.is_rank0:
+                torch.save(sd, os.path.join(d, STATE_FILE))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -109,10 +111,10 @@ def _worker_loop(config: dict) -> None:
                 member.load_state_dict(load_file(os.path.join(d, _member_file(first + i))))
     local = make_local_executor(mine, cfg.executor.vectorize, str(device))
     executor = DistributedMembers(local, cfg.trained_members)
-    driver = Driver(rank, first)
+    reporter = Reporter(rank, first)
     trainer = Trainer(cfg, data, executor, progress=False)
     if checkpoint is not None:
-        driver.restore(trainer, checkpoint)
+        reporter.restore(trainer, checkpoint)
     while not trainer.done:
         received, steps_before = executor.bytes_received, trainer.state.step
         row = trainer.run_epoch(config.get("callbacks", ()))
@@ -120,10 +122,10 @@ def _worker_loop(config: dict) -> None:
         extra = {"bytes_per_step": (executor.bytes_received - received) / max(steps, 1),
                  "restored": checkpoint is not None}
         epoch = len(trainer.state.history)
-        if driver.is_driver and config.get("progress"):
+        if reporter.is_rank0 and config.get("progress"):
             print(f"[raysweep] epoch {epoch}/{cfg.train.epochs} loss {row['loss']:.4f} "
                   f"train_acc {row['train_acc']:.4f} ({row['seconds']:.1f} s)", flush=True)
-        driver.report(trainer, row, epoch % r.checkpoint_every == 0 or trainer.done, extra)
+        reporter.report(trainer, row, epoch % r.checkpoint_every == 0 or trainer.done, extra)
 
 
 def check_resources(cfg: RunConfig) -> None:
@@ -256,11 +258,11 @@ def fit_on_ray(cfg: RunConfig, data: Dataset, storage: str | Path, progress: boo
                         f"so far are under {storage}/{name}: {err}") from err
     seconds = time.perf_counter() - t0
     with result.checkpoint.as_directory() as d:
-        driver = torch.load(Path(d) / DRIVER_FILE, weights_only=True)
-        if cfg.ensemble.method == "snapshot":
-            weights = driver["snapshots"]
-        else:
-            weights = [load_file(os.path.join(d, _member_file(k))) for k in range(cfg.ensemble.k)]
+        state = torch.load(Path(d) / STATE_FILE, weights_only=True)
+        trained = [load_file(os.path.join(d, _member_file(k))) for k in range(cfg.trained_members)]
+    method = cfg.method(cfg.ensemble.k, state["train_state"]["total_steps"])  # assembles the ensemble, as locally
+    method.load_state_dict(state["method"])
+    weights = method.ensemble_state(trained)
     members = build_members(cfg, data, len(weights))
     for member, w in zip(members, weights):
         member.load_state_dict(w)
@@ -269,4 +271,4 @@ def fit_on_ray(cfg: RunConfig, data: Dataset, storage: str | Path, progress: boo
     last = result.metrics or {}
     info = {"workers": num_workers(cfg), "backend": backend(r), "wall_seconds": seconds,
             "checkpoint": result.checkpoint.path, "bytes_per_step": last.get("bytes_per_step")}
-    return TrainResult(ensemble, TrainState(**driver["train_state"]), driver["seconds"], info)
+    return TrainResult(ensemble, TrainState(**state["train_state"]), state["seconds"], info)

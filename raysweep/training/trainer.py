@@ -1,18 +1,18 @@
-"""The local trainer: the data regime of each ensemble method around one TrainStep (step.py).
+"""The trainer: one TrainStep (step.py) run on the schedule of an ensemble method (methods/).
 
-independent (own shuffles, soft voting), bagging (own bootstrap samples), joint (all members see
-the same mini-batch: Ensemble-Adv, PDD, DEG, ADP) and snapshot (one network, cyclic cosine
-learning rate, one snapshot per cycle). All members step together; with the member_ce loss the
-total is the sum of the members' losses, so each member's gradient is its own.
+The method decides each network's batches, the learning rate of each step, how many networks
+train and how the ensemble is assembled from them; the step is the same for all. All networks
+step together; with the member_ce loss the total is the sum of the members' losses, so each
+member's gradient is its own.
 
-Callbacks (MadryLab-style hooks) see every step and epoch: `on_step(state)` and
-`on_epoch_end(state)` with a TrainState; later layers (MLflow, Ray reporting) plug in there.
+Callbacks see every step and epoch as `cb("step", state)` and `cb("epoch", state)` with the
+TrainState (MLflow logging of local runs plugs in there); Ray workers report through
+training/ray.py instead.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,34 +20,15 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from raysweep.core.composite import composite_members
-from raysweep.attacks.adversarial import ensemble_examples
-from raysweep.config.schema import AdversarialTrainingConfig, RunConfig
+from raysweep.attacks.adversarial import AdversarialTrainingConfig, ensemble_examples
+from raysweep.config import RunConfig
+from raysweep.core.checkpoint import composite_members
 from raysweep.core.data import Dataset, member_batches, steps_per_epoch
 from raysweep.core.ensemble import Ensemble, uniform_weights
-from raysweep.errors import ConfigError
-from raysweep.members import make_local_executor
 from raysweep.core.models import build_member
 from raysweep.core.seeding import generator
+from raysweep.members import make_local_executor
 from raysweep.training.step import TrainStep
-
-BATCH_MODE = {"independent": "independent", "bagging": "bootstrap", "snapshot": "shared", "joint": "shared"}
-
-
-def snapshot_lr(t: int, total: int, k: int, lr0: float) -> float:
-    """SPEC section 1: lr(t) = lr0/2 * (cos(pi * ((t-1) mod ceil(T/K)) / ceil(T/K)) + 1), t = 1..T."""
-    cycle = math.ceil(total / k)
-    return lr0 / 2 * (math.cos(math.pi * ((t - 1) % cycle) / cycle) + 1)
-
-
-def snapshot_steps(total: int, k: int) -> list[int]:
-    """The iterations after which a snapshot is kept: the end of each of the K cycles."""
-    cycle = math.ceil(total / k)
-    ends = sorted({min(c * cycle, total) for c in range(1, k + 1)})
-    if len(ends) < k:
-        raise ConfigError(f"ensemble.k = {k} snapshots need at least {k} training steps with distinct cycle ends, "
-                          f"got {total} steps: raise train.epochs or data.train_size, or lower data.batch_size")
-    return ends
 
 
 @dataclass
@@ -58,7 +39,6 @@ class TrainState:
     loss: float = float("nan")
     lr: float = float("nan")
     history: list[dict] = field(default_factory=list)  # one row per epoch
-    lrs: list[float] = field(default_factory=list)  # one per step
 
 
 @dataclass
@@ -85,16 +65,6 @@ def make_optimizer(params, cfg: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def lr_at(cfg: RunConfig, t: int, total: int) -> float:
-    """Learning rate of iteration t (1-based)."""
-    lr0 = cfg.train.lr
-    if cfg.ensemble.method == "snapshot":
-        return snapshot_lr(t, total, cfg.ensemble.k, lr0)
-    if cfg.train.schedule == "cosine":
-        return lr0 / 2 * (math.cos(math.pi * (t - 1) / total) + 1)
-    return lr0
-
-
 class Trainer:
     """One training run: the executor's members, their optimiser, one TrainStep and the method's
     schedule. Resumable at epoch boundaries: `state_dict()` holds everything but the member
@@ -102,7 +72,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, data: Dataset, executor=None, progress: bool = True):
         self.cfg, self.data, self.progress = cfg, data, progress
-        method, k = cfg.ensemble.method, cfg.ensemble.k
+        k = cfg.ensemble.k
         self.n_train = cfg.trained_members
         if executor is None:
             executor = make_local_executor(build_members(cfg, data, self.n_train), cfg.executor.vectorize,
@@ -110,14 +80,14 @@ class Trainer:
         self.ex = executor
         self.opt = make_optimizer(executor.parameters(), cfg)
         self.weights = torch.tensor(cfg.ensemble.weights) if cfg.ensemble.weights else None
-        train_weights = self.weights if self.weights is not None and method != "snapshot" \
-            else uniform_weights(self.n_train)
+        # The configured weights combine the K members; networks that are not the members (one network
+        # whose snapshots are the members) train with uniform weights.
+        train_weights = self.weights if self.weights is not None and self.n_train == k else uniform_weights(self.n_train)
         self.step = TrainStep(cfg, executor, train_weights, generator(cfg.seed, "step", device=executor.device))
         # Logged loss per member for member_ce (a sum over members), else the ensemble's loss itself.
         self.loss_scale = self.n_train if cfg.train.loss == "member_ce" else 1
         total = steps_per_epoch(len(data.train), cfg.data.batch_size) * cfg.train.epochs
-        self.keep_at = snapshot_steps(total, k) if method == "snapshot" else []
-        self.snapshots: list[torch.nn.Module] = []
+        self.method = cfg.method(k, total)
         self.state = TrainState(total_steps=total)
         self.seconds = 0.0
 
@@ -134,20 +104,18 @@ class Trainer:
         run_loss, run_correct, seen = 0.0, 0, 0
         bar = tqdm(total=self.state.total_steps // cfg.train.epochs, desc=f"train {cfg.name} epoch {epoch + 1}/"
                    f"{cfg.train.epochs}", unit="step", disable=not self.progress, leave=False, mininterval=1.0)
-        for x, y in member_batches(self.data.train, self.n_train, BATCH_MODE[cfg.ensemble.method],
+        for x, y in member_batches(self.data.train, self.n_train, self.method.batches,
                                    cfg.data.batch_size, epoch, cfg.seed, self.ex.device):
             state.step += 1
-            state.lr = lr_at(cfg, state.step, state.total_steps)
+            state.lr = self.method.lr(state.step, cfg.train.lr, cfg.train.schedule)
             for group in self.opt.param_groups:
                 group["lr"] = state.lr
             loss, logits = step(self.opt, x, y)
             state.loss = loss.item() / self.loss_scale
-            state.lrs.append(state.lr)
             run_loss += state.loss * y.shape[1]
             run_correct += (logits.argmax(-1) == y).sum().item()
             seen += y.shape[1]
-            if state.step in self.keep_at:
-                self.snapshots.append(copy.deepcopy(self.ex.export_members()[0]))
+            self.method.after_step(state.step, self.ex.export_members)
             for cb in callbacks:
                 cb("step", state)
             bar.update(1)
@@ -188,35 +156,33 @@ class Trainer:
         return self.result()
 
     def result(self) -> TrainResult:
-        members = self.snapshots if self.cfg.ensemble.method == "snapshot" else self.ex.export_members()
-        members = [m.cpu().eval() for m in members]
+        trained = [m.cpu() for m in self.ex.export_members()]
+        members = []
+        for weights in self.method.ensemble_state([m.state_dict() for m in trained]):
+            member = copy.deepcopy(trained[0])
+            member.load_state_dict(weights)
+            members.append(member.eval())
         return TrainResult(Ensemble(members, self.weights, self.cfg.ensemble.combine), self.state, self.seconds)
 
     def state_dict(self) -> dict:
-        """Optimiser, random stream, PDD statistics, schedule position, snapshots: tensors and plain
-        containers only, so it loads with torch.load(weights_only=True)."""
+        """Optimiser, random stream, regulariser state (PDD statistics), schedule position, the method's
+        state (snapshots): tensors and plain containers only, so it loads with torch.load(weights_only=True)."""
         return {"optimizer": self.opt.state_dict(), "generator": self.step.gen.get_state(),
-                "pdd": self.step.pdd.state_dict() if self.step.pdd else None,
-                "train_state": dataclasses.asdict(self.state), "seconds": self.seconds,
-                "snapshots": [{n: t.detach().cpu() for n, t in m.state_dict().items()} for m in self.snapshots]}
+                "regularisers": self.step.state_dict(), "method": self.method.state_dict(),
+                "train_state": dataclasses.asdict(self.state), "seconds": self.seconds}
 
     def load_state_dict(self, sd: dict) -> None:
         self.opt.load_state_dict(sd["optimizer"])
         self.step.gen.set_state(sd["generator"])
-        if self.step.pdd:
-            self.step.pdd.load_state_dict(sd["pdd"], self.ex.device)
+        self.step.load_state_dict(sd["regularisers"])
+        self.method.load_state_dict(sd["method"])
         self.state = TrainState(**sd["train_state"])
         self.seconds = sd["seconds"]
-        self.snapshots = []
-        for weights in sd["snapshots"]:
-            member = copy.deepcopy(self.ex.export_members()[0])
-            member.load_state_dict(weights)
-            self.snapshots.append(member)
 
 
 def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[Callable, ...] = (),
         executor=None) -> TrainResult:
     """Train the ensemble described by cfg on data.train, in this process. `executor` overrides
     the configured local one (tests compare looped and vmapped members this way); the Ray
-    executor (executors/ray_train.py) runs the same Trainer inside each worker."""
+    launcher (training/ray.py) runs the same Trainer inside each worker."""
     return Trainer(cfg, data, executor, progress).run(callbacks)

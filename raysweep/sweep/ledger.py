@@ -1,0 +1,172 @@
+"""The sweep directory: how the sweep was started (sweep.json), one record per ended trial
+(trials/ID.json, written by the driver-side Tune callback `_TrialLedger`), and the reconciliation
+with MLflow after an interruption (open runs closed, finished runs adopted, running ones re-queued)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import optuna
+import pyarrow.fs
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from optuna.trial import TrialState
+from ray.tune import Callback
+
+from raysweep.sweep.space import SearchSpace
+from raysweep.sweep.trial import _objectives
+from raysweep.tracking.runs import (
+    experiment_id,
+)
+
+STATE_FILE = "sweep.json"
+
+
+SPACE_COPY = "search_space.yaml"
+
+
+OPTUNA_DB = "optuna.db"
+
+
+TRIALS = "trials"
+
+
+def _storage_uri(storage: str, checkpoint) -> str:
+    """Where Tune put a trial's checkpoint, as a path (local storage) or a URI of the storage's scheme."""
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem) and "://" not in storage:
+        return checkpoint.path
+    return f"{storage.split('://', 1)[0]}://{checkpoint.path}"
+
+
+def _finished_fields(run_id: str, objectives: dict, metrics: dict, node_id: str | None) -> dict:
+    """What a finished trial's record holds beyond its id, status and params (the ledger's and adopted ones)."""
+    return {"mlflow_run_id": run_id, **objectives, "clean_acc": metrics["clean_acc"], "node_id": node_id,
+            "checkpoint": f"runs:/{run_id}/checkpoint", "metrics": metrics}
+
+
+def _write_record(records: Path, rec: dict) -> None:
+    records.mkdir(parents=True, exist_ok=True)
+    tmp = records / f".{rec['trial_id']}.json"
+    tmp.write_text(json.dumps(rec, indent=2, default=str))
+    tmp.replace(records / f"{rec['trial_id']}.json")  # whole or absent, even if the sweep is killed here
+
+
+class _TrialLedger(Callback):
+    """Driver-side Tune callback: writes one record per trial that ended (the summary and `--resume`
+    read these, not Tune's state), and closes the MLflow run of a trial that died (retried), errored or
+    was stopped early (ASHA), which could not close its own: FAILED or KILLED, keeping what it logged."""
+
+    def __init__(self, uri: str, experiment: str, keys: list[str], records: Path, storage: str):
+        self.uri, self.experiment, self.keys, self.records, self.storage = uri, experiment, keys, records, storage
+
+    def _close(self, trial, status):
+        client = MlflowClient(self.uri)
+        runs = client.search_runs([experiment_id(self.experiment, self.uri)],
+                                  f"tags.`raysweep.trial_id` = '{trial.trial_id}'")
+        for run in runs:
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, status)
+
+    def _record(self, trial, status: str, **extra) -> None:
+        m = trial.last_result or {}
+        rec = {"trial_id": trial.trial_id, "status": status, "params": dict(trial.config),
+               "mlflow_run_id": m.get("mlflow_run_id"), **extra}
+        if status == "finished":
+            rec.update(_finished_fields(m["mlflow_run_id"], {k: m[k] for k in self.keys},
+                                        json.loads(m["metrics_json"]), m.get("node_id")))
+            if trial.checkpoint is not None:
+                rec["storage"] = _storage_uri(self.storage, trial.checkpoint)
+        _write_record(self.records, rec)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        """An epoch of a running trial: its row goes to the trial's MLflow run now, in one batch."""
+        rows = [Metric(k, v, int(time.time() * 1000), int(result["epoch"]) - 1) for k, v in result.items()
+                if k.startswith("train/")]  # MLflow steps are the history's 0-based epochs
+        if rows:  # epoch_metrics puts the run id in every epoch's result
+            MlflowClient(self.uri).log_batch(result["mlflow_run_id"], metrics=rows)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._close(trial, "FAILED")  # its process or node died; Tune retries it as a new run
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial, "FAILED")
+        self._record(trial, "failed", error=str(trial.get_error())[-5000:])
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        m = trial.last_result or {}
+        if "error" in m:  # the trial caught its own error and closed its run FAILED (see _trial)
+            self._record(trial, "failed", error=m["error"])
+            return
+        status = ("infeasible" if m.get("infeasible") else "finished" if all(k in m for k in self.keys)
+                  else "stopped_early")
+        if status == "stopped_early":  # ASHA ended it mid-training; a finished trial closes its own run
+            self._close(trial, "KILLED")
+        self._record(trial, status)
+
+
+def _optuna_storage(sweep_dir: Path) -> str:
+    return f"sqlite:///{sweep_dir / OPTUNA_DB}"
+
+
+def _write_state(sweep_dir: Path, state: dict) -> None:
+    tmp = sweep_dir / f".{STATE_FILE}"
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(sweep_dir / STATE_FILE)  # whole or absent, even if the sweep is killed here
+
+
+def _records(sweep_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((sweep_dir / TRIALS).glob("*.json"))]
+
+
+def _close_open_runs(client: MlflowClient, state: dict, status: str = "KILLED") -> int:
+    runs = client.search_runs([experiment_id(state["experiment"], state["tracking_uri"])],
+                              f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
+    open_runs = [r for r in runs if r.info.status == "RUNNING"]
+    for run in open_runs:
+        client.set_terminated(run.info.run_id, status)
+    return len(open_runs)
+
+
+def _adopt_finished(client: MlflowClient, state: dict, space: SearchSpace, sweep_dir: Path) -> int:
+    """A trial can end its MLflow run FINISHED, everything logged, just as the sweep is interrupted and
+    before Tune hands its last result to the driver: the ledger never sees it and Optuna holds it as
+    running, so a resume would train it again. Its record and its Optuna value come from its run."""
+    recorded = {r["trial_id"] for r in _records(sweep_dir)}
+    runs = [r for r in client.search_runs([experiment_id(state["experiment"], state["tracking_uri"])],
+                                          f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
+            if r.info.status == "FINISHED" and r.data.tags.get("raysweep.trial_id") not in recorded
+            and "raysweep.infeasible" not in r.data.tags]
+    if not runs:
+        return 0
+    study = optuna.load_study(study_name=state["study_name"], storage=state["optuna_storage"])
+    running = {t.user_attrs.get("tune_trial_id"): t for t in study.get_trials(deepcopy=False,
+                                                                              states=(TrialState.RUNNING,))}
+    keys = [o.key for o in space.search.objective]
+    for run in runs:
+        trial_id, run_id = run.data.tags["raysweep.trial_id"], run.info.run_id
+        metrics = json.loads(Path(client.download_artifacts(run_id, "metrics.json")).read_text())
+        values = _objectives(space, metrics)
+        ot = running.get(trial_id)
+        params = ot.params if ot is not None else {k[len("searched."):]: yaml.safe_load(v) for k, v in
+                                                   run.data.tags.items() if k.startswith("searched.")}
+        _write_record(sweep_dir / TRIALS, {
+            "trial_id": trial_id, "status": "finished", "params": params,
+            **_finished_fields(run_id, values, metrics, run.data.tags.get("raysweep.node_id")),
+            "adopted_from_mlflow": True})
+        if ot is not None:
+            study.tell(ot.number, [values[k] for k in keys] if space.search.multi else values[keys[0]])
+    return len(runs)
+
+
+def _requeue_interrupted(state: dict) -> None:
+    """Trials the study holds as running were cut off by the interruption: close them as failed in
+    Optuna and enqueue the same point again, so the resumed sweep re-runs them first."""
+    try:
+        study = optuna.load_study(study_name=state["study_name"], storage=state["optuna_storage"])
+    except KeyError:
+        return  # interrupted before Optuna asked for any point
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"raysweep_rerun_of": t.number})

@@ -1,0 +1,83 @@
+"""The end of a sweep: summary.json, best.yaml and the trade-off plot (Pareto front marked)."""
+from __future__ import annotations
+
+import json
+
+from raysweep import plots
+from raysweep.config import dump_config, validate_config
+from raysweep.tracking.registry import register as register_model
+from raysweep.tracking.runs import (
+    flat_metrics,
+)
+
+
+def _pareto(rows: list[dict], keys: list[str]) -> list[dict]:
+    return [r for r in rows if not any(all(o[k] >= r[k] for k in keys) and any(o[k] > r[k] for k in keys)
+                                       for o in rows)]
+
+
+def _summarise(space, state, records, sweep_dir, client, keys, seconds, interrupted, closed) -> dict:
+    s, parent_id = space.search, state["parent_run_id"]
+    rows = [r for r in records if r["status"] == "finished"]
+    count = lambda status: sum(r["status"] == status for r in records)  # noqa: E731
+    summary = {"status": "interrupted" if interrupted else "finished" if rows else "failed",
+               "space": state["space_file"], "overrides": state["overrides"], "samples": state["samples"],
+               "trials": len(records), "finished": len(rows), "failed": count("failed"),
+               "stopped_early": count("stopped_early"), "infeasible": count("infeasible"), "seconds": seconds,
+               "objectives": keys, "storage": state["storage"], "optuna_storage": state["optuna_storage"],
+               "study_name": state["study_name"], "mlflow_parent_run_id": parent_id, "dir": str(sweep_dir),
+               "finished_trials": [{**{k: r[k] for k in (*keys, "clean_acc", "trial_id", "params", "checkpoint")},
+                                    "storage": r.get("storage"), "seconds": r["metrics"].get("total_seconds")}
+                                   for r in rows]}
+    if rows:
+        if s.multi:
+            front = sorted(_pareto(rows, keys), key=lambda r: r[keys[0]])
+            summary["pareto"] = [{k: r[k] for k in (*keys, "trial_id", "mlflow_run_id", "params")} for r in front]
+            best = max(front, key=lambda r: r[keys[0]])  # registered: the front's best on the first objective
+        else:
+            best = max(rows, key=lambda r: r[keys[0]])
+        best_cfg = validate_config({**space.trial_config(best["params"]), "name": f"{space.name}-best"})
+        summary["best"] = {**{k: best[k] for k in (*keys, "clean_acc", "trial_id", "mlflow_run_id", "params",
+                                                   "checkpoint")}, "storage": best.get("storage")}
+        (sweep_dir / "best.yaml").write_text(
+            f"# best trial {best['trial_id']}: checkpoint {best['checkpoint']}"
+            + (f", also at {best['storage']}" if best.get("storage") else "") + "\n" + dump_config(best_cfg))
+        _tradeoff(s, keys, rows, sweep_dir)
+        for name in ("tradeoff.png", "best.yaml"):
+            client.log_artifact(parent_id, str(sweep_dir / name))
+        client.log_metric(parent_id, f"best/{keys[0]}", best[keys[0]])
+    client.log_metric(parent_id, "trials_finished", len(rows))
+    if rows and state["register"] and not interrupted:  # the checkpoint comes from MLflow, not from a node
+        summary["registered"] = register_model(state["register"], best["checkpoint"], best["mlflow_run_id"],
+                                               state["tracking_uri"], keys[0], best[keys[0]])
+    if interrupted:
+        summary["closed_runs"] = closed
+    (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    client.log_artifact(parent_id, str(sweep_dir / "summary.json"))
+    client.set_terminated(parent_id, {"interrupted": "KILLED", "failed": "FAILED"}.get(summary["status"], "FINISHED"))
+    return summary
+
+
+def _tradeoff(s, keys, rows, sweep_dir) -> None:
+    color = s.color_by or s.params and next(iter(s.params))
+    robust_key = keys[1] if s.multi else {"weighted_acc": "mean_uap_acc"}.get(keys[0], keys[0])
+    points = [{"clean": r["clean_acc"], "robust": _metric(r, robust_key), "color": _color(r["params"], color),
+               "objective": r[keys[0]]} for r in rows]
+    front = [(r["clean_acc"], _metric(r, robust_key)) for r in _pareto(
+        [{**r, robust_key: _metric(r, robust_key)} for r in rows], ["clean_acc", robust_key])]
+    plots.tradeoff(points, robust_key, color, sweep_dir / "tradeoff.png", front)
+
+
+def _metric(row: dict, key: str) -> float:
+    if key in row:
+        return row[key]
+    return flat_metrics(row["metrics"]).get(key, float("nan"))
+
+
+def _color(params: dict, name: str | None):
+    if not name:
+        return None
+    if name in params:
+        return params[name]
+    items = [v for k, v in sorted(params.items()) if k.startswith(name + ".")]  # per-member: their mean
+    return sum(items) / len(items) if items else None

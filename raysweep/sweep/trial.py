@@ -1,0 +1,117 @@
+"""What runs inside one Tune trial of a sweep: its config from the sampled values, one training and
+evaluation exactly as `raysweep train` does, its MLflow child run, its report to Tune."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.tune
+from mlflow import MlflowClient
+
+from raysweep.config import validate_config
+from raysweep.errors import ConfigError
+from raysweep.run import train_and_evaluate
+from raysweep.sweep.space import SearchSpace
+from raysweep.tracking.runs import (
+    log_results,
+    tracked_run,
+)
+
+
+@dataclass
+class TrialContext:
+    space: SearchSpace
+    uri: str
+    experiment: str
+    parent_run_id: str
+    storage: str  # the sweep's storage: Ray executor trials keep their Ray Train checkpoints under it
+    run_tags: dict  # user, source, git commit: resolved in the driver
+
+
+def _objectives(space: SearchSpace, metrics: dict | None) -> dict:
+    # Infeasible points score 0: every objective is an accuracy to maximise.
+    return {o.key: (o.value(metrics) if metrics is not None else 0.0) for o in space.search.objective}
+
+
+def _last_report(metrics: dict, checkpoint_dir: Path | None = None) -> None:
+    checkpoint = ray.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    try:
+        ray.tune.report(metrics, checkpoint=checkpoint)  # Tune copies the directory to the sweep's storage
+    except SystemExit:
+        pass  # Tune may end the trial's thread at its last report; everything is logged: the run is complete
+
+
+def _quiet_interrupts(unraisable) -> None:
+    """A sweep stopped by Ctrl-C or SIGTERM interrupts its trials wherever they are, finalizers included;
+    Python would print that KeyboardInterrupt as an 'Exception ignored' traceback on the user's terminal."""
+    if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
+
+
+def _trial(values: dict, ctx: TrialContext) -> None:
+    sys.unraisablehook = _quiet_interrupts
+    trial = ray.tune.get_context()
+    trial_id = trial.get_trial_id()
+    raw = ctx.space.trial_config(values)
+    raw["name"] = f"{ctx.space.name}-{trial_id}"
+    node = ray.get_runtime_context().get_node_id()
+    tags = {**ctx.run_tags, "mlflow.parentRunId": ctx.parent_run_id, "raysweep.trial_id": trial_id,
+            "raysweep.kind": "trial", "raysweep.node_id": node}
+    # An interrupted sweep marks its parent run KILLED before it settles its trials' runs (run_sweep); a
+    # trial still running in its stopping actor then ends KILLED, as the sweep will count it, not FINISHED.
+    sweep_running = lambda: MlflowClient(ctx.uri).get_run(ctx.parent_run_id).info.status == "RUNNING"  # noqa: E731
+    with tracked_run(ctx.uri, ctx.experiment, raw["name"], raw, tags, still_wanted=sweep_running) as (client, run_id):
+        for name, value in values.items():  # the whole config is in the params; the sampled values also as tags
+            client.set_tag(run_id, f"searched.{name}", str(value))
+        try:
+            cfg = validate_config(raw, f"trial {trial_id}")
+        except ConfigError as err:
+            client.set_tag(run_id, "raysweep.infeasible", str(err)[:5000])
+            _last_report({**_objectives(ctx.space, None), "infeasible": 1, "mlflow_run_id": run_id})
+            return
+        # Scratch space on this node; what outlives the trial goes to storage and MLflow below.
+        out = Path(trial.get_trial_dir()) / "run"
+
+        relay = functools.partial(epoch_metrics, epochs=cfg.train.epochs, run_id=run_id)
+
+        def report_epoch(event, state):  # local executor; a Ray executor run relays from its rank 0
+            if event == "epoch" and (m := relay(state.history[-1])) is not None:
+                ray.tune.report(m)
+
+        try:
+            metrics = train_and_evaluate(cfg, out, progress=False, callbacks=(report_epoch,),
+                                         ray_storage=f"{ctx.storage.rstrip('/')}/ray-train", epoch_metrics=relay)
+        except Exception as err:
+            # A Python error of this trial (its config, its data): the same on every retry, so the trial
+            # ends here, FAILED in MLflow with its error and traceback (the epochs it finished are logged
+            # already). Tune's max_failures is left for what a retry can fix: a dead process or node.
+            error = f"{type(err).__name__}: {err}"
+            client.set_tag(run_id, "raysweep.error", error[:5000])
+            client.log_text(run_id, traceback.format_exc(), "error.txt")
+            client.set_terminated(run_id, "FAILED")
+            _last_report({"error": error[:2000], "mlflow_run_id": run_id})
+            return
+        log_results(client, run_id, out, metrics, logged_epochs=cfg.train.epochs - 1)  # the driver logged those
+        objectives = _objectives(ctx.space, metrics)
+        final = {**objectives, "clean_acc": metrics["clean_acc"], "infeasible": 0, "epoch": cfg.train.epochs,
+                 "node_id": node,
+                 "train_acc": metrics["train"]["history"][-1]["train_acc"], "mlflow_run_id": run_id,
+                 "metrics_json": json.dumps(metrics, default=str)}
+        _last_report(final, out)
+
+
+def epoch_metrics(row: dict, epochs: int, run_id: str) -> dict | None:
+    """What a trial reports to Tune as an epoch ends: ASHA's metric (the objectives exist only after
+    evaluation) and the row for MLflow, which the driver logs live. The last epoch is reported with the
+    objectives instead: ASHA stops a trial reaching max_t, which would cut its evaluation off."""
+    n = row["epoch"] + 1  # history rows count epochs from 0; Tune's `epoch` from 1 (ASHA's time attribute)
+    if n >= epochs:
+        return None
+    return {"epoch": n, "train_acc": row["train_acc"], "train_loss": row["loss"], "mlflow_run_id": run_id,
+            **({"probe_acc": row["probe_acc"]} if "probe_acc" in row else {}),
+            **{f"train/{k}": float(v) for k, v in row.items() if k != "epoch"}}
