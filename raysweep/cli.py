@@ -1,4 +1,5 @@
-"""`raysweep train`, `raysweep sweep` and `raysweep evaluate`. User errors print one message and exit 2."""
+"""The command line: `raysweep train | sweep | evaluate | reproduce | check-cluster`, `--version`. A user error
+prints one message and exits 2, with no traceback."""
 from __future__ import annotations
 
 import argparse
@@ -12,33 +13,19 @@ from raysweep.errors import UserError
 
 
 def _summary(metrics: dict, out: Path) -> str:
-    lines = [f"clean_acc      {metrics['clean_acc']:.4f}"]
-    if "uap_acc" in metrics:
-        lines.append("uap_acc        " + "  ".join(f"{e}: {a:.4f}" for e, a in metrics["uap_acc"].items()))
-        lines.append(f"mean_uap_acc   {metrics['mean_uap_acc']:.4f}")
-        lines.append(f"weighted_acc   {metrics['weighted_acc']:.4f}  (w = {metrics['weighted_acc_w']})")
-    for name, curve in metrics.get("robust_acc", {}).items():
-        lines.append(f"{name:<14} " + "  ".join(f"{e}: {a:.4f}" for e, a in curve.items()))
-    if "auc" in metrics:
-        a = metrics["auc"]
-        lines.append(f"auc            {a['value']:.4f}  ({a['attack']}, eps_target {a['eps_target']})")
-    if "autoattack" in metrics:
-        aa = metrics["autoattack"]
-        lines.append("autoattack     " + "  ".join(f"{e}: {r['acc']:.4f}" for e, r in aa["per_eps"].items())
-                     + f"  ({aa['norm']}, {aa['samples']} images)")
-    for name, t in metrics.get("transfer", {}).items():
-        lines.append(f"transfer {name:<5} " + "  ".join(f"{e}: {r['target_acc']:.4f}" for e, r in t["per_eps"].items())
-                     + f"  (type {t['type']}, surrogate {t['surrogate_arch']})")
-    for name in ("cw_l2", "jsma"):
-        if name in metrics:
-            lines.append(f"{name:<14} acc {metrics[name]['acc']:.4f}  ({metrics[name]['samples']} images)")
-    if "diversity" in metrics:
-        d = metrics["diversity"]
-        lines.append(f"diversity      ambiguity {d['output_ambiguity']:.4f}  discrimination "
-                     f"{d['discrimination_score']:.4f}  gradient angle {d['mean_gradient_angle_deg']:.1f} deg")
-    if "jacobian_sq_norm" in metrics:
-        j = metrics["jacobian_sq_norm"]
-        lines.append(f"||J||_F^2      members {j['members_mean']:.3f}  ensemble {j['ensemble']:.3f}")
+    """Every named result, one line per group: `robust_acc/pgd  0.1: 0.5120  0.2: 0.3010`."""
+    from raysweep.evaluation.report import scalars_of
+
+    groups: dict[str, list[tuple[str, float]]] = {}
+    for name, value in scalars_of(metrics).items():
+        head, _, last = name.rpartition("/")
+        try:
+            float(last)  # an eps: one line per curve
+        except ValueError:
+            head, last = name, ""
+        groups.setdefault(head, []).append((last, value))
+    lines = [f"{head:<28} " + "  ".join(f"{last}: {v:.4f}" if last else f"{v:.4f}" for last, v in values)
+             for head, values in groups.items()]
     lines.append(f"wrote {out / 'metrics.json'}")
     return "\n".join(lines)
 

@@ -3,15 +3,17 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_cfg
 
-from raysweep.attacks.adversarial import ensemble_examples, member_examples
-from raysweep.attacks.adversarial import AdversarialTrainingConfig
+from raysweep.attacks.adversarial import (
+    AdversarialTrainingConfig,
+    ensemble_examples,
+    member_examples,
+)
 from raysweep.core.data import load_dataset
 from raysweep.core.seeding import generator
 from raysweep.members import LoopedMembers, VmappedMembers
 from raysweep.training.trainer import build_members, fit
-
-from conftest import make_cfg
 
 
 def members_and_batch(k=3, b=8):

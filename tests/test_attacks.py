@@ -2,13 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raysweep.core.objectives import OBJECTIVES
 from raysweep.attacks import attack_batch, robust_accuracy
-from raysweep.attacks.uap import evaluate_uap, sgd_uap, uap_init
 from raysweep.attacks.pgd import AttackConfig
-from raysweep.attacks.uap import UAPConfig
+from raysweep.attacks.uap import UAPConfig, evaluate_uap, sgd_uap, uap_init
+from raysweep.core.objectives import OBJECTIVES
 from raysweep.core.seeding import generator
-from raysweep.evaluation.evaluate import accuracies
+from raysweep.evaluation.robust import accuracies
 
 
 def setup(trained_synthetic, n=64):

@@ -6,13 +6,12 @@ import sys
 
 import pytest
 import yaml
+from conftest import make_cfg
 
-from raysweep.core.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, save_checkpoint
 from raysweep.cli import main
+from raysweep.core.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, save_checkpoint
 from raysweep.core.ensemble import Ensemble
 from raysweep.core.models import build_member
-
-from conftest import make_cfg
 
 
 @pytest.fixture(scope="module")

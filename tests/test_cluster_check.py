@@ -5,11 +5,10 @@ import sys
 
 import pytest
 import yaml
+from conftest import repo_root
 
 from raysweep.cluster_check import check_file, cluster_files
 from raysweep.errors import ConfigError
-
-from conftest import repo_root
 
 FILES = cluster_files(repo_root() / "cluster")
 

@@ -1,13 +1,12 @@
 import torch
-
-import raysweep
-from raysweep.core.checkpoint import save_checkpoint
-from raysweep.core.data import load_dataset
-from raysweep.cli import main
-from raysweep.training.trainer import build_members, fit
-
 from conftest import make_cfg, repo_root
 from test_ready_configs import TINY
+
+import raysweep
+from raysweep.cli import main
+from raysweep.core.checkpoint import save_checkpoint
+from raysweep.core.data import load_dataset
+from raysweep.training.trainer import build_members, fit
 
 
 def train_and_save(tmp_path, name, **sections):

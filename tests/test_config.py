@@ -2,11 +2,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import repo_root
 
 from raysweep.config import load_config, validate_config
 from raysweep.errors import ConfigError
-
-from conftest import repo_root
 
 
 def error_of(raw) -> str:

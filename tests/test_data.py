@@ -5,12 +5,10 @@ import sys
 
 import pytest
 import torch
-
-from raysweep.core.data import DataConfig
-from raysweep.core.data import load_dataset, member_batches, member_orders
-from raysweep.errors import DataError
-
 from conftest import FMNIST_DIR, needs_fmnist
+
+from raysweep.core.data import DataConfig, load_dataset, member_batches, member_orders
+from raysweep.errors import DataError
 
 
 def test_synthetic_is_seeded_and_in_unit_range():

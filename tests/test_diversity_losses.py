@@ -3,7 +3,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from raysweep.regularisers.adp import adp_regulariser, ensemble_entropy, log_det_diversity
+from raysweep.regularisers.adp import (
+    adp_regulariser,
+    ensemble_entropy,
+    log_det_diversity,
+)
 from raysweep.regularisers.deg import deg_penalty, member_input_grads, pairwise_cosines
 from raysweep.regularisers.pdd import PriorityDropout, keep_rates, pdd_statistics
 

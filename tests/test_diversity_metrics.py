@@ -2,7 +2,11 @@ import math
 
 import torch
 
-from raysweep.evaluation.diversity import discrimination_score, gradient_angles, output_ambiguity
+from raysweep.evaluation.diversity import (
+    discrimination_score,
+    gradient_angles,
+    output_ambiguity,
+)
 
 
 def one_hot_logits(preds, c=3):

@@ -4,12 +4,10 @@ import subprocess
 import sys
 
 import torch
+from conftest import needs_fmnist, repo_root
 
 import raysweep
-from raysweep.core.data import DataConfig
-from raysweep.core.data import load_dataset
-
-from conftest import needs_fmnist, repo_root
+from raysweep.core.data import DataConfig, load_dataset
 
 CONFIG = """
 name: e2e

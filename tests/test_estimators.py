@@ -2,13 +2,16 @@
 the double-backward reference, on small LeNet-5 members; docs/estimators.md states what is checked."""
 import pytest
 import torch
+from conftest import make_cfg
 
 from raysweep.core.data import load_dataset, member_batches
+from raysweep.evaluation.jacobian import ensemble_jacobian_norms
 from raysweep.members import LoopedMembers
-from raysweep.regularisers.jacobian import ensemble_jacobian_norms, jacobian_sq_norm_exact, jacobian_sq_norm_forward
+from raysweep.regularisers.jacobian import (
+    jacobian_sq_norm_exact,
+    jacobian_sq_norm_forward,
+)
 from raysweep.training.trainer import build_members, fit
-
-from conftest import make_cfg
 
 
 def _setup(k=2, b=8):

@@ -2,14 +2,13 @@ import copy
 
 import pytest
 import torch
+from conftest import make_cfg
 
 from raysweep.core.data import load_dataset
+from raysweep.core.models import build_member
 from raysweep.errors import ConfigError
 from raysweep.members import LoopedMembers, VmappedMembers, make_local_executor
-from raysweep.core.models import build_member
 from raysweep.training.trainer import build_members, fit
-
-from conftest import make_cfg
 
 
 @pytest.mark.parametrize("arch", ["lenet5", "small_cnn"])

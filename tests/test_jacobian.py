@@ -1,13 +1,16 @@
 import torch
+from conftest import make_cfg
 from torch.func import jacrev
 
 from raysweep.core.data import load_dataset
 from raysweep.core.seeding import generator
+from raysweep.evaluation.jacobian import ensemble_jacobian_norms
 from raysweep.members import LoopedMembers
-from raysweep.regularisers.jacobian import ensemble_jacobian_norms, jacobian_sq_norm_estimate, jacobian_sq_norm_exact
+from raysweep.regularisers.jacobian import (
+    jacobian_sq_norm_estimate,
+    jacobian_sq_norm_exact,
+)
 from raysweep.training.trainer import build_members, fit
-
-from conftest import make_cfg
 
 
 def stacked_setup(k=2, b=3):

@@ -3,10 +3,14 @@ import numpy as np
 import torch
 
 from raysweep.attacks import robust_accuracy
-from raysweep.attacks.cw import cw_l2, cw_l2_batch
-from raysweep.attacks.library import art_classifier, autoattack, jsma
-from raysweep.attacks.cw import CWL2Config
-from raysweep.attacks.library import AutoAttackConfig, JSMAConfig
+from raysweep.attacks.cw import CWL2Config, cw_l2, cw_l2_batch
+from raysweep.attacks.library import (
+    AutoAttackConfig,
+    JSMAConfig,
+    art_classifier,
+    autoattack,
+    jsma,
+)
 from raysweep.attacks.pgd import AttackConfig
 
 CPU = torch.device("cpu")
@@ -23,7 +27,7 @@ def test_art_sees_the_ensemble_scores(trained_synthetic):
 def test_autoattack_flags_and_monotone(trained_synthetic):
     _, data, ens = trained_synthetic
     cfg = AutoAttackConfig(eps=[0.0, 0.05, 0.15, 1.0], max_iter=10, square_queries=30, samples=100)
-    res = autoattack(ens, data.test, cfg, 4, 100, CPU)
+    res, flags = autoattack(ens, data.test, cfg, 4, 100, CPU)
     accs = [res["per_eps"][str(e)]["acc"] for e in cfg.eps]
     assert accs[0] == res["clean_acc"] and accs[-1] == 0.0
     assert all(b <= a for a, b in zip(accs, accs[1:]))
@@ -33,6 +37,7 @@ def test_autoattack_flags_and_monotone(trained_synthetic):
     pgd = AttackConfig(name="p", eps=[0.15], steps=10)
     pgd_acc = robust_accuracy(ens.stacked_logits, data.test, pgd, 0.15, ens.weights, "probability", 100, "cpu")[0]
     assert res["per_eps"]["0.15"]["acc"] <= pgd_acc + 0.1  # at least about as strong as our PGD-10
+    assert all(flags[str(e)].sum().item() / len(flags[str(e)]) == res["per_eps"][str(e)]["acc"] for e in cfg.eps)
 
 
 def test_cw_l2_fools_with_small_perturbations(trained_synthetic):

@@ -1,12 +1,11 @@
 import pytest
 import torch
+from conftest import make_cfg
 
 import raysweep
 from raysweep.core.checkpoint import save_checkpoint
 from raysweep.core.data import load_dataset
 from raysweep.training.trainer import fit
-
-from conftest import make_cfg
 
 
 @pytest.mark.parametrize("arch, shape", [("resnet18", [3, 32, 32]), ("small_cnn", [3, 32, 32]),

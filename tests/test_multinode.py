@@ -4,13 +4,12 @@ The cluster lives in a child process (tests/multinode_sweep.py), stopped there i
 should that process hang or die, by killing its process group here."""
 import json
 import os
-from pathlib import Path
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-
 from conftest import repo_root
 
 

@@ -1,24 +1,33 @@
 """Plug-ins defined here, outside the package, are picked up by config validation, the search
 space, the trainer and transfer surrogates without an edit to raysweep."""
+from typing import Optional
+
 import pytest
 import torch
+from conftest import make_cfg
 from pydantic import Field
 
 from raysweep.config import validate_config
-from raysweep.config.schema import TransferConfig
 from raysweep.core.data import load_dataset
 from raysweep.core.sections import Section
 from raysweep.errors import ConfigError
-from raysweep.evaluation.transfer import surrogate_config
+from raysweep.evaluation import EVALUATIONS, Evaluation
+from raysweep.evaluation import register as register_evaluation
+from raysweep.evaluation.transfer import TransferConfig, surrogate_config
 from raysweep.members import LoopedMembers
 from raysweep.methods import METHODS, EnsembleMethod
 from raysweep.methods import register as register_method
 from raysweep.regularisers import REGULARISERS, Regulariser, register
-from raysweep.sweep.space import check_path
+from raysweep.run import evaluate
+from raysweep.sweep.space import (
+    Objective,
+    _check_objective,
+    check_path,
+    produced_results,
+)
+from raysweep.tracking.runs import flat_metrics
 from raysweep.training.step import TrainStep
 from raysweep.training.trainer import build_members, fit
-
-from conftest import make_cfg
 
 
 class LogitSquaresConfig(Section):
@@ -64,15 +73,37 @@ class Horizontal(EnsembleMethod):
         return list(self.kept)
 
 
+class VoteConfig(Section):
+    pass
+
+
+class HardVote(Evaluation):
+    """Accuracy of the members' majority vote (ties to the lowest class)."""
+    key, Config = "vote", Optional[VoteConfig]
+
+    @classmethod
+    def names(cls, cfg, eval_cfg, k):
+        return ["vote_acc"]
+
+    def run(self, ctx, report):
+        x, y = ctx.data.test.batch(torch.arange(len(ctx.data.test)), ctx.device)
+        with torch.no_grad():
+            votes = ctx.stacked_fn(x).argmax(-1)  # [K,B]
+        winner = torch.nn.functional.one_hot(votes, ctx.data.num_classes).sum(0).argmax(1)
+        report.add("vote_acc", (winner == y).float().mean().item(), images=len(y))
+
+
 @pytest.fixture
 def plugins():
     register(LogitSquares)
     register(Agreement)
     register_method(Horizontal)
+    register_evaluation(HardVote)
     yield
     REGULARISERS.pop(LogitSquares.key)
     REGULARISERS.pop(Agreement.key)
     METHODS.pop(Horizontal.name)
+    EVALUATIONS.pop(HardVote.key)
 
 
 def test_a_regulariser_plugin_is_validated_searchable_and_trained(plugins):
@@ -110,8 +141,10 @@ def test_type_one_surrogates_drop_every_registered_defence(plugins):
                    train={"logit_squares": {"lam": 0.5}, "agreement": {"lam": 0.2}, "deg": {"lambda_deg": 0.1},
                           "jr": {"lambda_jr": 0.1}})
     attack = {"name": "t", "eps": [0.1]}
-    oblivious = surrogate_config(cfg, TransferConfig(name="t", type="I", arch="small_cnn", attack=attack))
-    adaptive = surrogate_config(cfg, TransferConfig(name="t", type="II", arch="small_cnn", attack=attack))
+    oblivious = validate_config(surrogate_config(cfg, TransferConfig(name="t", type="I", arch="small_cnn",
+                                                                     attack=attack)))
+    adaptive = validate_config(surrogate_config(cfg, TransferConfig(name="t", type="II", arch="small_cnn",
+                                                                    attack=attack)))
     assert oblivious.train.logit_squares is None and oblivious.train.deg is None
     assert oblivious.train.jr.lambda_jr == 0
     assert oblivious.train.agreement.lam == 0.2  # not a defence: kept
@@ -133,11 +166,30 @@ def test_an_ensemble_method_plugin_schedules_and_assembles(plugins):
     assert any(not torch.equal(first[n], last[n]) for n in last)
 
 
+def test_an_evaluation_plugin_reaches_the_report_mlflow_and_sweep_objectives(plugins, trained_synthetic):
+    _, data, ensemble = trained_synthetic
+    cfg = make_cfg(ensemble={"k": 3}, data={"train_size": 768, "test_size": 200},
+                   eval={"vote": {}, "uap": None, "jacobian_samples": 0, "diversity_samples": 0})
+    assert "vote_acc" in produced_results(cfg)
+    _check_objective(Objective(metric="vote_acc"), cfg)  # a sweep may maximise it
+    report = evaluate(ensemble, data, cfg, progress=False)
+    x, y = data.test.batch(torch.arange(len(data.test)))
+    with torch.no_grad():
+        votes = torch.stack([m(x).argmax(1) for m in ensemble.members])
+    by_hand = (torch.mode(votes, 0).values == y).float().mean().item()  # K = 3: a majority exists or all differ
+    assert abs(report.scalars()["vote_acc"] - by_hand) <= 2 / len(y)  # all-differ ties may break apart
+    metrics = report.to_json()
+    assert metrics["schema"] == 2 and metrics["results"]["vote_acc"]["images"] == len(y)
+    assert flat_metrics(metrics)["vote_acc"] == report.scalars()["vote_acc"]
+
+
 def test_unregistered_sections_and_methods_are_unknown():
     with pytest.raises(ConfigError, match=r"train\.logit_squares: unknown field"):
         validate_config({"train": {"logit_squares": {"lam": 0.5}}})
     with pytest.raises(ConfigError, match=r"ensemble\.method: got 'horizontal'"):
         validate_config({"ensemble": {"method": "horizontal"}})
+    with pytest.raises(ConfigError, match=r"eval\.vote: unknown field"):
+        validate_config({"eval": {"vote": {}}})
 
 
 def test_installed_plugins_are_found_through_entry_points(tmp_path):

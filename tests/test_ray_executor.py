@@ -5,16 +5,15 @@ import time
 
 import pytest
 import torch
+from conftest import make_cfg
 
 from raysweep.config import validate_config
 from raysweep.core.data import load_dataset
 from raysweep.errors import ConfigError
 from raysweep.members import LoopedMembers
-from raysweep.training.ray import fit_on_ray
 from raysweep.run import train_and_evaluate
+from raysweep.training.ray import fit_on_ray
 from raysweep.training.trainer import build_members, fit
-
-from conftest import make_cfg
 
 RAY = {"kind": "ray", "ray": {"cpus_per_worker": 0.5}}
 

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from mlflow import MlflowClient
-
 from conftest import repo_root
+from mlflow import MlflowClient
 from multinode_sweep import SPACE as MULTINODE_SPACE
 
 # The multi-node test's space, two one-epoch trials.

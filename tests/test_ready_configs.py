@@ -2,11 +2,10 @@
 import json
 
 import pytest
+from conftest import repo_root
 
 from raysweep.cli import main
 from raysweep.config import load_config
-
-from conftest import repo_root
 
 CONFIGS = sorted(p.relative_to(repo_root() / "search_spaces")
                  for p in (repo_root() / "search_spaces").rglob("*.yaml")

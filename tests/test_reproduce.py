@@ -5,9 +5,9 @@ import json
 
 import pytest
 import yaml
+from conftest import repo_root
 from mlflow import MlflowClient
 
-from conftest import repo_root
 from raysweep.errors import ConfigError, UserError
 from raysweep.reproduce import STUDIES, reproduce, study_file
 from raysweep.reproduce.study import load_study

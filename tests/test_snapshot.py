@@ -1,12 +1,11 @@
 import math
 
 import torch
+from conftest import make_cfg
 
 from raysweep.core.data import load_dataset
 from raysweep.methods.snapshot import snapshot_steps
 from raysweep.training.trainer import fit
-
-from conftest import make_cfg
 
 
 def test_snapshot_cyclic_lr_and_distinct_snapshots():

@@ -1,11 +1,15 @@
 import torch
-
-from raysweep.config.schema import TransferConfig
-from raysweep.core.data import Split
-from raysweep.evaluation.evaluate import accuracies
-from raysweep.evaluation.transfer import evaluate_transfer, surrogate_config
-
 from conftest import make_cfg
+
+from raysweep.config import validate_config
+from raysweep.core.data import Split
+from raysweep.evaluation.robust import accuracies
+from raysweep.evaluation.transfer import (
+    TransferConfig,
+    surrogate_config,
+    transfer_attack,
+)
+from raysweep.training.trainer import fit
 
 ATTACK = {"name": "pgd", "eps": [0.0, 0.3], "steps": 10}
 
@@ -14,8 +18,9 @@ def test_surrogate_configs_by_type():
     cfg = make_cfg(ensemble={"k": 3, "method": "joint"},
                    train={"pdd": {"m": 6}, "deg": {}, "jr": {"lambda_jr": 0.1},
                           "adversarial": {"mode": "ensemble", "eps": 0.1}, "loss": "ensemble_ce"})
-    one = surrogate_config(cfg, TransferConfig(name="t1", type="I", arch="small_cnn", attack=ATTACK))
-    two = surrogate_config(cfg, TransferConfig(name="t2", type="II", arch="small_cnn", attack=ATTACK, epochs=7))
+    one = validate_config(surrogate_config(cfg, TransferConfig(name="t1", type="I", arch="small_cnn", attack=ATTACK)))
+    two = validate_config(surrogate_config(cfg, TransferConfig(name="t2", type="II", arch="small_cnn", attack=ATTACK,
+                                                               epochs=7)))
     assert one.model.arch == two.model.arch == "small_cnn" and one.seed != cfg.seed
     assert (one.train.pdd, one.train.deg, one.train.adversarial, one.train.jr.lambda_jr) == (None, None, None, 0.0)
     assert one.train.loss == "member_ce" and two.train.loss == "ensemble_ce"
@@ -24,10 +29,11 @@ def test_surrogate_configs_by_type():
 
 def test_transfer_from_self_trained_surrogate(trained_synthetic):
     cfg, data, target = trained_synthetic
-    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"transfer": [
-        TransferConfig(name="type1", type="I", arch="small_cnn", attack=ATTACK, samples=100)]})})
-    report = evaluate_transfer(target, data, cfg, torch.device("cpu"), progress=False)["type1"]
-    at0, at3 = report["per_eps"]["0.0"], report["per_eps"]["0.3"]
+    t = TransferConfig(name="type1", type="I", arch="small_cnn", attack=ATTACK, samples=100)
+    surrogate = fit(validate_config(surrogate_config(cfg, t)), data, progress=False).ensemble
+    per_eps, flags = transfer_attack(target, surrogate, data.test, t, 100, torch.device("cpu"), cfg.seed)
+    at0, at3 = per_eps["0.0"], per_eps["0.3"]
+    assert len(flags["0.3"]) == 100 and flags["0.3"].sum().item() / 100 == at3["target_acc"]
     first100 = Split(data.test.x[:100], data.test.y[:100])
     clean = accuracies(target.stacked_logits, first100, target.weights, "probability", 100, "cpu")[0]
     assert at0["target_acc"] == clean  # eps 0: the clean images

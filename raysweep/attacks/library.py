@@ -68,12 +68,13 @@ def _make(name: str, clf, eps: float, cfg: AutoAttackConfig, batch_size: int):
 
 
 def autoattack(model: nn.Module, split: Split, cfg: AutoAttackConfig, num_classes: int, batch_size: int,
-               device: torch.device, seed: int = 0) -> dict:
-    """{eps: {"acc": robust accuracy, "after": {attack: accuracy after it}}}."""
+               device: torch.device, seed: int = 0) -> tuple[dict, dict]:
+    """({"per_eps": {eps: {"acc": robust accuracy, "after": {attack: accuracy after it}}}, ...},
+    {eps: per-image robust flags [N] as a torch bool tensor})."""
     clf = art_classifier(model, split.x.shape[1:], num_classes, device)
     x, y = _arrays(split, cfg.samples)
     clean = clf.predict(x, batch_size=batch_size).argmax(1) == y
-    out = {}
+    out, flags = {}, {}
     for eps in cfg.eps:
         np.random.seed(seed)  # ART draws its random starts from numpy's global stream
         robust, after = clean.copy(), {}
@@ -84,7 +85,8 @@ def autoattack(model: nn.Module, split: Split, cfg: AutoAttackConfig, num_classe
                 robust[idx] = clf.predict(x_adv, batch_size=batch_size).argmax(1) == y[idx]
             after[name] = float(robust.mean())
         out[str(eps)] = {"acc": float(robust.mean()), "after": after}
-    return {"per_eps": out, "clean_acc": float(clean.mean()), "samples": len(y), "norm": cfg.norm}
+        flags[str(eps)] = torch.from_numpy(robust.copy())
+    return {"per_eps": out, "clean_acc": float(clean.mean()), "samples": len(y), "norm": cfg.norm}, flags
 
 
 def jsma(model: nn.Module, split: Split, cfg: JSMAConfig, num_classes: int, batch_size: int, device,

@@ -1,8 +1,9 @@
 """The run config: one typed schema, validated at load. Sections are owned by the modules that
 read them (an attack's by its attack, a regulariser's by its file, data's by core/data.py); this
 module composes them into `RunConfig`, with the rules that tie sections together. The train
-section gets one field per registered regulariser and ensemble.method one value per registered
-method, so a plug-in is configurable, checked and searchable without an edit here.
+section gets one field per registered regulariser, eval one per registered evaluation, and
+ensemble.method one value per registered method, so a plug-in is configurable, checked and
+searchable without an edit here.
 """
 from __future__ import annotations
 
@@ -10,18 +11,16 @@ from typing import Literal, Optional
 
 from pydantic import Field, create_model, field_validator, model_validator
 
+import raysweep.evaluation  # noqa: F401  (registers the built-in evaluations)
 import raysweep.methods  # noqa: F401  (registers the built-in methods)
 import raysweep.regularisers  # noqa: F401  (registers the built-in regularisers)
-from raysweep.plugins import load_installed_plugins
 from raysweep.attacks.adversarial import AdversarialTrainingConfig
-from raysweep.attacks.cw import CWL2Config
-from raysweep.attacks.library import AutoAttackConfig, JSMAConfig
-from raysweep.attacks.pgd import AttackConfig
-from raysweep.attacks.uap import UAPConfig
 from raysweep.core.data import DataConfig
 from raysweep.core.models import ARCHS
 from raysweep.core.sections import Section
+from raysweep.evaluation.base import EVALUATIONS
 from raysweep.methods.base import METHODS, EnsembleMethod
+from raysweep.plugins import load_installed_plugins
 from raysweep.regularisers.base import REGULARISERS
 
 
@@ -129,51 +128,18 @@ class ExecutorConfig(Section):
         return self
 
 
-class TransferConfig(Section):
-    """Black-box transfer: raysweep trains a surrogate ensemble from this run's own config with
-    another architecture, crafts adversarial examples on it, and measures the target on them.
-    type I (oblivious): the surrogate drops every defence (adversarial training, an ensemble loss,
-    and every regulariser registered as a defence: JR, PDD, DEG, ADP); type II (adaptive): the
-    surrogate keeps the same defence."""
-    name: str
-    type: Literal["I", "II"]
-    arch: Literal["lenet5", "small_cnn", "resnet18"] = Field(..., description="the surrogate's architecture")
-    attack: AttackConfig = Field(..., description="crafting attack on the surrogate (first objective used)")
-    epochs: Optional[int] = Field(None, ge=1, description="surrogate training epochs; null = the run's")
-    samples: Optional[int] = Field(None, ge=1, description="first N test images; null = all")
-
-
-class AUCConfig(Section):
-    attack: str
-    eps_target: float = Field(..., gt=0)
-
-
-class EvalConfig(Section):
+class EvalBase(Section):
+    """eval: knobs every evaluation shares; each registered evaluation adds its section (compose())."""
     batch_size: int = Field(500, ge=1)
-    attacks: list[AttackConfig] = []
-    uap: Optional[UAPConfig] = UAPConfig()
-    weighted_acc_w: float = Field(0.5, ge=0, le=1)
-    auc: Optional[AUCConfig] = None
-    jacobian_samples: int = Field(200, ge=0, description="test images for the exact mean ||J||_F^2; 0 = skip")
-    transfer: list[TransferConfig] = []
-    autoattack: Optional[AutoAttackConfig] = None
-    cw_l2: Optional[CWL2Config] = None
-    jsma: Optional[JSMAConfig] = None
+    weighted_acc_w: float = Field(0.5, ge=0, le=1, description="w of the weighted accuracy (eval.uap)")
     attack_members: bool = Field(False, description="also attack each member alone (its own CE) with every attack")
-    diversity_samples: int = Field(500, ge=0, description="test images for the diversity metrics; 0 = skip")
 
     @model_validator(mode="after")
-    def _auc_attack_known(self):
-        names = [a.name for a in self.attacks]
-        if len(set(names)) != len(names):
-            raise ValueError(f"attack names must be unique, got {names}")
-        if self.auc is not None:
-            if self.auc.attack not in names:
-                raise ValueError(f"auc.attack '{self.auc.attack}' is not one of the attacks {names}")
-            attack = self.attacks[names.index(self.auc.attack)]
-            if self.auc.eps_target not in attack.eps:
-                raise ValueError(
-                    f"auc.eps_target {self.auc.eps_target} must be in attack '{attack.name}' eps grid {attack.eps}")
+    def _sections_fit(self):
+        for key, cls in EVALUATIONS.items():
+            section = getattr(self, key, None)
+            if cls.enabled(section):
+                cls.check(section, self)
         return self
 
 
@@ -184,7 +150,6 @@ class RunBase(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     executor: ExecutorConfig = ExecutorConfig()
-    eval: EvalConfig = EvalConfig()
 
     @property
     def method(self) -> type[EnsembleMethod]:
@@ -231,34 +196,39 @@ class RunBase(Section):
         return self
 
 
-def _compose() -> tuple[type[Section], type[Section], type[RunBase]]:
-    """(EnsembleConfig, TrainConfig, RunConfig) from the static sections and the registered plug-ins."""
+def _compose() -> tuple[type[Section], type[Section], type[Section], type[RunBase]]:
+    """(EnsembleConfig, TrainConfig, EvalConfig, RunConfig) from the static sections and the plug-ins."""
     ensemble = create_model(
         "EnsembleConfig", __base__=EnsembleBase, __module__=__name__,
         method=(Literal[tuple(METHODS)], Field("independent", description="; ".join(
             f"{name}: {m.description}" for name, m in METHODS.items()))))
     train = create_model("TrainConfig", __base__=TrainBase, __module__=__name__,
                          **{key: (Optional[cls.Config], cls.default) for key, cls in REGULARISERS.items()})
+    evaluation = create_model("EvalConfig", __base__=EvalBase, __module__=__name__,
+                              **{key: (cls.Config, cls.default) for key, cls in EVALUATIONS.items()})
     run = create_model("RunConfig", __base__=RunBase, __module__=__name__,
-                       ensemble=(ensemble, ensemble()), train=(train, train()))
-    return ensemble, train, run
+                       ensemble=(ensemble, ensemble()), train=(train, train()), eval=(evaluation, evaluation()))
+    return ensemble, train, evaluation, run
 
 
 load_installed_plugins()
-_composed_from: tuple = ()
+_composed: dict[tuple, tuple] = {}  # one composition per set of plug-ins: a class, once made, stays the same
 EnsembleConfig: type[Section] = EnsembleBase
 TrainConfig: type[Section] = TrainBase
+EvalConfig: type[Section] = EvalBase
 RunConfig: type[RunBase] = RunBase
 
 
 def run_config_model() -> type[RunBase]:
-    """The current RunConfig class, composed again when a plug-in has registered since the last call.
-    Validate through this (or io.validate_config): a class imported earlier misses later plug-ins. The
-    composed classes are this module's globals, so configs pickle by reference (Ray, Tune)."""
-    global EnsembleConfig, TrainConfig, RunConfig, _composed_from
-    key = (tuple(REGULARISERS.items()), tuple(METHODS.items()))
-    if key != _composed_from:
-        (EnsembleConfig, TrainConfig, RunConfig), _composed_from = _compose(), key
+    """The current RunConfig class, composed again when the registered plug-ins have changed since
+    the last call. Validate through this (or io.validate_config): a class imported earlier misses
+    later plug-ins. The composed classes are this module's globals, so configs pickle by reference
+    (Ray, Tune); the same plug-ins always give the same classes."""
+    global EnsembleConfig, TrainConfig, EvalConfig, RunConfig
+    key = (tuple(REGULARISERS.items()), tuple(METHODS.items()), tuple(EVALUATIONS.items()))
+    if key not in _composed:
+        _composed[key] = _compose()
+    EnsembleConfig, TrainConfig, EvalConfig, RunConfig = _composed[key]
     return RunConfig
 
 

@@ -1,10 +1,12 @@
-"""Diversity metrics of SPEC section 4, each a function of stacked member outputs."""
+"""eval.diversity_samples: the diversity metrics of SPEC section 4 on the first test images, each
+a function of stacked member outputs. Results diversity/<metric> (ensembles of K >= 2)."""
 from __future__ import annotations
 
 import math
 
 import torch
 
+from raysweep.evaluation.base import Evaluation, register
 from raysweep.regularisers.deg import member_input_grads, pairwise_cosines
 
 
@@ -35,3 +37,35 @@ def gradient_angles(stacked_fn_per_member, x: torch.Tensor, y: torch.Tensor, k: 
     logits = stacked_fn_per_member(xs)
     g = member_input_grads(logits, xs, y.expand(k, -1), create_graph=False)
     return torch.rad2deg(torch.arccos(pairwise_cosines(g).clamp(-1, 1)))
+
+
+def diversity_metrics(ex, split, samples: int, device) -> dict:
+    x, y = split.batch(torch.arange(min(samples, len(split))), device)
+    with torch.no_grad():
+        feats = ex.stacked_logits(x, part="features")
+        logits = ex.stacked_logits(feats, per_member=True, part="head")
+    with torch.enable_grad():
+        angles = gradient_angles(lambda xs: ex.stacked_logits(xs, per_member=True), x, y, ex.k)
+    return {"output_ambiguity": output_ambiguity(logits, y).mean().item(),
+            "discrimination_score": discrimination_score(feats).mean().item(),
+            "mean_gradient_angle_deg": angles.mean().item(), "samples": x.shape[0]}
+
+
+METRICS = ("output_ambiguity", "discrimination_score", "mean_gradient_angle_deg")
+
+
+@register
+class Diversity(Evaluation):
+    key, Config, default = "diversity_samples", int, 500
+
+    @classmethod
+    def names(cls, samples, eval_cfg, k) -> list[str]:
+        return [f"diversity/{m}" for m in METRICS] if k > 1 else []
+
+    def run(self, ctx, report) -> None:
+        if ctx.ensemble.k < 2:
+            return
+        out = diversity_metrics(ctx.executor, ctx.data.test, self.cfg, ctx.device)
+        for m in METRICS:
+            report.add(f"diversity/{m}", out[m], images=out["samples"])
+        report.details["diversity"] = out

@@ -47,7 +47,6 @@ class DistributedMembers:
         self._via_cpu = dist.get_backend() == "gloo" and self.device.type != "cpu"
         self.bytes_received = 0  # what the collectives delivered to this rank, for benchmarks
 
-    vectorized = property(lambda self: self.local.vectorized)
 
     def parameters(self) -> list[torch.Tensor]:
         return self.local.parameters()

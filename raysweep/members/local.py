@@ -1,8 +1,8 @@
 """Local executors: all K members in one process, looped or vectorised with torch.func.
 
-Both give the same numbers. Which is faster depends on the device: on this 2-core CPU a K=3
-LeNet step is ~15-21 ms looped vs ~18-34 ms vmapped, so `auto` loops on CPU and vmaps on CUDA
-(benchmarks/bench_members.py measures it).
+Both give the same numbers. Which is faster depends on the device: on a 2-core CPU the loop is
+faster for LeNet-size members, on CUDA vmap (benchmarks/bench_members.py measures it; README's
+benchmark table has the figures), so `auto` loops on CPU and vmaps on CUDA.
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ def _has_batchnorm(m: nn.Module) -> bool:
 class LoopedMembers:
     """One forward per member. Works for any architecture, BatchNorm included."""
 
-    vectorized = False
 
     def __init__(self, members: list[nn.Module], device: torch.device):
         self.members = [m.to(device) for m in members]
@@ -64,7 +63,6 @@ class LoopedMembers:
 class VmappedMembers:
     """Members' parameters stacked into [K,...] leaves and run as one vmapped call."""
 
-    vectorized = True
 
     def __init__(self, members: list[nn.Module], device: torch.device):
         if _has_batchnorm(members[0]):

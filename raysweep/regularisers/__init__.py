@@ -2,7 +2,10 @@
 base.REGULARISERS: Jacobian regularisation, DEG, ADP, and PDD (a transform of the members' last
 hidden features). Importing this package registers the built-in ones, in this order (the order
 of their random draws)."""
-from raysweep.regularisers import adp, deg, jacobian, pdd  # noqa: F401  (registration)
+# The order of registration is the order of the terms and of their random draws.
+# isort: off
+from raysweep.regularisers import jacobian, deg, adp, pdd  # noqa: F401
+# isort: on
 from raysweep.regularisers.base import (
     REGULARISERS,
     Regulariser,

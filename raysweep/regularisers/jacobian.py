@@ -1,4 +1,4 @@
-"""Jacobian regularisation (SPEC section 1) and Jacobian norms for evaluation.
+"""Jacobian regularisation (SPEC section 1).
 
 The penalty added to each member's loss is (lambda_JR / 2) * mean_i ||J(x_i)||_F^2, the full
 squared Frobenius norm halved by the 1/2 in front, with J = d logits / d x. The estimator is
@@ -86,24 +86,6 @@ def jr_penalty(logits, x, lambda_jr: float, n_proj: int = 1, exact: bool = False
     sq = (jacobian_sq_norm_exact(logits, x, create_graph=True) if exact
           else jacobian_sq_norm_estimate(logits, x, n_proj, generator))
     return 0.5 * lambda_jr * sq.mean(1)
-
-
-def ensemble_jacobian_norms(stacked_fn, x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact ||J||_F^2 per sample of each member [K,B] and of the convex combination of logits
-    F = sum_k c_k f_k [B], whose Jacobian is J_F = sum_k c_k J_k (SPEC section 1)."""
-    x = x.detach().requires_grad_(True)
-    stacked = stacked_fn(x)  # [K,B,C], shared input
-    k, b, c = stacked.shape
-    members = torch.zeros(k, b, device=x.device)
-    ens = torch.zeros(b, device=x.device)
-    w = weights.to(stacked).view(-1, 1)
-    for j in range(c):
-        # Member Jacobians need separate backward passes since they share x.
-        rows = [torch.autograd.grad(stacked[m, :, j].sum(), x, retain_graph=True)[0] for m in range(k)]
-        rows = torch.stack(rows).flatten(2)  # [K,B,D]
-        members += rows.pow(2).sum(-1)
-        ens += (w.unsqueeze(-1) * rows).sum(0).pow(2).sum(-1)
-    return members.detach(), ens.detach()
 
 
 @register

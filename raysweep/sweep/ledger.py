@@ -162,11 +162,14 @@ def _adopt_finished(client: MlflowClient, state: dict, space: SearchSpace, sweep
 
 def _requeue_interrupted(state: dict) -> None:
     """Trials the study holds as running were cut off by the interruption: close them as failed in
-    Optuna and enqueue the same point again, so the resumed sweep re-runs them first."""
+    Optuna and enqueue the same point again, so the resumed sweep re-runs them first. A trial cut
+    while Optuna was still sampling it (it never reached Tune: no tune_trial_id) holds only part of a
+    point and never ran: it is closed, and the resumed sweep samples afresh."""
     try:
         study = optuna.load_study(study_name=state["study_name"], storage=state["optuna_storage"])
     except KeyError:
         return  # interrupted before Optuna asked for any point
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"raysweep_rerun_of": t.number})
+        if "tune_trial_id" in t.user_attrs:
+            study.enqueue_trial(t.params, user_attrs={"raysweep_rerun_of": t.number})

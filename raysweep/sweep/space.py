@@ -37,26 +37,42 @@ from raysweep.config import (
 )
 from raysweep.core.sections import Section
 from raysweep.errors import ConfigError
+from raysweep.evaluation import EVALUATIONS
+from raysweep.evaluation.report import MAXIMISED, eps_key, maximised, scalars_of
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "per_member")
-METRICS = ("clean_acc", "weighted_acc", "mean_uap_acc", "auc", "robust_acc")
+# Where each objective family comes from, for the error when a run config does not produce it.
+_SOURCE = {"weighted_acc": "eval.uap", "mean_uap_acc": "eval.uap", "uap_acc": "eval.uap", "auc": "eval.auc",
+           "robust_acc": "eval.attacks", "autoattack_acc": "eval.autoattack", "transfer_acc": "eval.transfer",
+           "cw_l2_acc": "eval.cw_l2", "jsma_acc": "eval.jsma", "worst_acc": "an attack at that norm and eps"}
 
 
 class Objective(Section):
-    metric: Literal[METRICS]
-    attack: Optional[str] = Field(None, description="robust_acc: the eval.attacks name")
-    eps: Optional[float] = Field(None, description="robust_acc: an eps of that attack's grid")
+    """A result to maximise, by its name in the evaluation report: either whole
+    (`robust_acc/pgd20/0.1`, `worst_acc/linf/0.1`) or as its parts. Accuracies only (a family named
+    `*_acc`, a plug-in's included, or `auc`): a failed or infeasible trial scores 0."""
+    metric: str
+    attack: Optional[str] = Field(None, description="robust_acc, transfer_acc: the eval.attacks / eval.transfer name")
+    norm: Optional[Literal["linf", "l2"]] = Field(None, description="worst_acc: the threat model (default linf)")
+    eps: Optional[float] = Field(None, description="robust_acc, uap_acc, autoattack_acc, transfer_acc, worst_acc")
 
     @property
     def key(self) -> str:
-        return f"robust_acc/{self.attack}/{self.eps}" if self.metric == "robust_acc" else self.metric
+        parts = [self.metric] + ([self.attack] if self.attack else [])
+        if self.metric == "worst_acc":
+            parts.append(self.norm or "linf")
+        return "/".join(parts + ([eps_key(self.eps)] if self.eps is not None else []))
+
+    @field_validator("metric")
+    @classmethod
+    def _an_accuracy(cls, metric: str) -> str:
+        if not maximised(metric):
+            raise ValueError(f"{metric!r} is not an accuracy to maximise (a *_acc result or auc), e.g. "
+                             f"{', '.join(MAXIMISED)}")
+        return metric
 
     def value(self, metrics: dict) -> float:
-        if self.metric == "auc":
-            return float(metrics["auc"]["value"])
-        if self.metric == "robust_acc":
-            return float(metrics["robust_acc"][self.attack][str(float(self.eps))])
-        return float(metrics[self.metric])
+        return scalars_of(metrics)[self.key]
 
 
 class AshaConfig(Section):
@@ -65,6 +81,21 @@ class AshaConfig(Section):
     metric: Literal["train_acc", "probe_acc"] = "train_acc"
     grace_period: int = Field(1, ge=1, description="epochs every trial runs")
     reduction_factor: float = Field(2.0, gt=1)
+
+
+def _objective_from_name(name: str) -> dict:
+    """`robust_acc/pgd20/0.1` -> {metric, attack, eps}; `worst_acc/l2/0.5` -> {metric, norm, eps}."""
+    metric, *rest = name.split("/")
+    out: dict = {"metric": metric}
+    if rest:
+        try:
+            out["eps"] = float(rest[-1])
+            rest = rest[:-1]
+        except ValueError:
+            pass
+    if rest:
+        out["norm" if metric == "worst_acc" else "attack"] = "/".join(rest)
+    return out
 
 
 class SearchConfig(Section):
@@ -85,7 +116,7 @@ class SearchConfig(Section):
     @classmethod
     def _objective_list(cls, v):
         items = v if isinstance(v, list) else [v]
-        return [{"metric": i} if isinstance(i, str) else i for i in items]
+        return [_objective_from_name(i) if isinstance(i, str) else i for i in items]
 
     @property
     def multi(self) -> bool:
@@ -237,19 +268,24 @@ def _check_bounds(p: Param, field, where: str) -> None:
                 raise ConfigError(f"{where}: {p.kind} {list(p.args)} reaches {v}, but {p.path} must be {op} {limit}")
 
 
+def produced_results(cfg: RunConfig) -> list[str]:
+    """The result names an evaluation of cfg reports (evaluation/report.py), before anything runs."""
+    names, flagged = ["clean_acc"], set()
+    for key, evaluation in EVALUATIONS.items():
+        section = getattr(cfg.eval, key)
+        if evaluation.enabled(section):
+            names += evaluation.names(section, cfg.eval, cfg.ensemble.k)
+            flagged |= evaluation.flagged(section)
+    return names + [f"worst_acc/{norm}/{eps_key(eps)}" for norm, eps in sorted(flagged)]
+
+
 def _check_objective(o: Objective, cfg: RunConfig) -> None:
-    e = cfg.eval
-    needs = {"weighted_acc": ("eval.uap", e.uap), "mean_uap_acc": ("eval.uap", e.uap), "auc": ("eval.auc", e.auc)}
-    if o.metric in needs and needs[o.metric][1] is None:
-        raise ConfigError(f"search.objective {o.metric} needs {needs[o.metric][0]} in the run config")
-    if o.metric == "robust_acc":
-        attacks = {a.name: a for a in e.attacks}
-        if o.attack not in attacks:
-            raise ConfigError(f"search.objective robust_acc: attack {o.attack!r} is not one of eval.attacks "
-                              f"{sorted(attacks)}")
-        if o.eps not in attacks[o.attack].eps:
-            raise ConfigError(f"search.objective robust_acc: eps {o.eps} is not in attack {o.attack!r}'s grid "
-                              f"{attacks[o.attack].eps}")
+    produced = produced_results(cfg)
+    if o.key not in produced:
+        family = [n for n in produced if n.split("/", 1)[0] == o.metric]
+        raise ConfigError(f"search.objective {o.key!r} is not a result of this run config: it needs "
+                          f"{_SOURCE.get(o.metric, o.metric)} in the run config"
+                          + (f" (it produces {', '.join(family)})" if family else ""))
 
 
 def load_search_space(path: str | Path, overrides: list[str] = (), root: str | Path | None = None) -> SearchSpace:

@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 
 from raysweep.config import RunConfig
 from raysweep.errors import UserError
+from raysweep.evaluation.report import scalars_of
 
 DEFAULT_EXPERIMENT = "raysweep"
 
@@ -121,20 +122,9 @@ def flat_params(raw: dict, prefix: str = "") -> dict[str, str]:
 
 
 def flat_metrics(metrics: dict) -> dict[str, float]:
-    """The scalar results of metrics.json under stable names (robust_acc/<attack>/<eps>, ...)."""
-    out = {k: float(metrics[k]) for k in ("clean_acc", "mean_uap_acc", "weighted_acc", "eval_seconds",
-                                          "total_seconds") if k in metrics}
-    for attack, curve in metrics.get("robust_acc", {}).items():
-        out.update({f"robust_acc/{attack}/{eps}": float(a) for eps, a in curve.items()})
-    out.update({f"uap_acc/{eps}": float(a) for eps, a in metrics.get("uap_acc", {}).items()})
-    if "auc" in metrics:
-        out["auc"] = float(metrics["auc"]["value"])
-    for name, value in metrics.get("diversity", {}).items():
-        if isinstance(value, (int, float)):
-            out[f"diversity/{name}"] = float(value)
-    for name, value in metrics.get("jacobian_sq_norm", {}).items():
-        if isinstance(value, (int, float)):
-            out[f"jacobian_sq_norm/{name}"] = float(value)
+    """A metrics.json's named results (evaluation/report.py) and the run's seconds, as MLflow metrics."""
+    out = scalars_of(metrics)
+    out.update({k: float(metrics[k]) for k in ("eval_seconds", "total_seconds") if k in metrics})
     if "train" in metrics:
         out["train_seconds"] = float(metrics["train"]["seconds"])
     return out

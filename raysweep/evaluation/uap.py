@@ -1,0 +1,44 @@
+"""eval.uap: the Jacobian Ensembles protocol: accuracy under the worst of `seeds` SGD-UAPs per eps
+(attacks/uap.py), their mean and the weighted accuracy w * clean + (1 - w) * mean UAP accuracy.
+Results uap_acc/<eps>, mean_uap_acc, weighted_acc; the chosen UAPs go to the report's artifacts."""
+from __future__ import annotations
+
+from typing import Optional
+
+from tqdm.auto import tqdm
+
+from raysweep.attacks.uap import UAPConfig, evaluate_uap
+from raysweep.evaluation.base import Evaluation, register
+from raysweep.evaluation.metrics import mean, weighted_accuracy
+from raysweep.evaluation.report import eps_key
+
+
+@register
+class UniversalPerturbations(Evaluation):
+    key, Config, default = "uap", Optional[UAPConfig], UAPConfig()
+
+    @classmethod
+    def names(cls, u, eval_cfg, k) -> list[str]:
+        return [f"uap_acc/{eps_key(e)}" for e in u.eps] + ["mean_uap_acc", "weighted_acc"]
+
+    def run(self, ctx, report) -> None:
+        u, ev, data = self.cfg, ctx.cfg.eval, ctx.data
+        craft = data.train if u.craft_on == "train" else data.test
+        with tqdm(total=u.iterations * len(u.eps), desc="UAP", unit="it", disable=not ctx.progress, leave=False,
+                  mininterval=1.0) as bar:
+            res = evaluate_uap(ctx.stacked_fn, craft, data.test, u, ctx.weights, ctx.how, ev.batch_size, ctx.device,
+                               ctx.cfg.seed, bar)
+        meta = {"attack": "uap", "objective": u.objective, "norm": "linf", "images": len(data.test),
+                "steps": u.iterations, "seeds": u.seeds}
+        for e, acc in res["acc"].items():
+            report.add(f"uap_acc/{eps_key(e)}", acc, eps=e, **meta)
+        clean = report.results["clean_acc"].value
+        report.add("mean_uap_acc", mean(res["acc"].values()), **meta)
+        report.add("weighted_acc", weighted_accuracy(clean, res["acc"], ev.weighted_acc_w), **meta)
+        report.details.update(
+            uap_acc={eps_key(e): a for e, a in res["acc"].items()}, mean_uap_acc=report.results["mean_uap_acc"].value,
+            weighted_acc=report.results["weighted_acc"].value, weighted_acc_w=ev.weighted_acc_w,
+            uap_protocol={"seeds": u.seeds, "iterations": u.iterations, "batch_size": u.batch_size,
+                          "craft_on": u.craft_on, "selection_size": min(u.selection_size, len(craft)),
+                          "objective": u.objective, "step_rule": u.step_rule})
+        report.artifacts["uap_deltas"] = res["deltas"]

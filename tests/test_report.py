@@ -1,0 +1,78 @@
+"""The typed evaluation report: named results, the per-image worst case, metrics.json schemas."""
+import pytest
+import torch
+
+from raysweep.attacks.pgd import AttackConfig, robust_accuracy
+from raysweep.errors import ConfigError, UserError
+from raysweep.evaluation.report import scalars_of
+from raysweep.run import evaluate
+from raysweep.sweep.space import Objective, _check_objective, produced_results
+from raysweep.tracking.runs import flat_metrics
+
+from conftest import make_cfg
+
+ATTACKS = [{"name": "pgd_ce", "eps": [0.05, 0.1], "steps": 5},
+           {"name": "pgd_cw", "eps": [0.1], "steps": 5, "objectives": ["cw_margin"], "random_start": False}]
+
+
+def test_worst_case_is_the_per_image_and_of_every_attack_at_an_eps(trained_synthetic):
+    _, data, ensemble = trained_synthetic
+    cfg = make_cfg(ensemble={"k": 3}, data={"train_size": 768, "test_size": 200},
+                   eval={"attacks": ATTACKS, "uap": None, "jacobian_samples": 0, "diversity_samples": 0})
+    report = evaluate(ensemble, data, cfg, progress=False)
+    s = report.scalars()
+    assert set(s) == set(produced_results(cfg))  # what the sweep checks objectives against is what runs
+    flags = [robust_accuracy(ensemble.stacked_logits, data.test, AttackConfig(**a), 0.1, ensemble.weights,
+                             "probability", cfg.eval.batch_size, "cpu", cfg.seed)[1] for a in ATTACKS]
+    assert s["robust_acc/pgd_ce/0.1"] == flags[0].sum().item() / len(flags[0])
+    by_hand = (flags[0] & flags[1]).sum().item() / len(flags[0])
+    assert s["worst_acc/linf/0.1"] == by_hand <= min(s["robust_acc/pgd_ce/0.1"], s["robust_acc/pgd_cw/0.1"])
+    assert s["worst_acc/linf/0.05"] == s["robust_acc/pgd_ce/0.05"]  # one attack there
+    worst = report.results["worst_acc/linf/0.1"]
+    assert worst.attack == "pgd_ce+pgd_cw" and worst.images == len(data.test)
+    r = report.results["robust_acc/pgd_cw/0.1"]
+    assert (r.objective, r.norm, r.eps, r.steps, r.seeds) == ("cw_margin", "linf", 0.1, 5, 1)
+    assert 0 <= s["calibration/ece"] <= 1 and s["calibration/nll"] > 0
+
+    metrics = report.to_json()
+    assert metrics["schema"] == 2 and scalars_of(metrics) == s
+    assert set(s) <= set(flat_metrics(metrics))  # every result reaches MLflow
+    assert metrics["robust_acc"]["pgd_ce"]["0.1"] == s["robust_acc/pgd_ce/0.1"]  # the details stay where they were
+
+
+def test_any_accuracy_of_the_report_is_a_sweep_objective_checked_before_trials():
+    cfg = make_cfg(eval={"attacks": ATTACKS, "autoattack": {"eps": [0.03]}})
+    for name in ("worst_acc/linf/0.1", "autoattack_acc/0.03", "robust_acc/pgd_cw/0.1", "worst_acc/linf/0.03"):
+        _check_objective(Objective(**_parts(name)), cfg)
+    with pytest.raises(ConfigError, match=r"'worst_acc/linf/0.2' is not a result of this run config: it needs an "
+                                          r"attack at that norm and eps .*worst_acc/linf/0.1"):
+        _check_objective(Objective(metric="worst_acc", eps=0.2), cfg)
+    with pytest.raises(ValueError, match="not an accuracy to maximise"):
+        Objective(metric="calibration/ece")
+
+
+def _parts(name):
+    from raysweep.sweep.space import _objective_from_name
+
+    return _objective_from_name(name)
+
+
+def test_metrics_json_of_schema_one_still_loads_and_a_newer_one_is_named():
+    old = {"clean_acc": 0.9, "robust_acc": {"pgd": {"0.1": 0.5}}, "uap_acc": {"0.1": 0.7}, "mean_uap_acc": 0.7,
+           "weighted_acc": 0.8, "auc": {"attack": "pgd", "eps_target": 0.1, "value": 0.6},
+           "diversity": {"output_ambiguity": 0.1, "samples": 500}}
+    assert scalars_of(old) == {"clean_acc": 0.9, "mean_uap_acc": 0.7, "weighted_acc": 0.8,
+                               "robust_acc/pgd/0.1": 0.5, "uap_acc/0.1": 0.7, "auc": 0.6,
+                               "diversity/output_ambiguity": 0.1}
+    with pytest.raises(UserError, match="metrics.json has schema 3; this raysweep reads schemas 1 and 2"):
+        scalars_of({"schema": 3, "results": {}})
+
+
+def test_ece_is_zero_when_confidence_matches_accuracy_and_counts_the_gap():
+    from raysweep.evaluation.calibration import expected_calibration_error
+
+    conf = torch.tensor([0.75] * 4 + [0.25] * 4)
+    correct = torch.tensor([1, 1, 1, 0, 1, 0, 0, 0], dtype=torch.bool)
+    assert expected_calibration_error(conf, correct, 10) == pytest.approx(0.0)
+    assert expected_calibration_error(torch.full((4,), 0.9), torch.tensor([1, 0, 0, 0]).bool(), 10) == \
+        pytest.approx(0.65)
