@@ -19,12 +19,8 @@ from raysweep.methods import METHODS, EnsembleMethod
 from raysweep.methods import register as register_method
 from raysweep.regularisers import REGULARISERS, Regulariser, register
 from raysweep.run import evaluate
-from raysweep.sweep.space import (
-    Objective,
-    _check_objective,
-    check_path,
-    produced_results,
-)
+from raysweep.sweep.objectives import Objective, check_objective, produced_results
+from raysweep.sweep.space import check_path
 from raysweep.tracking.runs import flat_metrics
 from raysweep.training.step import TrainStep
 from raysweep.training.trainer import build_members, fit
@@ -171,7 +167,7 @@ def test_an_evaluation_plugin_reaches_the_report_mlflow_and_sweep_objectives(plu
     cfg = make_cfg(ensemble={"k": 3}, data={"train_size": 768, "test_size": 200},
                    eval={"vote": {}, "uap": None, "jacobian_samples": 0, "diversity_samples": 0})
     assert "vote_acc" in produced_results(cfg)
-    _check_objective(Objective(metric="vote_acc"), cfg)  # a sweep may maximise it
+    check_objective(Objective(metric="vote_acc"), cfg)  # a sweep may maximise it
     report = evaluate(ensemble, data, cfg, progress=False)
     x, y = data.test.batch(torch.arange(len(data.test)))
     with torch.no_grad():

@@ -9,7 +9,13 @@ from conftest import repo_root
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raysweep.config import RunBase, apply_overrides, load_config, run_config_model, validate_config
+from raysweep.config import (
+    RunBase,
+    apply_overrides,
+    load_config,
+    run_config_model,
+    validate_config,
+)
 from raysweep.errors import ConfigError
 from raysweep.sweep.space import load_search_space
 

@@ -1,15 +1,14 @@
 """The typed evaluation report: named results, the per-image worst case, metrics.json schemas."""
 import pytest
 import torch
+from conftest import make_cfg
 
 from raysweep.attacks.pgd import AttackConfig, robust_accuracy
 from raysweep.errors import ConfigError, UserError
 from raysweep.evaluation.report import scalars_of
 from raysweep.run import evaluate
-from raysweep.sweep.space import Objective, _check_objective, produced_results
+from raysweep.sweep.objectives import Objective, check_objective, produced_results
 from raysweep.tracking.runs import flat_metrics
-
-from conftest import make_cfg
 
 ATTACKS = [{"name": "pgd_ce", "eps": [0.05, 0.1], "steps": 5},
            {"name": "pgd_cw", "eps": [0.1], "steps": 5, "objectives": ["cw_margin"], "random_start": False}]
@@ -43,18 +42,18 @@ def test_worst_case_is_the_per_image_and_of_every_attack_at_an_eps(trained_synth
 def test_any_accuracy_of_the_report_is_a_sweep_objective_checked_before_trials():
     cfg = make_cfg(eval={"attacks": ATTACKS, "autoattack": {"eps": [0.03]}})
     for name in ("worst_acc/linf/0.1", "autoattack_acc/0.03", "robust_acc/pgd_cw/0.1", "worst_acc/linf/0.03"):
-        _check_objective(Objective(**_parts(name)), cfg)
+        check_objective(Objective(**_parts(name)), cfg)
     with pytest.raises(ConfigError, match=r"'worst_acc/linf/0.2' is not a result of this run config: it needs an "
                                           r"attack at that norm and eps .*worst_acc/linf/0.1"):
-        _check_objective(Objective(metric="worst_acc", eps=0.2), cfg)
+        check_objective(Objective(metric="worst_acc", eps=0.2), cfg)
     with pytest.raises(ValueError, match="not an accuracy to maximise"):
         Objective(metric="calibration/ece")
 
 
 def _parts(name):
-    from raysweep.sweep.space import _objective_from_name
+    from raysweep.sweep.objectives import objective_from_name
 
-    return _objective_from_name(name)
+    return objective_from_name(name)
 
 
 def test_metrics_json_of_schema_one_still_loads_and_a_newer_one_is_named():

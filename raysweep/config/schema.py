@@ -85,7 +85,7 @@ class TrainBase(Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="snapshot ensembles always use the cyclic cosine schedule of SPEC section 1")
+        "constant", description="an ensemble method may bring its own (snapshot: cyclic cosine, methods/snapshot.py)")
     loss: Literal["member_ce", "ensemble_ce"] = Field(
         "member_ce", description="member_ce: sum_k CE(f_k) (members trained side by side); ensemble_ce: CE of the "
         "averaged probabilities (the ensemble trained as one model)")

@@ -1,1 +1,3 @@
-"""Sweeps: the search space (space.py) and the Ray Tune + Optuna driver (tune.py)."""
+"""Sweeps: the Ray Tune + Optuna driver (tune.py), what runs in each trial (trial.py), the sweep
+directory and its reconciliation with MLflow (ledger.py), the search space (space.py), objectives
+(objectives.py) and the summary (summary.py)."""

@@ -37,65 +37,15 @@ from raysweep.config import (
 )
 from raysweep.core.sections import Section
 from raysweep.errors import ConfigError
-from raysweep.evaluation import EVALUATIONS
-from raysweep.evaluation.report import MAXIMISED, eps_key, maximised, scalars_of
+from raysweep.sweep.objectives import Objective, check_objective, objective_from_name
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "per_member")
-# Where each objective family comes from, for the error when a run config does not produce it.
-_SOURCE = {"weighted_acc": "eval.uap", "mean_uap_acc": "eval.uap", "uap_acc": "eval.uap", "auc": "eval.auc",
-           "robust_acc": "eval.attacks", "autoattack_acc": "eval.autoattack", "transfer_acc": "eval.transfer",
-           "cw_l2_acc": "eval.cw_l2", "jsma_acc": "eval.jsma", "worst_acc": "an attack at that norm and eps"}
-
-
-class Objective(Section):
-    """A result to maximise, by its name in the evaluation report: either whole
-    (`robust_acc/pgd20/0.1`, `worst_acc/linf/0.1`) or as its parts. Accuracies only (a family named
-    `*_acc`, a plug-in's included, or `auc`): a failed or infeasible trial scores 0."""
-    metric: str
-    attack: Optional[str] = Field(None, description="robust_acc, transfer_acc: the eval.attacks / eval.transfer name")
-    norm: Optional[Literal["linf", "l2"]] = Field(None, description="worst_acc: the threat model (default linf)")
-    eps: Optional[float] = Field(None, description="robust_acc, uap_acc, autoattack_acc, transfer_acc, worst_acc")
-
-    @property
-    def key(self) -> str:
-        parts = [self.metric] + ([self.attack] if self.attack else [])
-        if self.metric == "worst_acc":
-            parts.append(self.norm or "linf")
-        return "/".join(parts + ([eps_key(self.eps)] if self.eps is not None else []))
-
-    @field_validator("metric")
-    @classmethod
-    def _an_accuracy(cls, metric: str) -> str:
-        if not maximised(metric):
-            raise ValueError(f"{metric!r} is not an accuracy to maximise (a *_acc result or auc), e.g. "
-                             f"{', '.join(MAXIMISED)}")
-        return metric
-
-    def value(self, metrics: dict) -> float:
-        return scalars_of(metrics)[self.key]
-
-
 class AshaConfig(Section):
     """Early stopping on a per-epoch reading (the objectives exist only after evaluation): the training
     accuracy, or the robustness probe of train.probe."""
     metric: Literal["train_acc", "probe_acc"] = "train_acc"
     grace_period: int = Field(1, ge=1, description="epochs every trial runs")
     reduction_factor: float = Field(2.0, gt=1)
-
-
-def _objective_from_name(name: str) -> dict:
-    """`robust_acc/pgd20/0.1` -> {metric, attack, eps}; `worst_acc/l2/0.5` -> {metric, norm, eps}."""
-    metric, *rest = name.split("/")
-    out: dict = {"metric": metric}
-    if rest:
-        try:
-            out["eps"] = float(rest[-1])
-            rest = rest[:-1]
-        except ValueError:
-            pass
-    if rest:
-        out["norm" if metric == "worst_acc" else "attack"] = "/".join(rest)
-    return out
 
 
 class SearchConfig(Section):
@@ -116,7 +66,7 @@ class SearchConfig(Section):
     @classmethod
     def _objective_list(cls, v):
         items = v if isinstance(v, list) else [v]
-        return [_objective_from_name(i) if isinstance(i, str) else i for i in items]
+        return [objective_from_name(i) if isinstance(i, str) else i for i in items]
 
     @property
     def multi(self) -> bool:
@@ -268,26 +218,6 @@ def _check_bounds(p: Param, field, where: str) -> None:
                 raise ConfigError(f"{where}: {p.kind} {list(p.args)} reaches {v}, but {p.path} must be {op} {limit}")
 
 
-def produced_results(cfg: RunConfig) -> list[str]:
-    """The result names an evaluation of cfg reports (evaluation/report.py), before anything runs."""
-    names, flagged = ["clean_acc"], set()
-    for key, evaluation in EVALUATIONS.items():
-        section = getattr(cfg.eval, key)
-        if evaluation.enabled(section):
-            names += evaluation.names(section, cfg.eval, cfg.ensemble.k)
-            flagged |= evaluation.flagged(section)
-    return names + [f"worst_acc/{norm}/{eps_key(eps)}" for norm, eps in sorted(flagged)]
-
-
-def _check_objective(o: Objective, cfg: RunConfig) -> None:
-    produced = produced_results(cfg)
-    if o.key not in produced:
-        family = [n for n in produced if n.split("/", 1)[0] == o.metric]
-        raise ConfigError(f"search.objective {o.key!r} is not a result of this run config: it needs "
-                          f"{_SOURCE.get(o.metric, o.metric)} in the run config"
-                          + (f" (it produces {', '.join(family)})" if family else ""))
-
-
 def load_search_space(path: str | Path, overrides: list[str] = (), root: str | Path | None = None) -> SearchSpace:
     """`root`: where the config's relative paths resolve (default the working directory; a resumed
     sweep passes the directory it was started in)."""
@@ -310,7 +240,7 @@ def load_search_space(path: str | Path, overrides: list[str] = (), root: str | P
         _check_bounds(params[-1], field, where)
     params.sort(key=lambda p: p.path != "ensemble.k")  # K first: per-member lists depend on it
     for o in search.objective:
-        _check_objective(o, base_cfg)
+        check_objective(o, base_cfg)
     if search.asha is not None and search.multi:
         raise ConfigError("search.asha stops trials on one metric; a Pareto search (several objectives) compares "
                           "finished trials only: drop search.asha or keep one objective")
