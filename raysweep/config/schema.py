@@ -16,6 +16,7 @@ import raysweep.methods  # noqa: F401  (registers the built-in methods)
 import raysweep.regularisers  # noqa: F401  (registers the built-in regularisers)
 from raysweep.attacks.adversarial import AdversarialTrainingConfig
 from raysweep.core.data import DataConfig
+from raysweep.core.ensemble import COMBINES
 from raysweep.core.models import ARCHS
 from raysweep.core.sections import Section
 from raysweep.evaluation.base import EVALUATIONS
@@ -45,7 +46,8 @@ class ModelConfig(Section):
 class EnsembleBase(Section):
     """ensemble: K members and how they combine; `method` (one of methods.METHODS) is added by compose()."""
     k: int = Field(3, ge=1)
-    combine: Literal["probability", "logit"] = "probability"
+    combine: Literal[COMBINES] = Field("probability", description="probability, logit (averages); vote (hard "
+                                       "majority), median (per class): how an attack meets them, docs/methods.md")
     weights: Optional[list[float]] = Field(None, description="convex weights, one per member; null = uniform")
 
     @field_validator("weights")
