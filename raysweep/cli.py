@@ -14,7 +14,7 @@ from raysweep.errors import UserError
 
 def _summary(metrics: dict, out: Path) -> str:
     """Every named result, one line per group: `robust_acc/pgd  0.1: 0.5120  0.2: 0.3010`."""
-    from raysweep.evaluation.report import scalars_of
+    from raysweep.evaluation.report import masking_flags_of, scalars_of
 
     groups: dict[str, list[tuple[str, float]]] = {}
     for name, value in scalars_of(metrics).items():
@@ -26,6 +26,7 @@ def _summary(metrics: dict, out: Path) -> str:
         groups.setdefault(head, []).append((last, value))
     lines = [f"{head:<28} " + "  ".join(f"{last}: {v:.4f}" if last else f"{v:.4f}" for last, v in values)
              for head, values in groups.items()]
+    lines += [f"MASKING FLAG {name}: {why}" for name, why in masking_flags_of(metrics).items()]
     lines.append(f"wrote {out / 'metrics.json'}")
     return "\n".join(lines)
 
@@ -70,6 +71,8 @@ def _cmd_sweep(args) -> int:
               + "  ".join(f"{k} {b[k]:.4f}" for k in dict.fromkeys([*s["objectives"], "clean_acc"]))
               + f"  (trial {b['trial_id']}, checkpoint {b['checkpoint']})")
         print(f"best params: {b['params']}")
+        if b.get("masking_flags"):
+            print(f"MASKING FLAGS on the best trial: {', '.join(b['masking_flags'])} (see its metrics.json)")
     if "registered" in s:
         r = s["registered"]
         print(f"registered {r['name']} v{r['version']}; champion {'moved' if r['champion'] else 'kept'}: {r['reason']}")

@@ -75,3 +75,55 @@ def test_ece_is_zero_when_confidence_matches_accuracy_and_counts_the_gap():
     assert expected_calibration_error(conf, correct, 10) == pytest.approx(0.0)
     assert expected_calibration_error(torch.full((4,), 0.9), torch.tensor([1, 0, 0, 0]).bool(), 10) == \
         pytest.approx(0.65)
+
+
+class _Quantised(torch.nn.Module):
+    """A member behind input quantisation: its input gradient is zero everywhere (masked)."""
+
+    def __init__(self, member):
+        super().__init__()
+        self.member = member
+
+    def forward(self, x, part="logits"):
+        return self.member((x * 4).round() / 4, part)
+
+
+def test_masking_checks_flag_a_gradient_masked_ensemble_and_not_a_plain_one(trained_synthetic, tmp_path):
+    from raysweep.core.ensemble import Ensemble
+    from raysweep.evaluation.masking import curve_flags
+
+    _, data, ensemble = trained_synthetic
+    cfg = make_cfg(ensemble={"k": 3}, data={"train_size": 768, "test_size": 200},
+                   eval={"attacks": [{"name": "pgd", "eps": [0.05, 0.1], "steps": 5}], "masking_checks": {},
+                         "uap": None, "jacobian_samples": 0, "diversity_samples": 0})
+    plain = evaluate(ensemble, data, cfg, progress=False)
+    assert plain.masking == {}
+    masked = Ensemble([_Quantised(m) for m in ensemble.members], ensemble.weights)
+    report = evaluate(masked, data, cfg, progress=False)
+    assert {"vanishing_gradients", "above_chance_at_large_eps"} <= set(report.masking)
+    metrics = report.to_json()
+    assert set(metrics["masking_flags"]) == set(report.masking)
+
+    # Curves: accuracy rising with eps beyond noise, and step doubling stopped while still falling.
+    details = {"robust_acc": {"a": {"0.1": 0.30, "0.2": 0.45}, "b": {"0.1": 0.30, "0.2": 0.31}},
+               "attacks": {"a": {"per_eps": {"0.1": {"converged": False, "history": [[10, 0.4], [20, 0.3]]}}}}}
+    assert set(curve_flags(details, 500)) == {"rises_with_eps:a", "not_converged:a/0.1"}
+
+
+def test_masking_flags_become_mlflow_tags(tmp_path):
+    from mlflow import MlflowClient
+
+    from raysweep.tracking.runs import experiment_id, log_results
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    metrics = {"schema": 2, "clean_acc": 0.9, "results": {"clean_acc": {"value": 0.9}}, "masking_checks": {},
+               "masking_flags": {"vanishing_gradients": "90% of 200 images"}}
+    flagged = client.create_run(experiment_id("t", uri)).info.run_id
+    log_results(client, flagged, tmp_path, metrics)
+    clean = client.create_run(experiment_id("t", uri)).info.run_id
+    log_results(client, clean, tmp_path, {**metrics, "masking_flags": {}})
+    tags = client.get_run(flagged).data.tags
+    assert tags["raysweep.masking"] == "vanishing_gradients"
+    assert tags["raysweep.masking.vanishing_gradients"] == "90% of 200 images"
+    assert client.get_run(clean).data.tags["raysweep.masking"] == "none"

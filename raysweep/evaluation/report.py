@@ -52,12 +52,17 @@ class EvalReport:
     results: dict[str, Result] = field(default_factory=dict)
     details: dict = field(default_factory=dict)  # the protocol, per evaluation, JSON-ready
     artifacts: dict = field(default_factory=dict)  # tensors for pictures and files (the chosen UAPs)
+    masking: dict[str, str] = field(default_factory=dict)  # flag -> why (evaluation/masking.py)
     _flags: dict = field(default_factory=dict)  # (norm, eps) -> [(source, robust flags of the first N test images)]
 
     def add(self, name: str, value: float, **meta) -> None:
         if name in self.results:
             raise ValueError(f"evaluation result {name!r} reported twice")
         self.results[name] = Result(name, float(value), **meta)
+
+    def flag(self, name: str, why: str) -> None:
+        """A sign that the evaluation overestimates robustness (gradient masking)."""
+        self.masking[name] = why
 
     def robust_flags(self, norm: str, eps: float, source: str, flags: torch.Tensor) -> None:
         """Per-image robustness of the first len(flags) test images under `source` at (norm, eps)."""
@@ -76,7 +81,7 @@ class EvalReport:
         return {name: r.value for name, r in self.results.items()}
 
     def to_json(self) -> dict:
-        return {"schema": SCHEMA, **self.details,
+        return {"schema": SCHEMA, **self.details, "masking_flags": dict(self.masking),
                 "results": {name: {k: v for k, v in asdict(r).items() if k != "name" and v is not None}
                             for name, r in self.results.items()}}
 
@@ -90,6 +95,11 @@ def scalars_of(metrics: dict) -> dict[str, float]:
         return _schema1_scalars(metrics)
     raise UserError(f"metrics.json has schema {schema!r}; this raysweep reads schemas 1 and {SCHEMA} (a newer "
                     "raysweep wrote it: upgrade)")
+
+
+def masking_flags_of(metrics: dict) -> dict[str, str]:
+    """The masking flags of a metrics.json (none before schema 2)."""
+    return dict(metrics.get("masking_flags") or {})
 
 
 def _schema1_scalars(metrics: dict) -> dict[str, float]:

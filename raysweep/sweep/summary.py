@@ -5,6 +5,7 @@ import json
 
 from raysweep import plots
 from raysweep.config import dump_config, validate_config
+from raysweep.evaluation.report import masking_flags_of
 from raysweep.tracking.registry import register as register_model
 from raysweep.tracking.runs import (
     flat_metrics,
@@ -27,7 +28,8 @@ def _summarise(space, state, records, sweep_dir, client, keys, seconds, interrup
                "objectives": keys, "storage": state["storage"], "optuna_storage": state["optuna_storage"],
                "study_name": state["study_name"], "mlflow_parent_run_id": parent_id, "dir": str(sweep_dir),
                "finished_trials": [{**{k: r[k] for k in (*keys, "clean_acc", "trial_id", "params", "checkpoint")},
-                                    "storage": r.get("storage"), "seconds": r["metrics"].get("total_seconds")}
+                                    "storage": r.get("storage"), "seconds": r["metrics"].get("total_seconds"),
+                                    "masking_flags": sorted(masking_flags_of(r["metrics"]))}
                                    for r in rows]}
     if rows:
         if s.multi:
@@ -38,7 +40,8 @@ def _summarise(space, state, records, sweep_dir, client, keys, seconds, interrup
             best = max(rows, key=lambda r: r[keys[0]])
         best_cfg = validate_config({**space.trial_config(best["params"]), "name": f"{space.name}-best"})
         summary["best"] = {**{k: best[k] for k in (*keys, "clean_acc", "trial_id", "mlflow_run_id", "params",
-                                                   "checkpoint")}, "storage": best.get("storage")}
+                                                   "checkpoint")}, "storage": best.get("storage"),
+                           "masking_flags": sorted(masking_flags_of(best["metrics"]))}
         (sweep_dir / "best.yaml").write_text(
             f"# best trial {best['trial_id']}: checkpoint {best['checkpoint']}"
             + (f", also at {best['storage']}" if best.get("storage") else "") + "\n" + dump_config(best_cfg))

@@ -15,12 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from raysweep.config import RunConfig
 from raysweep.errors import UserError
-from raysweep.evaluation.report import scalars_of
+from raysweep.evaluation.report import masking_flags_of, scalars_of
 
 DEFAULT_EXPERIMENT = "raysweep"
 
@@ -138,7 +138,10 @@ def log_results(client, run_id: str, out: Path, metrics: dict, logged_epochs: in
     history = [Metric(f"train/{k}", float(v), now, int(row["epoch"])) for row in rows
                for k, v in row.items() if k != "epoch"]
     final = [Metric(k, v, now, 0) for k, v in flat_metrics(metrics).items()]
-    client.log_batch(run_id, metrics=history + final)
+    flags = masking_flags_of(metrics)  # shown in the runs table: a flagged number is not to be trusted
+    tags = [RunTag("raysweep.masking", ", ".join(sorted(flags)) or "none")] if "masking_checks" in metrics else []
+    tags += [RunTag(f"raysweep.masking.{name}"[:250], why[:5000]) for name, why in flags.items()]
+    client.log_batch(run_id, metrics=history + final, tags=tags)
     for name in ("metrics.json", "config.yaml", "acc_vs_eps.png", "uap.png"):
         if (out / name).is_file():
             client.log_artifact(run_id, str(out / name))
