@@ -1,4 +1,4 @@
-"""Adversarial examples for training (SPEC sections 2-3).
+"""Adversarial examples for training (the robust-ensembles and Ensemble-Adv papers).
 
 ensemble_examples: Ensemble-Adv. Start at x + N(0, sigma^2 I), then N steps on the loss of the
     AVERAGED ensemble, CE(y, (1/K) sum_k softmax(m_k(x~))), projected to the eps ball around x
@@ -31,7 +31,7 @@ class AdversarialTrainingConfig(Section):
     step_size: Optional[float] = Field(None, gt=0, description="null: 2.5 * eps / steps")
     step_rule: Literal["sign", "adam"] = Field("sign", description="sign = IFGSM/PGD sign steps; adam = Adam steps")
     start: Optional[Literal["none", "uniform", "gaussian"]] = Field(
-        None, description="null: gaussian for mode ensemble (SPEC section 3), uniform for member")
+        None, description="null: gaussian for mode ensemble (the Ensemble-Adv paper), uniform for member")
     sigma: Optional[float] = Field(None, ge=0, description="std of the gaussian start; null: eps / 2")
     clean: Optional[bool] = Field(None, description="add the clean loss; null: true for ensemble, false for member")
     rho: float = Field(1.0, ge=0, description="weight of the adversarial loss")

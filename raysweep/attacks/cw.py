@@ -18,7 +18,7 @@ from raysweep.core.sections import Section
 
 
 class CWL2Config(Section):
-    """Carlini & Wagner L2 (attacks/cw.py); SPEC section 4: learning rate 0.001, 1000 steps."""
+    """Carlini & Wagner L2 (attacks/cw.py); the PDD + DEG paper: learning rate 0.001, 1000 steps."""
     learning_rate: float = Field(0.001, gt=0)
     max_iter: int = Field(1000, ge=1)
     binary_search_steps: int = Field(5, ge=1)

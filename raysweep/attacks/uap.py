@@ -1,4 +1,4 @@
-"""SGD-UAP (SPEC section 1): one perturbation for all inputs, many random starts optimised
+"""SGD-UAP (the Jacobian Ensembles paper): one perturbation for all inputs, many random starts optimised
 together as one batch, worst case kept.
 
 All seeds see the same crafting batches and differ by their random start, so the batched run

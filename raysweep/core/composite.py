@@ -1,4 +1,4 @@
-"""Meta-composites (SPEC section 2, Saligrama & Leclerc): a robust network (PGD-trained at eps)
+"""Meta-composites (the robust-ensembles paper, Saligrama & Leclerc): a robust network (PGD-trained at eps)
 and a natural one, both frozen; their last hidden features are concatenated and only a new last
 linear layer is trained (PGD at eps, through train.adversarial). Composite k pairs member k of the
 robust checkpoint with member k of the natural one; ensemble.weights (e.g. [0.9, 0.1]) combine them.

@@ -1,4 +1,4 @@
-"""eval.diversity_samples: the diversity metrics of SPEC section 4 on the first test images, each
+"""eval.diversity_samples: the diversity metrics of the PDD + DEG paper on the first test images, each
 a function of stacked member outputs. Results diversity/<metric> (ensembles of K >= 2)."""
 from __future__ import annotations
 

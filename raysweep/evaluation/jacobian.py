@@ -10,7 +10,7 @@ from raysweep.evaluation.base import Evaluation, register
 
 def ensemble_jacobian_norms(stacked_fn, x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ||J||_F^2 per sample of each member [K,B] and of the convex combination of logits
-    F = sum_k c_k f_k [B], whose Jacobian is J_F = sum_k c_k J_k (SPEC section 1)."""
+    F = sum_k c_k f_k [B], whose Jacobian is J_F = sum_k c_k J_k (the Jacobian Ensembles paper)."""
     x = x.detach().requires_grad_(True)
     stacked = stacked_fn(x)  # [K,B,C], shared input
     k, b, c = stacked.shape

@@ -1,4 +1,4 @@
-"""Scalar metrics of SPEC sections 1-2, as plain functions of accuracies."""
+"""Scalar metrics of the Jacobian Ensembles and robust-ensembles papers, as plain functions of accuracies."""
 from __future__ import annotations
 
 from typing import Mapping

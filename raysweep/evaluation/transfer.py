@@ -1,4 +1,4 @@
-"""eval.transfer: black-box transfer (SPEC section 4). raysweep trains a surrogate ensemble from
+"""eval.transfer: black-box transfer (the PDD + DEG paper). raysweep trains a surrogate ensemble from
 this run's own config with another architecture, crafts adversarial examples on it, and measures
 the target ensemble on them. Type I (oblivious): the surrogate drops every defence (adversarial
 training, an ensemble loss, and every regulariser registered as a defence); type II (adaptive): it

@@ -1,4 +1,4 @@
-"""Snapshot ensembles (SPEC section 1): one network trained with a cyclic cosine learning rate;
+"""Snapshot ensembles (the Jacobian Ensembles paper): one network trained with a cyclic cosine learning rate;
 the weights at the end of each of the K cycles are the K members."""
 from __future__ import annotations
 

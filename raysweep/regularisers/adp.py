@@ -1,4 +1,4 @@
-"""ADP, Adaptive Diversity Promoting (Pang et al. 2019), the baseline of SPEC section 4:
+"""ADP, Adaptive Diversity Promoting (Pang et al. 2019), the baseline of the PDD + DEG paper:
 L = L_ECE - alpha * H(mean prediction) - beta * log det(M^T M + offset * I),
 M's columns are the members' predictions with the true class removed, normalised to unit length.
 """

@@ -1,4 +1,4 @@
-"""Dispersed Ensemble Gradients (SPEC section 4): L_g = sum_{i<j} cos(g_i, g_j), averaged over
+"""Dispersed Ensemble Gradients (the PDD + DEG paper): L_g = sum_{i<j} cos(g_i, g_j), averaged over
 the batch, with g_k = d CE(f_k(x), y) / d x per sample.
 
 The gradients come from the same forward that gives the CE loss (inputs copied per member so one

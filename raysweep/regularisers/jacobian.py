@@ -1,4 +1,4 @@
-"""Jacobian regularisation (SPEC section 1).
+"""Jacobian regularisation (the Jacobian Ensembles paper).
 
 The penalty added to each member's loss is (lambda_JR / 2) * mean_i ||J(x_i)||_F^2, the full
 squared Frobenius norm halved by the 1/2 in front, with J = d logits / d x. The estimator is
@@ -24,7 +24,7 @@ from raysweep.regularisers.base import Regulariser, StepOutputs, register
 
 
 class JacobianRegConfig(Section):
-    lambda_jr: float = Field(0.0, ge=0, le=2, description="SPEC section 1: L = CE + lambda_jr/2 * mean ||J||_F^2")
+    lambda_jr: float = Field(0.0, ge=0, le=2, description="L = CE + lambda_jr/2 * mean ||J||_F^2")
     n_proj: int = Field(1, ge=1)
     exact: bool = Field(False, description="exact ||J||_F^2 with C backward passes (tests, tiny models)")
     estimator: Literal["double_backward", "forward_mode"] = Field(

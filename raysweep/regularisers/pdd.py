@@ -1,4 +1,4 @@
-"""Priority Diversified Dropout (SPEC section 4), on the last hidden layer, during training only.
+"""Priority Diversified Dropout (the PDD + DEG paper), on the last hidden layer, during training only.
 
 From all K members' activations over the statistics period: the range [u, v] split into M equal
 intervals; N[k, m] = member k's values in interval m; intervals sorted by their total count

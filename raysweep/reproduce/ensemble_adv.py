@@ -1,4 +1,4 @@
-"""Ensemble-Adv (SPEC section 3): is an ensemble adversarially trained as one model (Ensemble2Adv)
+"""Ensemble-Adv: is an ensemble adversarially trained as one model (Ensemble2Adv)
 more robust than its members trained alone (Separate2Adv) or one model of the same size (DoubleAdv),
 under every attack objective and with the attack run to convergence?"""
 from __future__ import annotations

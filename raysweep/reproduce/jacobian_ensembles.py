@@ -1,4 +1,4 @@
-"""Jacobian Ensembles (SPEC section 1): does JR + ensembling beat either alone on weighted accuracy,
+"""Jacobian Ensembles: does JR + ensembling beat either alone on weighted accuracy,
 and does the ensemble's mean ||J||_F^2 fall as K grows?"""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PDD + DEG (SPEC section 4): do priority diversified dropout and dispersed ensemble gradients make a
+"""PDD + DEG: do priority diversified dropout and dispersed ensemble gradients make a
 K = 3 ensemble more robust and more diverse than its baseline and ADP, and at what cost per epoch?"""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Robust ensembles (SPEC section 2): do K members PGD-trained at alpha match the robustness of one
+"""Robust ensembles: do K members PGD-trained at alpha match the robustness of one
 model trained at eps_target ~ 2 * alpha, with higher clean accuracy? And how do natural and robust
 accuracy move as K grows?"""
 from __future__ import annotations

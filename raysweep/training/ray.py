@@ -8,8 +8,9 @@ Roles:
   (PDD intervals and priorities, DEG cosines, the Ensemble-Adv input, snapshot times) are computed
   from the same gathered bytes on every rank, so they agree with no extra round trip.
 - `Reporter`: every rank holds one (all ranks call ray.train.report, a barrier); rank 0's writes the
-  trainer state (schedule position, random stream, PDD statistics, the method's snapshots) into every checkpoint next to each rank's member weights and optimiser
-  state, and reports the epoch metrics. On a restart every rank restores from that checkpoint.
+  trainer state (schedule position, random stream, PDD statistics, the method's snapshots) into
+  every checkpoint next to each rank's member weights and optimiser state, and reports the epoch
+  metrics. On a restart every rank restores from that checkpoint.
 - `fit_on_ray`, in the calling process: checks the cluster can hold the workers (fail fast, no
   hang), starts the run, and assembles the Ensemble from the final checkpoint.
 """

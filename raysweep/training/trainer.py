@@ -82,7 +82,8 @@ class Trainer:
         self.weights = torch.tensor(cfg.ensemble.weights) if cfg.ensemble.weights else None
         # The configured weights combine the K members; networks that are not the members (one network
         # whose snapshots are the members) train with uniform weights.
-        train_weights = self.weights if self.weights is not None and self.n_train == k else uniform_weights(self.n_train)
+        own = self.weights is not None and self.n_train == k
+        train_weights = self.weights if own else uniform_weights(self.n_train)
         self.step = TrainStep(cfg, executor, train_weights, generator(cfg.seed, "step", device=executor.device))
         # Logged loss per member for member_ce (a sum over members), else the ensemble's loss itself.
         self.loss_scale = self.n_train if cfg.train.loss == "member_ce" else 1
