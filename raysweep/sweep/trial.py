@@ -47,9 +47,10 @@ def _last_report(metrics: dict, checkpoint_dir: Path | None = None) -> None:
 
 
 def _quiet_interrupts(unraisable) -> None:
-    """A sweep stopped by Ctrl-C or SIGTERM interrupts its trials wherever they are, finalizers included;
-    Python would print that KeyboardInterrupt as an 'Exception ignored' traceback on the user's terminal."""
-    if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+    """A sweep stopped by Ctrl-C or SIGTERM interrupts its trials wherever they are, finalizers included:
+    a KeyboardInterrupt, or the SystemExit that Ray's SIGTERM handler raises in a trial process it stops.
+    Python would print either as an 'Exception ignored' traceback on the user's terminal."""
+    if not issubclass(unraisable.exc_type, (KeyboardInterrupt, SystemExit)):
         sys.__unraisablehook__(unraisable)
 
 
