@@ -39,12 +39,12 @@ def test_killing_the_worker_node_retries_its_trial_and_keeps_finished_ones(tmp_p
     out = _run(tmp_path, "kill")
     if not out.get("killed"):
         pytest.fail("the worker node was never running a trial while another had finished")
-    assert out["summary"] == {"trials": 4, "finished": 4, "failed": 0}
+    assert out["summary"] == {"trials": 6, "finished": 6, "failed": 0}
     runs = {r["id"]: r for r in out["runs"]}
     for run_id in out["finished_before_kill"]:  # results finished before the kill are all still there
         assert runs[run_id]["status"] == "FINISHED" and runs[run_id]["clean_acc"] is not None
     finished = [r for r in out["runs"] if r["status"] == "FINISHED"]
-    assert len({r["trial"] for r in finished}) == 4
+    assert len({r["trial"] for r in finished}) == 6
     for run_id in out["killed"]:  # the run that died with the node is FAILED, and its trial finished elsewhere
         r = runs[run_id]
         assert r["status"] == "FAILED" and r["node"] == out["dead_node"]
