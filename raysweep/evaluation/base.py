@@ -81,4 +81,4 @@ class Evaluation:
         return set()
 
     def run(self, ctx: EvalContext, report) -> None:
-        raise NotImplementedError
+        raise NotImplementedError(f"evaluation {type(self).__name__} (eval.{self.key}) defines no run()")
