@@ -73,6 +73,10 @@ def _cmd_sweep(args) -> int:
         print(f"best params: {b['params']}")
         if b.get("masking_flags"):
             print(f"MASKING FLAGS on the best trial: {', '.join(b['masking_flags'])} (see its metrics.json)")
+    for c in s.get("champion_candidates", []):
+        print(f"candidate trial {c['trial_id']}: {c['objective']} {c['objective_value']:.4f}, {c['strong_objective']} "
+              f"{c['strong_value']:.4f}" + (f", MASKING FLAGS: {', '.join(c['masking_flags'])}" if c['masking_flags']
+                                            else ""))
     if "registered" in s:
         r = s["registered"]
         print(f"registered {r['name']} v{r['version']}; champion {'moved' if r['champion'] else 'kept'}: {r['reason']}")

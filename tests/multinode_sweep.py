@@ -33,6 +33,7 @@ SPACE = {
     "train": {"epochs": 4, "optimizer": "adam", "lr": 0.001},
     "eval": {"uap": None, "jacobian_samples": 0, "diversity_samples": 0},
     "search": {"objective": "clean_acc", "samples": 4, "seed": 0, "trial_cpus": 1, "max_failures": 2,
+               "champion": {"top": 1, "protocol": {"level": "quick", "eps": [0.1], "samples": 32}},
                "params": {"train.lr": {"loguniform": [0.0005, 0.005]}}},
 }
 

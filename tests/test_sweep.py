@@ -33,6 +33,8 @@ BASE = {
              "jacobian_samples": 0, "diversity_samples": 0},
 }
 SEARCH = {"objective": "weighted_acc", "samples": 3, "seed": 7, "color_by": "train.jr.lambda_jr",
+          # --register re-evaluates the top two under a cheap protocol (the strong one is test_protocol's)
+          "champion": {"top": 2, "protocol": {"level": "quick", "eps": [0.1], "samples": 64}},
           "params": {"train.jr.lambda_jr": {"loguniform": [0.001, 1.0]},
                      "ensemble.method": {"choice": ["bagging", "independent"]}}}
 

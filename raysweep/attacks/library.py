@@ -55,7 +55,8 @@ def _arrays(split: Split, n: int | None):
     return x.numpy(), y.numpy()
 
 
-def _make(name: str, clf, eps: float, cfg: AutoAttackConfig, batch_size: int):
+def make_attack(name: str, clf, eps: float, cfg: AutoAttackConfig, batch_size: int):
+    """ART's APGD-CE, APGD-DLR or Square at eps, with cfg's norm, iterations and queries."""
     from art.attacks.evasion import AutoProjectedGradientDescent, SquareAttack
 
     norm = np.inf if cfg.norm == "linf" else 2
@@ -81,7 +82,7 @@ def autoattack(model: nn.Module, split: Split, cfg: AutoAttackConfig, num_classe
         for name in cfg.attacks:
             idx = np.flatnonzero(robust)
             if len(idx) and eps > 0:
-                x_adv = _make(name, clf, eps, cfg, batch_size).generate(x[idx], y=y[idx])
+                x_adv = make_attack(name, clf, eps, cfg, batch_size).generate(x[idx], y=y[idx])
                 robust[idx] = clf.predict(x_adv, batch_size=batch_size).argmax(1) == y[idx]
             after[name] = float(robust.mean())
         out[str(eps)] = {"acc": float(robust.mean()), "after": after}

@@ -7,11 +7,15 @@ mean_member_ce  sum_k c_k CE(f_k, y): every member attacked through its own loss
 mora            ensemble-adaptive: CE of a per-sample re-weighting of the members, the weight moved
                 each iteration to the members that still classify the sample correctly, nearest
                 their decision boundary first (after MORA, Yu et al. NeurIPS'22), mixed with ce_prob
+member_dlr      ensemble-adaptive: sum_k c_k of each member's DLR loss on its own logits (Croce & Hein's
+                difference of logits ratio, -(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3)): scale-free, so
+                a member whose softmax saturates (gradient masking by large logits) still has a
+                gradient, and each member is pushed over its own boundary, not only the likeliest one
 minmax_ce       ensemble-adaptive: a soft minimum over members of their CE, i.e. the loss under the
                 member weighting least favourable to the attacker, so the attack cannot stop at
                 fooling the easy members (a min-max objective over members, as in TAMOO)
 
-The last three see the members, not only the combined output: they are how a hard vote (whose
+The last four see the members, not only the combined output: they are how a hard vote (whose
 counts have no gradient) or a median is attacked, besides cw_margin on the combine's own scores.
 """
 from __future__ import annotations
@@ -75,8 +79,16 @@ def minmax_ce(stacked, y, weights, how="probability"):
     return -t * torch.logsumexp(-_member_ce(stacked, y) / t + weights.to(stacked).view(-1, 1).log(), dim=0)
 
 
+def member_dlr(stacked, y, weights, how="probability"):
+    if stacked.shape[-1] < 3:  # DLR needs a third class; with two, the margin alone (CW's loss)
+        return (weights.to(stacked).view(-1, 1) * -_margins(stacked, y)).sum(0)
+    top = stacked.sort(dim=-1, descending=True).values
+    scale = (top[..., 0] - top[..., 2]).clamp_min(1e-12)
+    return (weights.to(stacked).view(-1, 1) * -_margins(stacked, y) / scale).sum(0)
+
+
 OBJECTIVES = {"ce_prob": ce_prob, "ce_logit": ce_logit, "cw_margin": cw_margin, "mean_member_ce": mean_member_ce,
-              "mora": mora, "minmax_ce": minmax_ce}
+              "mora": mora, "minmax_ce": minmax_ce, "member_dlr": member_dlr}
 
 
 def get_objective(name: str):

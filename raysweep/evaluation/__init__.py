@@ -4,7 +4,7 @@ named results to the typed EvalReport (report.py). The protocol that runs them i
 # The order of registration is the order in which they run.
 # isort: off
 from raysweep.evaluation import robust, uap, auc, transfer, cw, autoattack, jsma, diversity, jacobian  # noqa: F401
-from raysweep.evaluation import calibration, masking  # noqa: F401
+from raysweep.evaluation import calibration, minnorm, protocol, masking  # noqa: F401
 # isort: on
 from raysweep.evaluation.base import EVALUATIONS, EvalContext, Evaluation, register
 from raysweep.evaluation.report import EvalReport, Result, scalars_of

@@ -22,11 +22,11 @@ SCHEMA = 2
 # The built-in results a sweep may maximise: accuracies (families named *_acc) and AUC. The rest
 # (norms, ECE, NLL, seconds) are reported, not searched.
 MAXIMISED = ("clean_acc", "weighted_acc", "mean_uap_acc", "auc", "robust_acc", "uap_acc", "worst_acc",
-             "autoattack_acc", "transfer_acc", "cw_l2_acc", "jsma_acc")
+             "autoattack_acc", "transfer_acc", "cw_l2_acc", "jsma_acc", "protocol_acc", "minnorm_acc", "minnorm_auc")
 
 
 def maximised(family: str) -> bool:
-    return family.endswith("_acc") or family == "auc"
+    return family.endswith(("_acc", "_auc")) or family == "auc"
 
 
 def eps_key(eps: float) -> str:

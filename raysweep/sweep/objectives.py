@@ -16,7 +16,8 @@ from raysweep.evaluation.report import MAXIMISED, eps_key, maximised, scalars_of
 # Where each objective family comes from, for the error when a run config does not produce it.
 _SOURCE = {"weighted_acc": "eval.uap", "mean_uap_acc": "eval.uap", "uap_acc": "eval.uap", "auc": "eval.auc",
            "robust_acc": "eval.attacks", "autoattack_acc": "eval.autoattack", "transfer_acc": "eval.transfer",
-           "cw_l2_acc": "eval.cw_l2", "jsma_acc": "eval.jsma", "worst_acc": "an attack at that norm and eps"}
+           "cw_l2_acc": "eval.cw_l2", "jsma_acc": "eval.jsma", "worst_acc": "an attack at that norm and eps",
+           "protocol_acc": "eval.protocol", "minnorm_acc": "eval.min_norm", "minnorm_auc": "eval.min_norm"}
 
 
 class Objective(Section):

@@ -37,6 +37,7 @@ from raysweep.config import (
 )
 from raysweep.core.sections import Section
 from raysweep.errors import ConfigError
+from raysweep.sweep.champion import ChampionConfig
 from raysweep.sweep.objectives import Objective, check_objective, objective_from_name
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "per_member")
@@ -61,6 +62,8 @@ class SearchConfig(Section):
                               "FailureConfig); an error raised by the trial's own code is recorded, not retried")
     asha: Optional[AshaConfig] = None
     color_by: Optional[str] = Field(None, description="parameter colouring the trade-off plot; default the first")
+    champion: ChampionConfig = Field(ChampionConfig(), description="--register: candidates re-evaluated under a "
+                                     "strong protocol before one is registered")
 
     @field_validator("objective", mode="before")
     @classmethod

@@ -6,7 +6,9 @@ import json
 from raysweep import plots
 from raysweep.config import dump_config, validate_config
 from raysweep.evaluation.report import masking_flags_of
+from raysweep.sweep.champion import strong_figures
 from raysweep.tracking.registry import register as register_model
+from raysweep.tracking.registry import resolve_checkpoint
 from raysweep.tracking.runs import (
     flat_metrics,
 )
@@ -51,14 +53,29 @@ def _summarise(space, state, records, sweep_dir, client, keys, seconds, interrup
         client.log_metric(parent_id, f"best/{keys[0]}", best[keys[0]])
     client.log_metric(parent_id, "trials_finished", len(rows))
     if rows and state["register"] and not interrupted:  # the checkpoint comes from MLflow, not from a node
-        summary["registered"] = register_model(state["register"], best["checkpoint"], best["mlflow_run_id"],
-                                               state["tracking_uri"], keys[0], best[keys[0]])
+        summary["champion_candidates"], summary["registered"] = _register(
+            space, state, _pareto(rows, keys) if s.multi else rows, keys[0], sweep_dir)
     if interrupted:
         summary["closed_runs"] = closed
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     client.log_artifact(parent_id, str(sweep_dir / "summary.json"))
     client.set_terminated(parent_id, {"interrupted": "KILLED", "failed": "FAILED"}.get(summary["status"], "FINISHED"))
     return summary
+
+
+def _register(space, state, rows, key, sweep_dir) -> tuple[list[dict], dict]:
+    """Re-evaluate the top candidates under the strong protocol (sweep/champion.py) and register the
+    best of them by it, with both figures and its masking flags."""
+    uri = state["tracking_uri"]
+
+    def resolve(checkpoint):
+        return resolve_checkpoint(checkpoint, uri) if str(checkpoint).startswith(("runs:/", "models:/")) else checkpoint
+
+    table = strong_figures(rows, key, space.search.champion, space.trial_config, sweep_dir / "champion", resolve)
+    entry, row = table[0]
+    registered = register_model(state["register"], row["checkpoint"], row["mlflow_run_id"], uri, key, row[key],
+                                strong=entry)
+    return [e for e, _ in table], registered
 
 
 def _tradeoff(s, keys, rows, sweep_dir) -> None:

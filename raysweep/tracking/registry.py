@@ -2,9 +2,13 @@
 
 A registered version holds the raysweep checkpoint (safetensors + manifest) as an artifact and the
 pyfunc wrapper as code (pyfunc_model.py; nothing pickled), whose predict returns ensemble
-probabilities; `raysweep.load("models:/NAME@champion")` gives the torch module back. The alias
-moves only to a version whose objective beats the current champion's (same objective name;
-accuracies, higher is better).
+probabilities; `raysweep.load("models:/NAME@champion")` gives the torch module back.
+
+A version's tags hold the sweep's objective and its value and, when the sweep re-evaluated its
+candidates (sweep/champion.py), the strong protocol's figure (`strong_objective`, `strong_value`)
+and the masking flags raised (`masking_flags`, "" for none). The alias is ranked by the strong
+figure when there is one, else by the objective (same name; accuracies, higher is better), and
+it never moves to a flagged version.
 """
 from __future__ import annotations
 
@@ -54,14 +58,22 @@ def _champion(client: MlflowClient, name: str):
         return None
 
 
-def _settle_champion(client: MlflowClient, name: str, objective: str, rounds: int = 10) -> int:
-    """Point `champion` at the best version by `objective` (ties: the earlier version) and re-read until
-    it stays there. Two sweeps registering at once each settle after registering, so whichever writes
-    last sees both versions: the alias never rests on the worse one."""
+def _ranking(tags: dict) -> tuple[str, str]:
+    """(the tag naming what a version is ranked by, the tag holding its value)."""
+    return ("strong_objective", "strong_value") if "strong_objective" in tags else ("objective", "objective_value")
+
+
+def _settle_champion(client: MlflowClient, name: str, tags: dict, rounds: int = 10) -> int | None:
+    """Point `champion` at the best unflagged version ranked as `tags` are (ties: the earlier version)
+    and re-read until it stays there; None when every such version is flagged. Two sweeps registering
+    at once each settle after registering, so whichever writes last sees both versions: the alias
+    never rests on the worse one."""
+    key, value = _ranking(tags)
     for _ in range(rounds):
-        scored = [(float(v.tags["objective_value"]), -int(v.version)) for v in
-                  client.search_model_versions(f"name = '{name}'")
-                  if v.tags.get("objective") == objective and "objective_value" in v.tags]
+        scored = [(float(v.tags[value]), -int(v.version)) for v in client.search_model_versions(f"name = '{name}'")
+                  if v.tags.get(key) == tags[key] and value in v.tags and not v.tags.get("masking_flags")]
+        if not scored:
+            return None
         best = -max(scored)[1]
         champ = _champion(client, name)
         if champ is not None and int(champ.version) == best:
@@ -71,30 +83,41 @@ def _settle_champion(client: MlflowClient, name: str, objective: str, rounds: in
     return best
 
 
-def register(name: str, checkpoint: str | Path, run_id: str, uri: str, objective: str, value: float) -> dict:
+def register(name: str, checkpoint: str | Path, run_id: str, uri: str, objective: str, value: float,
+             strong: dict | None = None) -> dict:
     """New version of `name` from run_id's checkpoint (a local directory, or a runs:/ or models:/ URI,
-    fetched from MLflow: the node that trained it may be gone); move `champion` to it if it is better."""
+    fetched from MLflow: the node that trained it may be gone); move `champion` to it if it is better
+    and unflagged. `strong`: {strong_objective, strong_value, masking_flags} of a re-evaluation."""
     client = MlflowClient(uri)
     if str(checkpoint).startswith(("runs:/", "models:/")):
         checkpoint = resolve_checkpoint(str(checkpoint), uri)
     model_uri = log_model(run_id, Path(checkpoint), uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    version = mlflow.register_model(model_uri, name, tags={"objective": objective, "objective_value": str(value)})
+    tags = {"objective": objective, "objective_value": str(value)}
+    if strong is not None:
+        tags.update(strong_objective=strong["strong_objective"], strong_value=str(strong["strong_value"]),
+                    masking_flags=",".join(strong["masking_flags"]))
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    key, value_tag = _ranking(tags)
     champ = _champion(client, name)
-    if champ is not None and champ.tags.get("objective") != objective:
-        return {"name": name, "version": int(version.version), "champion": False, "model_uri": model_uri,
-                "reason": f"champion v{champ.version} was chosen by {champ.tags.get('objective')!r}, not {objective!r}"}
-    final = _settle_champion(client, name, objective)
+    out = {"name": name, "version": int(version.version), "model_uri": model_uri, "champion": False, **tags}
+    if champ is not None and champ.tags.get(key) != tags[key]:
+        return {**out, "reason": f"champion v{champ.version} was chosen by {champ.tags.get(key)!r}, not {tags[key]!r}"}
+    if tags.get("masking_flags"):
+        _settle_champion(client, name, tags)
+        return {**out, "reason": f"masking flags raised ({tags['masking_flags']}): a flagged version is never champion"}
+    final = _settle_champion(client, name, tags)
     move = final == int(version.version)
+    mine = float(tags[value_tag])
     if champ is None:
         reason = "first version" if move else f"v{final} registered meanwhile is better"
     else:
-        old = float(champ.tags["objective_value"])
-        reason = f"{objective} {value:.4f} {'>' if value > old else '<='} champion v{champ.version}'s {old:.4f}"
-        if not move and value > old:
+        old = float(champ.tags[value_tag])
+        reason = f"{tags[key]} {mine:.4f} {'>' if mine > old else '<='} champion v{champ.version}'s {old:.4f}"
+        if not move and mine > old:
             reason += f"; v{final}, registered meanwhile, is better still"
-    return {"name": name, "version": int(version.version), "champion": move, "reason": reason, "model_uri": model_uri}
+    return {**out, "champion": move, "reason": reason}
 
 
 def resolve_checkpoint(uri: str, tracking: str | None = None) -> Path:
