@@ -1,19 +1,24 @@
 """The strong evaluation protocol on a K=3 LeNet-5 ensemble (Fashion-MNIST, trained here for 3 epochs
 on 12k images) and 1000 test images at l_inf eps 0.1: seconds and forward passes per stage, and the
-minimum-norm attack's whole curve against PGD-20 run once per eps of a 3-point grid.
+minimum-norm attack's whole curve against PGD-20 run once per eps of a 3-point grid, and the
+native APGD and Square (attacks/apgd.py, attacks/square.py) against ART's on the same images
+(1000 queries for Square).
 
 Needs Debian's dataset-fashion-mnist (or a download); minutes on 2 CPU cores, so not in `make bench`:
     python benchmarks/bench_protocol.py
 """
 import time
 
+import numpy as np
 import torch
 from common import DEVICE, header
 
+from raysweep.attacks.library import AutoAttackConfig, art_classifier, make_attack, native_attack
 from raysweep.attacks.minnorm import accuracy_at, fmn
 from raysweep.attacks.pgd import AttackConfig, robust_accuracy
 from raysweep.config import validate_config
 from raysweep.core.data import load_dataset
+from raysweep.core.seeding import generator
 from raysweep.run import evaluate
 from raysweep.training.trainer import fit
 
@@ -57,6 +62,21 @@ def main(images: int = 1000, eps: float = 0.1):
     print("FMN-100    " + "".join(f"{accuracy_at(norms, e):>8.4f}" for e in grid) + f"   {t_fmn:.1f} s (one run, "
           f"every eps; median norm {norms.median().item():.4f})")
 
+    clean = ensemble(x).argmax(1) == y
+    clf = art_classifier(ensemble, data.image_shape, data.num_classes, DEVICE)
+    aa = AutoAttackConfig(eps=[eps], square_queries=1000)
+    for name in ("apgd-ce", "apgd-dlr", "square"):
+        t0 = time.perf_counter()
+        fooled = torch.cat([native_attack(name, ensemble, x[i:i + 500], y[i:i + 500], eps, aa, generator(0, name, i))
+                            for i in range(0, len(y), 500)])
+        t_native = time.perf_counter() - t0
+        np.random.seed(0)
+        t0 = time.perf_counter()
+        x_adv = make_attack(name, clf, eps, aa, 500).generate(x.cpu().numpy(), y=y.cpu().numpy())
+        t_art = time.perf_counter() - t0
+        art = (clean.cpu().numpy() & (clf.predict(x_adv, batch_size=500).argmax(1) == y.cpu().numpy())).mean()
+        print(f"{name} at eps {eps}: native {(clean & ~fooled).float().mean().item():.4f} in {t_native:.1f} s, "
+              f"ART {art:.4f} in {t_art:.1f} s (native {t_art / t_native:.2f}x faster)")
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,10 @@ def _summary(metrics: dict, out: Path) -> str:
         groups.setdefault(head, []).append((last, value))
     lines = [f"{head:<28} " + "  ".join(f"{last}: {v:.4f}" if last else f"{v:.4f}" for last, v in values)
              for head, values in groups.items()]
+    ladder = metrics.get("protocol")
+    for eps, r in (ladder or {}).get("per_eps", {}).items():  # which stage of the ladder broke the images
+        lines.append(f"  {ladder['level']} protocol at {eps}: images broken by " + ", ".join(
+            f"{s} {n}" for s, n in r["broken"].items() if n) + f" in {sum(r['seconds'].values()):.0f} s")
     lines += [f"MASKING FLAG {name}: {why}" for name, why in masking_flags_of(metrics).items()]
     lines.append(f"wrote {out / 'metrics.json'}")
     return "\n".join(lines)

@@ -173,3 +173,22 @@ def test_a_sweep_may_maximise_the_worst_case_of_a_named_protocol(trained_synthet
     check_objective(objective, _strong(cfg))
     with pytest.raises(ConfigError, match="eval.protocol"):
         check_objective(objective, cfg)
+
+
+def test_native_apgd_ce_matches_pgd_and_dlr_sees_through_saturated_softmaxes(trained_synthetic):
+    from raysweep.attacks.apgd import apgd, checkpoints
+    from raysweep.core.seeding import generator
+
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]  # 0.22, then steps shrinking by 0.03, >= 0.06
+    _, data, ens = trained_synthetic
+    x, y = data.test.batch(torch.arange(len(data.test)))
+    for model, loss in ((ens, "ce"), (_masked(ens), "dlr")):
+        pgd = robust_accuracy(model.stacked_logits, data.test, AttackConfig(name="pgd", eps=[0.1], steps=20), 0.1,
+                              model.weights, "probability", 200, "cpu")[0]
+        fooled = apgd(model.stacked_logits, x, y, model.weights, "probability", loss, 0.1, iterations=50,
+                      generator=generator(0, "apgd"))
+        acc = ((model(x).argmax(1) == y) & ~fooled).float().mean().item()
+        if loss == "ce":  # as strong as PGD (20 steps) within noise
+            assert not beyond_noise(pgd, acc, len(y)), (acc, pgd)
+        else:  # the masked ensemble: PGD's CE gradients vanish, DLR is scale-free
+            assert beyond_noise(acc, pgd, len(y)), (acc, pgd)

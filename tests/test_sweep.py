@@ -108,6 +108,14 @@ def test_registry_champion_load_and_predict(sweep, monkeypatch):
     summary, uri, tmp = sweep
     reg = summary["registered"]
     assert reg["version"] == 1 and reg["champion"]
+    # --register re-evaluated the top two under the search space's protocol and registered the better
+    candidates = summary["champion_candidates"]
+    assert len(candidates) == 2 and {c["strong_objective"] for c in candidates} == {"protocol_acc/quick/0.1"}
+    assert candidates[0]["strong_value"] >= candidates[1]["strong_value"]
+    assert reg["strong_objective"] == "protocol_acc/quick/0.1" and float(reg["strong_value"]) == candidates[0][
+        "strong_value"]
+    run = MlflowClient(uri).get_run(candidates[0]["mlflow_run_id"])
+    assert run.data.metrics["champion/protocol_acc/quick/0.1"] == candidates[0]["strong_value"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # raysweep.load(models:/...) reads the default store
     import mlflow
 

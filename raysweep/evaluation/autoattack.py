@@ -1,5 +1,5 @@
-"""eval.autoattack: APGD-CE, APGD-DLR and Square through ART (attacks/library.py), each on the
-images the previous ones left robust. Results autoattack_acc/<eps>, with per-image flags."""
+"""eval.autoattack: APGD-CE and APGD-DLR (native, attacks/apgd.py) and Square (through ART), each on
+the images the previous ones left robust (attacks/library.py). Results autoattack_acc/<eps>, with per-image flags."""
 from __future__ import annotations
 
 from typing import Optional

@@ -9,12 +9,12 @@ every image broken is charged to the stage that broke it first.
             minmax     PGD-50, ensemble-adaptive: soft minimum of the members' losses
             member-dlr PGD-50, ensemble-adaptive: each member's DLR loss on its own logits (scale-free:
                        members whose softmax saturates still have a gradient)
-            apgd-ce    APGD-CE, 100 iterations (ART)
-            apgd-dlr   APGD-DLR, 100 iterations (ART; scale-free: sees through saturated softmaxes)
+            apgd-ce    APGD-CE, 100 iterations (attacks/apgd.py)
+            apgd-dlr   APGD-DLR, 100 iterations (scale-free: sees through saturated softmaxes)
   strong    the standard stages, then
             pgd-long   PGD-200 (ce_prob) on the survivors: do more steps still break images?
             fmn        minimum-norm FMN-100 (attacks/minnorm.py), once for every eps
-            square     Square, query-only (ART)
+            square     Square, query-only (attacks/square.py for l_inf; ART's for l2)
             transfer   PGD-50 crafted on the plain average of the same members (uniform weights;
                        the logit average when the target is the plain probability average)
 
@@ -38,8 +38,10 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from raysweep.attacks.apgd import apgd
 from raysweep.attacks.minnorm import fmn
 from raysweep.attacks.pgd import attack_batch, default_step_size, predict
+from raysweep.attacks.square import square_linf
 from raysweep.core.ensemble import uniform_weights
 from raysweep.core.sections import EpsGrid, Section
 from raysweep.core.seeding import generator
@@ -63,6 +65,7 @@ class ProtocolConfig(Section):
                                  "(pgd-long: 4x)")
     square_queries: int = Field(1000, ge=1)
     fmn_steps: int = Field(100, ge=1)
+    apgd_iterations: int = Field(100, ge=1)
 
 
 class Passes:
@@ -90,7 +93,13 @@ def _stage(name, c: ProtocolConfig, ctx, x, y, eps, steps, gen, counted_fn, art)
                                 c.norm, steps, default_step_size(eps, steps), True, "sign", source, gen,
                                 keep_last=True)
         return predict(counted_fn, x_adv, ctx.weights, ctx.how) != y
-    from raysweep.attacks.library import AutoAttackConfig, make_attack  # ART only when a stage needs it
+    if name in ("apgd-ce", "apgd-dlr"):
+        if name == "apgd-dlr" and ctx.data.num_classes < 3:  # DLR needs a third class
+            return torch.zeros_like(y, dtype=torch.bool)
+        return apgd(counted_fn, x, y, ctx.weights, ctx.how, name[5:], eps, c.norm, c.apgd_iterations, gen)
+    if c.norm == "linf":  # square
+        return square_linf(counted_fn, x, y, ctx.weights, ctx.how, eps, c.square_queries, generator=gen)
+    from raysweep.attacks.library import AutoAttackConfig, make_attack  # ART's Square for l2
 
     clf, cfg = art, AutoAttackConfig(eps=[eps], norm=c.norm, square_queries=c.square_queries)
     x_adv = make_attack(name, clf, eps, cfg, len(y)).generate(x.cpu().numpy(), y=y.cpu().numpy())
@@ -120,7 +129,7 @@ class Protocol(Evaluation):
                            for i in range(0, len(y_all), bs)])
         broken_by = {e: torch.where(clean, -1, -2) for e in c.eps}  # per image: the stage that broke it
         seconds = {e: {} for e in c.eps}
-        art, hook = _art(ctx, passes) if any(s in ("apgd-ce", "apgd-dlr", "square") for s in stages) else (None, None)
+        art, hook = _art(ctx, passes) if "square" in stages and c.norm == "l2" else (None, None)
         total = len(stages) * len(c.eps)
         with tqdm(total=total, desc=f"protocol {c.level}", unit="stage", disable=not ctx.progress, leave=False) as bar:
             for i, name in enumerate(stages):

@@ -66,8 +66,8 @@ def strong_figures(rows: list[dict], key: str, c: ChampionConfig, trial_config, 
                   f"{key} {row[key]:.4f}) under the {protocol.level} protocol", flush=True)
         report = evaluate(load(resolve(row["checkpoint"])), load_dataset(cfg.data, cfg.seed), cfg, progress=progress)
         name = f"protocol_acc/{protocol.level}/{eps_key(protocol.eps[0])}"
-        entry = {"trial_id": row["trial_id"], "objective": key, "objective_value": row[key],
-                 "strong_objective": name, "strong_value": report.results[name].value,
+        entry = {"trial_id": row["trial_id"], "mlflow_run_id": row.get("mlflow_run_id"), "objective": key,
+                 "objective_value": row[key], "strong_objective": name, "strong_value": report.results[name].value,
                  "masking_flags": sorted(report.masking)}
         table.append((entry, row))
         (out / f"{row['trial_id']}.json").parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from mlflow import MlflowClient
+
 from raysweep import plots
 from raysweep.config import dump_config, validate_config
 from raysweep.evaluation.report import masking_flags_of
@@ -72,6 +74,10 @@ def _register(space, state, rows, key, sweep_dir) -> tuple[list[dict], dict]:
         return resolve_checkpoint(checkpoint, uri) if str(checkpoint).startswith(("runs:/", "models:/")) else checkpoint
 
     table = strong_figures(rows, key, space.search.champion, space.trial_config, sweep_dir / "champion", resolve)
+    client = MlflowClient(uri)
+    for e, r in table:  # beside the cheap objective in the trial's MLflow run
+        client.log_metric(e["mlflow_run_id"], f"champion/{e['strong_objective']}", e["strong_value"])
+        client.set_tag(e["mlflow_run_id"], "raysweep.champion_flags", ",".join(e["masking_flags"]) or "none")
     entry, row = table[0]
     registered = register_model(state["register"], row["checkpoint"], row["mlflow_run_id"], uri, key, row[key],
                                 strong=entry)
