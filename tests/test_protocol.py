@@ -4,6 +4,7 @@ masked ensemble, and a champion that must earn its alias (real attacks, a real M
 import copy
 import math
 
+import mlflow
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,6 +153,7 @@ def test_the_champion_is_the_best_candidate_under_the_strong_protocol(trained_sy
     assert table[1][0]["masking_flags"] and not table[0][0]["masking_flags"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     exp = client.create_experiment("champion")
     for entry, row in table[::-1]:  # the flagged one first: it must not take the alias even then
         run = client.create_run(exp).info.run_id
@@ -162,6 +164,8 @@ def test_the_champion_is_the_best_candidate_under_the_strong_protocol(trained_sy
     assert float(versions["2"]["strong_value"]) == table[0][0]["strong_value"]
     assert str(client.get_model_version_by_alias("champ-ens", "champion").version) == "2"
     assert math.isfinite(float(versions["1"]["objective_value"]))
+    # registering into another store leaves the caller's MLflow settings as they were
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before
 
 
 def test_a_sweep_may_maximise_the_worst_case_of_a_named_protocol(trained_synthetic):

@@ -12,7 +12,9 @@ it never moves to a flagged version.
 """
 from __future__ import annotations
 
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -32,13 +34,37 @@ CHAMPION = "champion"
 MODEL_NAME = "ensemble"
 
 
+@contextmanager
+def _using(uri: str):
+    """MLflow's fluent calls (log_model, register_model, download_artifacts) read process-wide URIs, and
+    setting them also sets the MLFLOW_*_URI environment variables. Set them for one call and put back
+    what was there, so a raysweep call leaves the caller's MLflow settings as it found them (MLflow is
+    pinned; its module-level URIs are the only way to restore 'not set')."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    old_tracking, old_registry = tracking_utils._tracking_uri, registry_utils._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_tracking)
+        registry_utils._registry_uri = old_registry
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def log_model(run_id: str, checkpoint: Path, uri: str) -> str:
     """Log the checkpoint as a pyfunc model in run_id; returns the model URI."""
     m = read_manifest(checkpoint)
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *m["image_shape"]))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, m["num_classes"]))]))
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with _using(uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             # Models-from-code: the model is this small file, run against the installed raysweep at load
             # time; no pickled Python object and no bundled copy of raysweep (pyfunc_model.py).
@@ -92,13 +118,12 @@ def register(name: str, checkpoint: str | Path, run_id: str, uri: str, objective
     if str(checkpoint).startswith(("runs:/", "models:/")):
         checkpoint = resolve_checkpoint(str(checkpoint), uri)
     model_uri = log_model(run_id, Path(checkpoint), uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     tags = {"objective": objective, "objective_value": str(value)}
     if strong is not None:
         tags.update(strong_objective=strong["strong_objective"], strong_value=str(strong["strong_value"]),
                     masking_flags=",".join(strong["masking_flags"]))
-    version = mlflow.register_model(model_uri, name, tags=tags)
+    with _using(uri):
+        version = mlflow.register_model(model_uri, name, tags=tags)
     key, value_tag = _ranking(tags)
     champ = _champion(client, name)
     out = {"name": name, "version": int(version.version), "model_uri": model_uri, "champion": False, **tags}
@@ -122,10 +147,9 @@ def register(name: str, checkpoint: str | Path, run_id: str, uri: str, objective
 
 def resolve_checkpoint(uri: str, tracking: str | None = None) -> Path:
     """models:/NAME@alias, models:/NAME/VERSION or runs:/RUN_ID/PATH -> a local raysweep checkpoint directory."""
-    mlflow.set_tracking_uri(tracking_uri(tracking))
-    mlflow.set_registry_uri(tracking_uri(tracking))
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        with _using(tracking_uri(tracking)):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as err:  # MLflow raises several types for unknown names/aliases
         raise UserError(f"cannot load {uri} from the registry at {tracking_uri(tracking)}: {err}") from None
     found = sorted(p.parent for p in local.rglob("ensemble.json"))
