@@ -18,17 +18,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from raysweep.attacks.steps import project, random_start
+from raysweep.attacks.steps import Ascent, project, random_start
 from raysweep.core.ensemble import combine
+from raysweep.core.objectives import dlr
 
 
 def dlr_loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """DLR of the ensemble's combine scores z [B,C]."""
     if z.shape[1] < 3:
         raise ValueError("the DLR loss needs at least 3 classes")
-    top = z.sort(dim=1, descending=True).values
-    true = z.gather(1, y[:, None]).squeeze(1)
-    other = z.masked_fill(F.one_hot(y, z.shape[1]).bool(), float("-inf")).amax(1)
-    return -(true - other) / (top[:, 0] - top[:, 2]).clamp_min(1e-12)
+    return dlr(z[None], y)[0]
 
 
 def checkpoints(iterations: int) -> list[int]:
@@ -36,13 +35,6 @@ def checkpoints(iterations: int) -> list[int]:
     while p[-1] < 1:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
     return sorted({math.ceil(round(q * iterations, 6)) for q in p[1:] if q < 1})  # round: 0.57 is 0.5700...01
-
-
-def _step(delta, grad, eta, norm):
-    if norm == "linf":
-        return delta + eta.view(-1, *[1] * (grad.dim() - 1)) * grad.sign()
-    unit = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))
-    return delta + eta.view(-1, *[1] * (grad.dim() - 1)) * unit
 
 
 def apgd(stacked_fn, x: torch.Tensor, y: torch.Tensor, weights, how: str = "probability", loss: str = "ce",
@@ -67,7 +59,7 @@ def apgd(stacked_fn, x: torch.Tensor, y: torch.Tensor, weights, how: str = "prob
     raised = torch.zeros(b, device=x.device)
     eta_at_mark, best_at_mark = eta.clone(), best_f.clone()
     for k in range(iterations):
-        z = project(_step(delta, grad, eta, norm), x, eps, norm)
+        z = project(Ascent("sign", norm, eta.view(-1, *[1] * (x.dim() - 1)))(delta, grad), x, eps, norm)
         alpha = 1.0 if k == 0 else 0.75
         new = project(delta + alpha * (z - delta) + (1 - alpha) * (delta - prev), x, eps, norm)
         prev, delta = delta, new

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from raysweep.attacks.steps import project
 from raysweep.core.ensemble import combine
 from raysweep.core.objectives import cw_margin
 
@@ -64,12 +65,7 @@ def fmn(stacked_fn, x: torch.Tensor, y: torch.Tensor, weights, how: str = "proba
         eps = torch.where(fooled, torch.minimum(eps * (1 - gamma), best),
                           torch.where(found, eps * (1 + gamma), boundary))
         eps = torch.minimum(eps, worst)
-        delta = delta - alpha * grad / _view(_norm(grad, 2).clamp_min(1e-12), grad)
-        if norm == "linf":
-            delta = torch.maximum(torch.minimum(delta, _view(eps, delta)), -_view(eps, delta))
-        else:
-            delta = delta * _view((eps / _norm(delta, 2).clamp_min(1e-12)).clamp(max=1), delta)
-        delta = (x + delta).clamp(0, 1) - x
+        delta = project(delta - alpha * grad / _view(_norm(grad, 2).clamp_min(1e-12), grad), x, _view(eps, x), norm)
     return best
 
 

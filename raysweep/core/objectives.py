@@ -79,12 +79,17 @@ def minmax_ce(stacked, y, weights, how="probability"):
     return -t * torch.logsumexp(-_member_ce(stacked, y) / t + weights.to(stacked).view(-1, 1).log(), dim=0)
 
 
-def member_dlr(stacked, y, weights, how="probability"):
-    if stacked.shape[-1] < 3:  # DLR needs a third class; with two, the margin alone (CW's loss)
-        return (weights.to(stacked).view(-1, 1) * -_margins(stacked, y)).sum(0)
+def dlr(stacked, y):
+    """Croce & Hein's DLR loss of each member [K,B]: -(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3)."""
     top = stacked.sort(dim=-1, descending=True).values
-    scale = (top[..., 0] - top[..., 2]).clamp_min(1e-12)
-    return (weights.to(stacked).view(-1, 1) * -_margins(stacked, y) / scale).sum(0)
+    return -_margins(stacked, y) / (top[..., 0] - top[..., 2]).clamp_min(1e-12)
+
+
+def member_dlr(stacked, y, weights, how="probability"):
+    w = weights.to(stacked).view(-1, 1)
+    if stacked.shape[-1] < 3:  # DLR needs a third class; with two, the margin alone (CW's loss)
+        return (w * -_margins(stacked, y)).sum(0)
+    return (w * dlr(stacked, y)).sum(0)
 
 
 OBJECTIVES = {"ce_prob": ce_prob, "ce_logit": ce_logit, "cw_margin": cw_margin, "mean_member_ce": mean_member_ce,
