@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import ray
@@ -93,10 +94,18 @@ def main(workdir: Path, mode: str) -> None:
                  if mode == "kill" else SPACE)
         (workdir / "space.yaml").write_text(yaml.safe_dump(space))
         if mode == "kill":
+            def read_runs():
+                while True:
+                    try:
+                        return runs(uri)
+                    except Exception as err:  # e.g. the store busy with the trials' writes: read again
+                        out.setdefault("watch_errors", []).append(f"{type(err).__name__}: {err}"[:300])
+                        time.sleep(0.2)
+
             def kill_worker_node():
                 node, deadline = worker, time.time() + 300
                 while time.time() < deadline:  # a trial is running on the worker node, one has finished
-                    rs = runs(uri)
+                    rs = read_runs()
                     if any(r.info.status == "RUNNING" and r.data.tags["raysweep.node_id"] == node.node_id
                            for r in rs) and any(r.info.status == "FINISHED" for r in rs):
                         finished = sorted(r.info.run_id for r in rs if r.info.status == "FINISHED")
@@ -106,7 +115,7 @@ def main(workdir: Path, mode: str) -> None:
                         # finished): what died is what the dead node left unfinished once its processes
                         # are gone (RUNNING, or FAILED once Tune noticed).
                         time.sleep(3)
-                        died = [r.info.run_id for r in runs(uri)
+                        died = [r.info.run_id for r in read_runs()
                                 if r.data.tags["raysweep.node_id"] == node.node_id and r.info.status != "FINISHED"]
                         if died:
                             out.update(killed=died, dead_node=node.node_id, finished_before_kill=finished)
@@ -114,7 +123,13 @@ def main(workdir: Path, mode: str) -> None:
                         node = cluster.add_node(num_cpus=1, resources={"worker_node": 1})  # missed: again
                     time.sleep(0.2)
 
-            threading.Thread(target=kill_worker_node, daemon=True).start()
+            def watch():  # whatever stops the watcher is in the test's failure message
+                try:
+                    kill_worker_node()
+                except Exception:
+                    out.setdefault("watch_errors", []).append(traceback.format_exc()[-1500:])
+
+            threading.Thread(target=watch, daemon=True).start()
         if mode == "isolated":
             isolated(cluster, worker, worker_tmp, workdir, uri, out)
             return

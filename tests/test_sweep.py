@@ -348,6 +348,37 @@ def test_sigint_ends_the_sweep_as_interrupted(tmp_path):
     assert "RUNNING" not in statuses and statuses.count("FINISHED") == summary["finished"]
 
 
+QUIET_WORKER = """
+import time, ray
+from raysweep.training.ray import connect
+
+@ray.remote
+def finalize(error):  # defined here, pickled by value: the worker runs no raysweep code of its own
+    class Held:
+        def __del__(self):
+            raise error("raised in a finalizer")
+    Held()
+    return 1
+
+connect()
+ray.get([finalize.remote(SystemExit), finalize.remote(KeyboardInterrupt), finalize.remote(ValueError)])
+time.sleep(3)  # worker output reaches the driver through Ray's log monitor
+ray.shutdown()
+"""
+
+
+def test_ray_workers_print_no_interrupt_tracebacks(tmp_path):
+    """An interrupted sweep's workers die with SystemExit or KeyboardInterrupt wherever they are, a
+    finalizer included, even in a worker that has not yet run any raysweep code: nothing of it reaches
+    the user's terminal; any other error still does."""
+    res = subprocess.run([sys.executable, "-c", QUIET_WORKER], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ""})
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert "ValueError: raised in a finalizer" in out, out[-3000:]  # the worker's output did reach us
+    assert "SystemExit" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--resume"], "no sweep in"),
     (["--samples", "0"], "at least 1 trial"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import ray.tune
 from mlflow import MlflowClient
 
 from raysweep.config import validate_config
-from raysweep.errors import ConfigError
+from raysweep.errors import ConfigError, quiet_interrupts
 from raysweep.run import train_and_evaluate
 from raysweep.sweep.space import SearchSpace
 from raysweep.tracking.runs import (
@@ -46,16 +45,8 @@ def _last_report(metrics: dict, checkpoint_dir: Path | None = None) -> None:
         pass  # Tune may end the trial's thread at its last report; everything is logged: the run is complete
 
 
-def _quiet_interrupts(unraisable) -> None:
-    """A sweep stopped by Ctrl-C or SIGTERM interrupts its trials wherever they are, finalizers included:
-    a KeyboardInterrupt, or the SystemExit that Ray's SIGTERM handler raises in a trial process it stops.
-    Python would print either as an 'Exception ignored' traceback on the user's terminal."""
-    if not issubclass(unraisable.exc_type, (KeyboardInterrupt, SystemExit)):
-        sys.__unraisablehook__(unraisable)
-
-
 def _trial(values: dict, ctx: TrialContext) -> None:
-    sys.unraisablehook = _quiet_interrupts
+    quiet_interrupts()  # also when Ray was started by the caller, without raysweep's setup hook
     trial = ray.tune.get_context()
     trial_id = trial.get_trial_id()
     raw = ctx.space.trial_config(values)
