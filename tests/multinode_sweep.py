@@ -87,9 +87,7 @@ def main(workdir: Path, mode: str) -> None:
         ray.init(address=cluster.address, logging_level="warning")
         uri = f"sqlite:///{workdir / 'mlflow.db'}"
         # kill: longer trials, so the kill lands while a trial runs on the worker node (a 4-epoch trial's
-        # run is open for only a couple of seconds on this CPU).
-        # Six trials, not four: a kill that misses (the run ended between the read and the kill) gets
-        # more chances before the sweep runs out of trials on the worker node.
+        # run is open for only a couple of seconds on this CPU); six, so the worker node gets a second one.
         space = ({**SPACE, "train": {**SPACE["train"], "epochs": 10}, "search": {**SPACE["search"], "samples": 6}}
                  if mode == "kill" else SPACE)
         (workdir / "space.yaml").write_text(yaml.safe_dump(space))
@@ -103,24 +101,27 @@ def main(workdir: Path, mode: str) -> None:
                         time.sleep(0.2)
 
             def kill_worker_node():
-                node, deadline = worker, time.time() + 300
-                while time.time() < deadline:  # a trial is running on the worker node, one has finished
+                """Remove the worker node while its trial is in the first half of its run (the shortest
+                finished run so far sets the scale): a kill at the end could miss a run that finishes
+                between the read and the kill, and a node cannot be added back from this thread."""
+                deadline = time.time() + 300
+                while time.time() < deadline:
                     rs = read_runs()
-                    if any(r.info.status == "RUNNING" and r.data.tags["raysweep.node_id"] == node.node_id
-                           for r in rs) and any(r.info.status == "FINISHED" for r in rs):
-                        finished = sorted(r.info.run_id for r in rs if r.info.status == "FINISHED")
-                        cluster.remove_node(node, allow_graceful=False)
-                        # The run seen RUNNING may have finished between that read and the kill, and a
-                        # worker outlives its raylet by a moment (long enough to close a run it had just
-                        # finished): what died is what the dead node left unfinished once its processes
-                        # are gone (RUNNING, or FAILED once Tune noticed).
+                    done = [r for r in rs if r.info.status == "FINISHED"]
+                    shortest = min((r.info.end_time - r.info.start_time for r in done), default=0)
+                    young = [r for r in rs if r.info.status == "RUNNING"
+                             and r.data.tags["raysweep.node_id"] == worker.node_id
+                             and time.time() * 1000 - r.info.start_time < shortest / 2]
+                    if young:
+                        cluster.remove_node(worker, allow_graceful=False)
+                        # What died is what the dead node left unfinished once its processes are gone
+                        # (RUNNING, or FAILED once Tune noticed): a worker outlives its raylet by a moment.
                         time.sleep(3)
                         died = [r.info.run_id for r in read_runs()
-                                if r.data.tags["raysweep.node_id"] == node.node_id and r.info.status != "FINISHED"]
-                        if died:
-                            out.update(killed=died, dead_node=node.node_id, finished_before_kill=finished)
-                            return
-                        node = cluster.add_node(num_cpus=1, resources={"worker_node": 1})  # missed: again
+                                if r.data.tags["raysweep.node_id"] == worker.node_id and r.info.status != "FINISHED"]
+                        out.update(killed=died, dead_node=worker.node_id,
+                                   finished_before_kill=sorted(r.info.run_id for r in done))
+                        return
                     time.sleep(0.2)
 
             def watch():  # whatever stops the watcher is in the test's failure message
