@@ -1,14 +1,15 @@
-"""The command line: `raysweep train | sweep | evaluate | reproduce | check-cluster`, `--version`. A user error
-prints one message and exits 2, with no traceback."""
+"""The command line: `raysweep train | sweep | evaluate | reproduce | check-cluster | configs`, `--version`.
+A user error prints one message and exits 2, with no traceback."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import yaml
 
-from raysweep.config import apply_overrides, load_config, validate_config
+from raysweep.config import apply_overrides, dump_config, load_config, validate_config
 from raysweep.errors import UserError
 
 
@@ -35,11 +36,25 @@ def _summary(metrics: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def _cmd_train(args) -> int:
-    from raysweep.run import train_and_evaluate
+def _json(obj) -> None:
+    """`--json`: the command's result as one JSON document on stdout (progress and messages go to stderr)."""
+    print(json.dumps(obj, indent=1, default=str))
 
+
+def _cmd_train(args) -> int:
     cfg = load_config(args.config, args.set)
     out = Path(args.out or Path("runs") / cfg.name)
+    if args.dry_run:
+        if args.json:
+            _json({"config": cfg.model_dump(mode="json"), "out": str(out)})
+        else:
+            print(dump_config(cfg), end="")
+            print(f"# dry run: the config above (defaults filled in) is valid; nothing trained. Output would go "
+                  f"to {out}")
+        return 0
+    from raysweep.run import train_and_evaluate
+
+    run_id = None
     if args.no_mlflow:
         metrics = train_and_evaluate(cfg, out, progress=not args.quiet)
     else:
@@ -52,17 +67,75 @@ def _cmd_train(args) -> int:
         uri = tracking_uri(args.tracking_uri)
         metrics, run_id = log_train_run(cfg, out, uri, args.experiment or DEFAULT_EXPERIMENT,
                                         lambda: train_and_evaluate(cfg, out, progress=not args.quiet))
-        print(f"mlflow run     {run_id} ({uri})")
-    print(_summary(metrics, out))
+        if not args.json:
+            print(f"mlflow run     {run_id} ({uri})")
+    _report(args, metrics, out, mlflow_run_id=run_id)
     return 0
 
 
+def _report(args, metrics: dict, out: Path, **extra) -> None:
+    """The end of `train` and `evaluate`: the named results, as lines or (--json) one JSON object."""
+    if args.json:
+        from raysweep.evaluation.report import masking_flags_of, scalars_of
+
+        _json({"metrics": scalars_of(metrics), "masking_flags": masking_flags_of(metrics),
+               "metrics_json": str(out / "metrics.json"), **extra})
+    else:
+        print(_summary(metrics, out))
+
+
 def _cmd_sweep(args) -> int:
+    if args.dry_run:
+        return _preview_sweep(args)
     from raysweep.sweep.tune import run_sweep
 
     s = run_sweep(args.space, args.set, samples=args.samples, out=args.out, resume=args.resume,
                   register=args.register, tracking=args.tracking_uri, experiment=args.experiment,
                   address=args.address, progress=not args.quiet, storage=args.storage)
+    if args.json:
+        _json(s)
+    else:
+        _print_sweep(s)
+    if s["status"] == "interrupted":
+        print(f"raysweep: sweep interrupted; its unfinished trials' runs are KILLED. Continue it with:\n"
+              f"  raysweep sweep --resume --out {s['dir']}", file=sys.stderr)
+        return 130
+    if s["status"] == "failed":
+        print(f"raysweep: error: no trial of the sweep finished ({s['failed']} failed, {s['stopped_early']} stopped "
+              f"early, {s['infeasible']} infeasible); their MLflow runs and {s['dir']}/trials/ say why",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _preview_sweep(args) -> int:
+    from raysweep import presets
+    from raysweep.sweep.space import load_search_space
+
+    if args.space is None:
+        raise UserError("--dry-run previews a search space file: give one (a resumed sweep has its points already)")
+    space = load_search_space(presets.resolve(args.space), args.set)
+    n = args.samples if args.samples is not None else space.search.samples
+    if n < 1:
+        raise UserError(f"--samples {n}: a sweep needs at least 1 trial")
+    points = space.preview(n)
+    if args.json:
+        _json({"space": space.source, "name": space.name, "samples": n,
+               "objectives": [o.key for o in space.search.objective], "points": points})
+        return 0
+    print(f"search space {space.source} is valid: {n} trials of {space.name}, maximising "
+          f"{', '.join(o.key for o in space.search.objective)}")
+    print(f"the seeded sampler's first {n} points, before any result comes back (later points follow the "
+          "results):")
+    for i, p in enumerate(points):
+        values = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p["params"].items())
+        print(f"  {i:>3}  {values}" + ("  INFEASIBLE: " + p["infeasible"].splitlines()[-1].strip()
+                                         if p["infeasible"] else ""))
+    print("dry run: nothing trained, nothing recorded")
+    return 0
+
+
+def _print_sweep(s: dict) -> None:
     print(f"trials: {s['finished']} finished, {s['stopped_early']} stopped early, {s['infeasible']} infeasible, "
           f"{s['failed']} failed of {s['samples']}, in {s['seconds']:.0f} s")
     if "pareto" in s:
@@ -85,16 +158,6 @@ def _cmd_sweep(args) -> int:
         r = s["registered"]
         print(f"registered {r['name']} v{r['version']}; champion {'moved' if r['champion'] else 'kept'}: {r['reason']}")
     print(f"wrote {s['dir']}/summary.json" + (" and best.yaml (the best trial's full config)" if "best" in s else ""))
-    if s["status"] == "interrupted":
-        print(f"raysweep: sweep interrupted; its unfinished trials' runs are KILLED. Continue it with:\n"
-              f"  raysweep sweep --resume --out {s['dir']}", file=sys.stderr)
-        return 130
-    if s["status"] == "failed":
-        print(f"raysweep: error: no trial of the sweep finished ({s['failed']} failed, {s['stopped_early']} stopped "
-              f"early, {s['infeasible']} infeasible); their MLflow runs and {s['dir']}/trials/ say why",
-              file=sys.stderr)
-        return 1
-    return 0
 
 
 def _cmd_evaluate(args) -> int:
@@ -123,14 +186,15 @@ def _cmd_evaluate(args) -> int:
     cfg = validate_config(apply_overrides(raw, args.set), str(args.config or ckpt))
     out = Path(args.out or ckpt.parent / "eval")
     metrics = evaluate_checkpoint(ckpt, cfg, out, progress=not args.quiet)
-    print(_summary(metrics, out))
+    _report(args, metrics, out)
     return 0
 
 
 def _cmd_check_cluster(args) -> int:
+    from raysweep import presets
     from raysweep.cluster_check import check_file, cluster_files
 
-    files = [Path(f) for f in args.files] or cluster_files(Path(__file__).resolve().parents[1] / "cluster")
+    files = [Path(f) for f in args.files] or cluster_files(presets.ROOT / "cluster")
     if not files:
         raise UserError("no cluster files to check")
     for f in files:
@@ -139,11 +203,48 @@ def _cmd_check_cluster(args) -> int:
 
 
 def _cmd_reproduce(args) -> int:
-    from raysweep.reproduce import reproduce
+    from raysweep.reproduce import plan, reproduce
 
+    if args.dry_run:
+        p = plan(args.name, args.study, args.out)
+        if args.json:
+            _json(p)
+            return 0
+        print(f"study {p['file']} is valid; runs under {p['out']}")
+        for v in p.get("variants", []):
+            print(f"  {v['name']:<24} {v['group']:<16} {'done (reused)' if v['done'] else 'to train'}")
+        for i, pt in enumerate(p.get("points", [])):
+            print(f"  sweep point {i}: {pt['params']}" + (" (infeasible)" if pt["infeasible"] else ""))
+        if p.get("checks"):
+            print("then the study's checks re-evaluate the best variants under a stronger evaluation")
+        print("dry run: nothing trained, nothing recorded")
+        return 0
     reproduce(args.name, out=args.out, docs=args.docs, study_path=args.study, tracking=args.tracking_uri,
               experiment=args.experiment, address=args.address)
     return 0
+
+
+def _cmd_configs(args) -> int:
+    from raysweep import presets
+
+    if args.name:
+        print(f"copied {presets.copy_out(args.name, args.to)}")
+        return 0
+    shown = [p for p in presets.catalogue() if p.name.endswith((".yaml", ".yml"))]
+    for kind in ("run config", "search space", "study", "cluster"):
+        print(f"{kind}s:" if kind != "study" else "studies (raysweep reproduce):")
+        for p in (p for p in shown if p.kind == kind):
+            about = p.about if len(p.about) <= 72 else p.about[:71] + "…"
+            print(f"  {p.name:<52} {about}")
+    print("Run one as named here from any directory (e.g. raysweep train search_spaces/pdd_deg/adp.yaml), or copy\n"
+          "it out to edit: raysweep configs NAME [--to DIR] (a folder too: raysweep configs cluster)")
+    return 0
+
+
+def _script_args(p, dry_run_help: str) -> None:
+    p.add_argument("--dry-run", action="store_true", help=dry_run_help)
+    p.add_argument("--json", action="store_true", help="print the result (summary, metrics or dry-run plan) as one "
+                   "JSON object on stdout")
 
 
 def _mlflow_args(p) -> None:
@@ -163,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     _mlflow_args(t)
     t.add_argument("--no-mlflow", action="store_true", help="do not record the run in MLflow")
+    _script_args(t, "print the resolved config (defaults filled in) and stop: nothing trained")
     t.set_defaults(func=_cmd_train)
     w = sub.add_parser("sweep", help="search a space with Ray Tune + Optuna, every trial tracked in MLflow")
     w.add_argument("space", nargs="?", help="a search space YAML: a run config plus a search: section (optional "
@@ -179,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
     w.add_argument("--quiet", action="store_true")
     _mlflow_args(w)
+    _script_args(w, "validate the space and print the first points the seeded sampler draws (each checked as its "
+                 "trial would be) and stop: nothing trained or recorded")
     w.set_defaults(func=_cmd_sweep)
     r = sub.add_parser("reproduce", help="reproduce a paper's finding at small scale: runs, checks, report, plots")
     r.add_argument("name", help="jacobian-ensembles, robust-ensembles, ensemble-adv, pdd-deg or je-sweep")
@@ -189,10 +293,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
                    "sqlite:///mlflow.db here); 'none': no MLflow")
     r.add_argument("--experiment", help="MLflow experiment (default reproduce-<name>)")
+    r.add_argument("--dry-run", action="store_true", help="validate the study and list its runs (and which are "
+                   "done already) and stop")
+    r.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON on stdout")
     r.set_defaults(func=_cmd_reproduce)
     c = sub.add_parser("check-cluster", help="validate cluster launcher YAMLs and KubeRay manifests offline")
-    c.add_argument("files", nargs="*", help="files to check (default: every YAML in the repo's cluster/)")
+    c.add_argument("files", nargs="*", help="files to check (default: every YAML of the cluster/ that ships with "
+                   "raysweep; `raysweep configs cluster` copies it out)")
     c.set_defaults(func=_cmd_check_cluster)
+    g = sub.add_parser("configs", help="list the ready configs, search spaces, studies and cluster files that ship "
+                       "with raysweep, or copy one out")
+    g.add_argument("name", nargs="?", help="a file or folder to copy out, e.g. search_spaces/pdd_deg_sweep.yaml, "
+                   "pdd_deg_sweep or cluster")
+    g.add_argument("--to", default=".", help="the folder to copy into (default: here)")
+    g.set_defaults(func=_cmd_configs)
     e = sub.add_parser("evaluate", help="re-evaluate a saved ensemble")
     e.add_argument("checkpoint", help="a checkpoint directory (or the run directory holding it), a registry "
                    "URI models:/NAME@ALIAS or models:/NAME/VERSION, or an MLflow run's runs:/RUN_ID/checkpoint")
@@ -202,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--tracking-uri", help="MLflow store of the registry (default $MLFLOW_TRACKING_URI, else "
                    "sqlite:///mlflow.db here)")
+    e.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
     e.set_defaults(func=_cmd_evaluate)
     return p
 

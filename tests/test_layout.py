@@ -18,7 +18,7 @@ LAYERS = [
     ["config"],
     ["evaluation", "methods"],
     ["regularisers", "attacks"],
-    ["members", "core", "plugins", "plots", "cluster_check"],
+    ["members", "core", "plugins", "plots", "cluster_check", "presets"],
     ["errors"],
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}

@@ -85,7 +85,8 @@ def test_sweep_records_every_trial_in_mlflow(sweep):
 
 
 def test_optuna_drives_the_search(sweep):
-    """The trials' values are the seeded Optuna study's: TPE's first draws, replayed standalone."""
+    """The trials' values are the seeded Optuna study's: TPE's first draws, replayed standalone and
+    as `raysweep sweep --dry-run` previews them."""
     summary, uri, tmp = sweep
     space = load_search_space(_space(tmp, name="replay.yaml"))
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=7))
@@ -94,6 +95,10 @@ def test_optuna_drives_the_search(sweep):
         trial = study.ask()
         space.define_by_run(trial)
         expected.append(trial.params)
+    res = subprocess.run([sys.executable, "-m", "raysweep", "sweep", str(tmp / "replay.yaml"), "--dry-run", "--json"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [p["params"] for p in json.loads(res.stdout)["points"]] == expected
     client = MlflowClient(uri)
     _, children = _children(client, summary)
     got = [{"train.jr.lambda_jr": float(r.data.tags["searched.train.jr.lambda_jr"]),

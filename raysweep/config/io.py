@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from raysweep import presets
 from raysweep.config.schema import RunBase, run_config_model
 from raysweep.core.checkpoint import read_manifest
 from raysweep.errors import ConfigError
@@ -95,9 +96,10 @@ def validate_config(raw: dict, source: str = "") -> RunBase:
 
 
 def read_yaml(path: str | Path, what: str = "config") -> dict:
-    path = Path(path)
+    """A YAML file as a dict; a path not on disk may name a file that ships with raysweep (presets)."""
+    path = presets.resolve(path)
     if not path.is_file():
-        raise ConfigError(f"{what} file not found: {path}")
+        raise ConfigError(f"{what} file not found: {path} (`raysweep configs` lists the ones that ship with raysweep)")
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+from raysweep import presets
 from raysweep.errors import UserError
 
 STUDIES = {  # command name -> module in this package (and study file search_spaces/reproduce/<module>.yaml)
@@ -20,17 +21,40 @@ STUDIES = {  # command name -> module in this package (and study file search_spa
 
 
 def study_file(module: str) -> Path:
-    return Path(__file__).resolve().parents[2] / "search_spaces" / "reproduce" / f"{module}.yaml"
+    return presets.ROOT / "search_spaces" / "reproduce" / f"{module}.yaml"
+
+
+def _where(name: str, study_path: str | None, out: str | None) -> tuple[Path, Path]:
+    if name not in STUDIES:
+        raise UserError(f"unknown study {name!r}; choose one of: {', '.join(STUDIES)}")
+    path = presets.resolve(study_path) if study_path else study_file(STUDIES[name])
+    return path, Path(out or Path("runs") / "reproduce" / STUDIES[name]).resolve()
+
+
+def plan(name: str, study_path: str | None = None, out: str | None = None) -> dict:
+    """`--dry-run`: the study file validated (every variant's config) and what a run would do: each
+    variant and whether `out` holds its finished run already (reused, not re-trained). The checks
+    (stronger re-evaluations of the best variants) are chosen from the results, after training."""
+    from raysweep.reproduce.study import _cached, load_study
+    from raysweep.sweep.space import load_search_space
+
+    path, out_dir = _where(name, study_path, out)
+    if name == "je-sweep":  # a search space, not a study of variants
+        space = load_search_space(path)
+        return {"study": name, "file": str(path), "out": str(out_dir), "samples": space.search.samples,
+                "points": space.preview(space.search.samples)}
+    study = load_study(path)
+    return {"study": name, "file": str(path), "out": str(out_dir), "checks": bool(study.spec.get("checks")),
+            "variants": [{"name": v.name, "group": v.group,
+                          "done": _cached(out_dir / "variants" / v.name, v.cfg) is not None}
+                         for v in study.variants]}
 
 
 def reproduce(name: str, out: str | None = None, docs: str | None = None, study_path: str | None = None,
               tracking: str | None = None, experiment: str | None = None, address: str | None = None,
               log=print) -> dict:
-    if name not in STUDIES:
-        raise UserError(f"unknown study {name!r}; choose one of: {', '.join(STUDIES)}")
+    path, out_dir = _where(name, study_path, out)
     module = importlib.import_module(f".{STUDIES[name]}", __name__)
-    path = Path(study_path) if study_path else study_file(STUDIES[name])
-    out_dir = Path(out or Path("runs") / "reproduce" / STUDIES[name]).resolve()
     docs_dir = Path(docs or Path("docs") / "results" / STUDIES[name]).resolve()
     docs_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -116,6 +116,35 @@ class SearchSpace:
                 if p.path == "ensemble.k":
                     k = value
 
+    def sampler(self, offset: int = 0):
+        """Optuna's sampler for this search, seeded with search.seed + offset (a resumed sweep passes the
+        number of trials already done, so it does not redraw the same points): NSGA-II for a Pareto
+        front, else TPE."""
+        from optuna.samplers import NSGAIISampler, TPESampler
+
+        seed = self.search.seed + offset
+        return NSGAIISampler(seed=seed) if self.search.multi else TPESampler(seed=seed)
+
+    def preview(self, n: int) -> list[dict]:
+        """`--dry-run`: the first `n` points the seeded sampler draws while no result has come back (the
+        sweep's first points, up to its concurrency; later ones depend on results), each validated as its
+        trial would be: `infeasible` is why the run schema rejects it, else None."""
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(sampler=self.sampler(), directions=["maximize"] * len(self.search.objective))
+        points = []
+        for _ in range(n):
+            trial = study.ask()
+            self.define_by_run(trial)
+            try:
+                validate_config(self.trial_config(trial.params), "")
+                why = None
+            except ConfigError as err:
+                why = str(err)
+            points.append({"params": dict(trial.params), "infeasible": why})
+        return points
+
     def trial_config(self, values: dict) -> dict:
         """The raw run config of one trial (validated by the caller: may be infeasible)."""
         raw = copy.deepcopy(self.base)

@@ -39,10 +39,10 @@ import pyarrow.fs
 import ray
 import ray.tune
 from mlflow import MlflowClient
-from optuna.samplers import NSGAIISampler, TPESampler
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from raysweep import presets
 from raysweep.errors import ConfigError, UserError
 from raysweep.sweep.ledger import (
     SPACE_COPY,
@@ -129,6 +129,7 @@ def _start(space_path: str, overrides: list[str], samples: int | None, sweep_dir
            register: str | None, tracking: str | None, experiment: str | None, address: str | None) -> dict:
     """A new sweep: validate everything and reach Ray, MLflow and storage, then write the state a resume
     rebuilds it from (a start that fails before leaves nothing that stops a plain re-run)."""
+    space_path = str(presets.resolve(space_path))  # a file that ships with raysweep, named from anywhere
     space = load_search_space(space_path, overrides)  # a malformed space fails here, before any side effect
     state_file = sweep_dir / STATE_FILE
     if state_file.exists():
@@ -214,7 +215,7 @@ def _tune(space: SearchSpace, state: dict, sweep_dir: Path, done: int, remaining
                                         {"CPU": s.trial_cpus, "GPU": s.trial_gpus})
     # A fresh Tuner on every attempt, built from the stored state (Tuner.restore would unpickle Tune's
     # state and, in Ray 2.60, drop max_concurrent_trials); the study in optuna.db carries the history.
-    sampler = NSGAIISampler(seed=s.seed + done) if s.multi else TPESampler(seed=s.seed + done)
+    sampler = space.sampler(offset=done)
     searcher = _FinalOnlyOptunaSearch(
         space=space.define_by_run, metric=keys if s.multi else keys[0],
         mode=["max"] * len(keys) if s.multi else "max", sampler=sampler, study_name=state["study_name"],
