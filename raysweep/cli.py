@@ -7,9 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
-from raysweep.config import apply_overrides, dump_config, load_config, validate_config
+from raysweep.config import dump_config, load_config
 from raysweep.errors import UserError
 
 
@@ -52,23 +50,13 @@ def _cmd_train(args) -> int:
             print(f"# dry run: the config above (defaults filled in) is valid; nothing trained. Output would go "
                   f"to {out}")
         return 0
-    from raysweep.run import train_and_evaluate
+    from raysweep.run import train_recorded
 
-    run_id = None
-    if args.no_mlflow:
-        metrics = train_and_evaluate(cfg, out, progress=not args.quiet)
-    else:
-        from raysweep.tracking.runs import (
-            DEFAULT_EXPERIMENT,
-            log_train_run,
-            tracking_uri,
-        )
-
-        uri = tracking_uri(args.tracking_uri)
-        metrics, run_id = log_train_run(cfg, out, uri, args.experiment or DEFAULT_EXPERIMENT,
-                                        lambda: train_and_evaluate(cfg, out, progress=not args.quiet))
-        if not args.json:
-            print(f"mlflow run     {run_id} ({uri})")
+    metrics = train_recorded(cfg, out, mlflow=not args.no_mlflow, tracking=args.tracking_uri,
+                             experiment=args.experiment, progress=not args.quiet)
+    run_id, uri = metrics.pop("mlflow_run_id", None), metrics.pop("tracking_uri", None)
+    if run_id and not args.json:
+        print(f"mlflow run     {run_id} ({uri})")
     _report(args, metrics, out, mlflow_run_id=run_id)
     return 0
 
@@ -87,7 +75,7 @@ def _report(args, metrics: dict, out: Path, **extra) -> None:
 def _cmd_sweep(args) -> int:
     if args.dry_run:
         return _preview_sweep(args)
-    from raysweep.sweep.tune import run_sweep
+    from raysweep.sweeps.tune import run_sweep
 
     s = run_sweep(args.space, args.set, samples=args.samples, out=args.out, resume=args.resume,
                   register=args.register, tracking=args.tracking_uri, experiment=args.experiment,
@@ -110,7 +98,7 @@ def _cmd_sweep(args) -> int:
 
 def _preview_sweep(args) -> int:
     from raysweep import presets
-    from raysweep.sweep.space import load_search_space
+    from raysweep.sweeps.space import load_search_space
 
     if args.space is None:
         raise UserError("--dry-run previews a search space file: give one (a resumed sweep has its points already)")
@@ -161,31 +149,10 @@ def _print_sweep(s: dict) -> None:
 
 
 def _cmd_evaluate(args) -> int:
-    from raysweep.config import checkpoint_config
-    from raysweep.run import evaluate_checkpoint
+    from raysweep.run import evaluate_saved
 
-    if args.checkpoint.startswith(("models:/", "runs:/")):
-        from raysweep.tracking.registry import resolve_checkpoint
-
-        ckpt = resolve_checkpoint(args.checkpoint, args.tracking_uri)
-        scheme, _, rest = args.checkpoint.partition(":/")
-        args.out = args.out or str(Path("runs") / ("registry" if scheme == "models" else "mlflow-runs")
-                                   / rest.strip("/").replace("/", "_").replace("@", "_"))
-    else:
-        ckpt = Path(args.checkpoint)
-    if ckpt.is_dir() and (ckpt / "checkpoint").is_dir():  # a run directory was given
-        ckpt = ckpt / "checkpoint"
-    raw = checkpoint_config(ckpt).model_dump(mode="json")
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        override = yaml.safe_load(path.read_text()) or {}
-        for section, value in override.items():  # sections given replace the stored ones (e.g. eval:, data:)
-            raw[section] = value
-    cfg = validate_config(apply_overrides(raw, args.set), str(args.config or ckpt))
-    out = Path(args.out or ckpt.parent / "eval")
-    metrics = evaluate_checkpoint(ckpt, cfg, out, progress=not args.quiet)
+    metrics, out = evaluate_saved(args.checkpoint, config=args.config, overrides=args.set, out=args.out,
+                                  tracking=args.tracking_uri, progress=not args.quiet)
     _report(args, metrics, out)
     return 0
 

@@ -103,3 +103,52 @@ def evaluate_checkpoint(path: str | Path, cfg: RunConfig | None, out: str | Path
     metrics = report.to_json()
     _write_results(Path(out), cfg, metrics, report.artifacts)
     return metrics
+
+
+def train_recorded(cfg: RunConfig, out: str | Path, *, mlflow: bool = True, tracking: str | None = None,
+                   experiment: str | None = None, progress: bool = True) -> dict:
+    """`raysweep train` (and raysweep.train): train and evaluate into `out`, recorded as one MLflow run in
+    `tracking` (default $MLFLOW_TRACKING_URI, else ./mlflow.db) unless mlflow=False. Returns the metrics
+    (metrics.json's content) with `mlflow_run_id` and `tracking_uri` when recorded."""
+    if not mlflow:
+        return train_and_evaluate(cfg, out, progress=progress)
+    from raysweep.tracking.runs import DEFAULT_EXPERIMENT, log_train_run, tracking_uri
+
+    uri = tracking_uri(tracking)
+    metrics, run_id = log_train_run(cfg, Path(out), uri, experiment or DEFAULT_EXPERIMENT,
+                                    lambda: train_and_evaluate(cfg, out, progress=progress))
+    return {**metrics, "mlflow_run_id": run_id, "tracking_uri": uri}
+
+
+def evaluate_saved(target: str, *, config: str | Path | None = None, overrides: list[str] = (),
+                   out: str | Path | None = None, tracking: str | None = None,
+                   progress: bool = True) -> tuple[dict, Path]:
+    """`raysweep evaluate` (and raysweep.evaluate): re-evaluate a saved ensemble, named by a checkpoint
+    folder (or the run folder holding it), models:/NAME@ALIAS, models:/NAME/VERSION or
+    runs:/RUN_ID/checkpoint, under its stored config; the sections of the YAML `config` (e.g. eval:)
+    replace the stored ones, then `overrides` apply. Returns (metrics, the folder they were written to)."""
+    import yaml
+
+    from raysweep.config import apply_overrides
+
+    if target.startswith(("models:/", "runs:/")):
+        from raysweep.tracking.registry import resolve_checkpoint
+
+        ckpt = resolve_checkpoint(target, tracking)
+        scheme, _, rest = target.partition(":/")
+        out = out or Path("runs") / ("registry" if scheme == "models" else "mlflow-runs") / rest.strip("/").replace(
+            "/", "_").replace("@", "_")
+    else:
+        ckpt = Path(target)
+    if ckpt.is_dir() and (ckpt / "checkpoint").is_dir():  # a run directory was given
+        ckpt = ckpt / "checkpoint"
+    raw = checkpoint_config(ckpt).model_dump(mode="json")
+    if config:
+        path = Path(config)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        for section, value in (yaml.safe_load(path.read_text()) or {}).items():
+            raw[section] = value  # sections given replace the stored ones (e.g. eval:, data:)
+    cfg = validate_config(apply_overrides(raw, list(overrides)), str(config or ckpt))
+    out = Path(out or ckpt.parent / "eval")
+    return evaluate_checkpoint(ckpt, cfg, out, progress=progress), out

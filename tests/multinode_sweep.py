@@ -23,7 +23,7 @@ import yaml
 from mlflow import MlflowClient
 from ray.cluster_utils import Cluster
 
-from raysweep.sweep.tune import run_sweep
+from raysweep.sweeps.tune import run_sweep
 from raysweep.tracking.runs import tracking_uri
 
 SPACE = {

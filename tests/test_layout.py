@@ -9,11 +9,11 @@ from conftest import repo_root
 # Top to bottom. A module imports its own folder or what lies strictly below its layer, lazy
 # (function-level) imports included; never above.
 LAYERS = [
-    ["__main__"],
+    ["__main__", "__init__"],  # the package's Python API (raysweep.train, .sweep, ...): a front end, as cli
     ["cli"],
     ["reproduce"],
-    ["sweep"],
-    ["run", "__init__"],
+    ["sweeps"],
+    ["run"],
     ["training", "tracking"],
     ["config"],
     ["evaluation", "methods"],

@@ -19,8 +19,8 @@ from raysweep.methods import METHODS, EnsembleMethod
 from raysweep.methods import register as register_method
 from raysweep.regularisers import REGULARISERS, Regulariser, register
 from raysweep.run import evaluate
-from raysweep.sweep.objectives import Objective, check_objective, produced_results
-from raysweep.sweep.space import check_path
+from raysweep.sweeps.objectives import Objective, check_objective, produced_results
+from raysweep.sweeps.space import check_path
 from raysweep.tracking.runs import flat_metrics
 from raysweep.training.step import TrainStep
 from raysweep.training.trainer import build_members, fit

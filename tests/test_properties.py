@@ -17,7 +17,7 @@ from raysweep.config import (
     validate_config,
 )
 from raysweep.errors import ConfigError
-from raysweep.sweep.space import load_search_space
+from raysweep.sweeps.space import load_search_space
 
 # 120 examples per property in the default run (seconds); RAYSWEEP_HYPOTHESIS_EXAMPLES=5000 for a long hunt.
 SETTINGS = settings(max_examples=int(os.environ.get("RAYSWEEP_HYPOTHESIS_EXAMPLES", 120)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -25,7 +25,7 @@ SETTINGS = settings(max_examples=int(os.environ.get("RAYSWEEP_HYPOTHESIS_EXAMPLE
 
 def _field_names(model, seen=None) -> set[str]:
     """Every field name of the run schema, nested ones included: keys likely to reach deep validators."""
-    from raysweep.sweep.space import _model_of
+    from raysweep.sweeps.space import _model_of
 
     seen = set() if seen is None else seen
     for name, field in model.model_fields.items():

@@ -21,7 +21,7 @@ from raysweep.core.objectives import OBJECTIVES
 from raysweep.evaluation.masking import beyond_noise
 from raysweep.evaluation.minnorm import exact_auc
 from raysweep.run import evaluate
-from raysweep.sweep.champion import ChampionConfig, strong_figures
+from raysweep.sweeps.champion import ChampionConfig, strong_figures
 from raysweep.tracking.registry import register
 
 
@@ -170,7 +170,7 @@ def test_the_champion_is_the_best_candidate_under_the_strong_protocol(trained_sy
 
 def test_a_sweep_may_maximise_the_worst_case_of_a_named_protocol(trained_synthetic):
     from raysweep.errors import ConfigError
-    from raysweep.sweep.objectives import Objective, check_objective, objective_from_name
+    from raysweep.sweeps.objectives import Objective, check_objective, objective_from_name
 
     cfg, _, _ = trained_synthetic
     objective = Objective(**objective_from_name("protocol_acc/strong/0.2"))

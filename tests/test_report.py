@@ -7,7 +7,7 @@ from raysweep.attacks.pgd import AttackConfig, robust_accuracy
 from raysweep.errors import ConfigError, UserError
 from raysweep.evaluation.report import scalars_of
 from raysweep.run import evaluate
-from raysweep.sweep.objectives import Objective, check_objective, produced_results
+from raysweep.sweeps.objectives import Objective, check_objective, produced_results
 from raysweep.tracking.runs import flat_metrics
 
 ATTACKS = [{"name": "pgd_ce", "eps": [0.05, 0.1], "steps": 5},
@@ -51,7 +51,7 @@ def test_any_accuracy_of_the_report_is_a_sweep_objective_checked_before_trials()
 
 
 def _parts(name):
-    from raysweep.sweep.objectives import objective_from_name
+    from raysweep.sweeps.objectives import objective_from_name
 
     return objective_from_name(name)
 

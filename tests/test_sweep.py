@@ -18,8 +18,8 @@ from mlflow import MlflowClient
 
 from raysweep import load
 from raysweep.errors import ConfigError
-from raysweep.sweep.space import load_search_space
-from raysweep.sweep.tune import run_sweep
+from raysweep.sweeps.space import load_search_space
+from raysweep.sweeps.tune import run_sweep
 from raysweep.tracking.registry import register
 
 BASE = {
@@ -130,6 +130,16 @@ def test_registry_champion_load_and_predict(sweep, monkeypatch):
     expected = ensemble.predict_proba(x).numpy()
     pyfunc = mlflow.pyfunc.load_model("models:/synth-ens@champion")
     assert np.allclose(pyfunc.predict(x.numpy()), expected, atol=1e-6)
+    assert np.allclose(pyfunc.predict(x.numpy().astype(np.float64)), expected, atol=1e-6)
+    as_bytes = (x.numpy() * 255).round().astype(np.uint8)
+    assert np.allclose(pyfunc.predict(as_bytes), ensemble.predict_proba(torch.from_numpy(as_bytes / 255.0).float()),
+                       atol=1e-6)
+    for bad, why in [(x.numpy()[:, 0], "got shape [6, 28, 28]"), (x.numpy() * 255, "got values in [0"),
+                     (as_bytes.astype(np.int64), "got dtype int64")]:
+        with pytest.raises(mlflow.exceptions.MlflowException) as err:
+            pyfunc.predict(bad)
+        message = str(err.value)
+        assert why in message and "expected [B, 1, 28, 28]" in message and len(message) < 300, message
     # Logged as code: nothing pickled to run, and no bundled raysweep to shadow the installed one.
     stored = {p.relative_to(local).as_posix() for local in
               [Path(mlflow.artifacts.download_artifacts("models:/synth-ens@champion"))] for p in local.rglob("*")}
@@ -444,7 +454,7 @@ def test_sweep_of_ray_executor_trials(ray_local, tmp_path):
     search = {"samples": 2, "trial_cpus": 0.5, "asha": {"grace_period": 1, "reduction_factor": 2}}
     path = _space(tmp_path, search, executor={"kind": "ray", "ray": {"cpus_per_worker": 0.5}},
                   train={**BASE["train"], "epochs": 2})
-    from raysweep.sweep.tune import _max_concurrent
+    from raysweep.sweeps.tune import _max_concurrent
 
     assert _max_concurrent(load_search_space(path)) == 1
     uri = f"sqlite:///{tmp_path / 'm.db'}"

@@ -36,7 +36,7 @@ def plan(name: str, study_path: str | None = None, out: str | None = None) -> di
     variant and whether `out` holds its finished run already (reused, not re-trained). The checks
     (stronger re-evaluations of the best variants) are chosen from the results, after training."""
     from raysweep.reproduce.study import _cached, load_study
-    from raysweep.sweep.space import load_search_space
+    from raysweep.sweeps.space import load_search_space
 
     path, out_dir = _where(name, study_path, out)
     if name == "je-sweep":  # a search space, not a study of variants

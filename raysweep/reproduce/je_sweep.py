@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 from raysweep.reproduce.tables import md_table
-from raysweep.sweep.ledger import STATE_FILE
-from raysweep.sweep.tune import run_sweep
+from raysweep.sweeps.ledger import STATE_FILE
+from raysweep.sweeps.tune import run_sweep
 
 
 def run(path, out, *, uri, experiment, address, log):

@@ -5,7 +5,7 @@ pyfunc wrapper as code (pyfunc_model.py; nothing pickled), whose predict returns
 probabilities; `raysweep.load("models:/NAME@champion")` gives the torch module back.
 
 A version's tags hold the sweep's objective and its value and, when the sweep re-evaluated its
-candidates (sweep/champion.py), the strong protocol's figure (`strong_objective`, `strong_value`)
+candidates (sweeps/champion.py), the strong protocol's figure (`strong_objective`, `strong_value`)
 and the masking flags raised (`masking_flags`, "" for none). The alias is ranked by the strong
 figure when there is one, else by the objective (same name; accuracies, higher is better), and
 it never moves to a flagged version.
@@ -62,14 +62,17 @@ def _using(uri: str):
 def log_model(run_id: str, checkpoint: Path, uri: str) -> str:
     """Log the checkpoint as a pyfunc model in run_id; returns the model URI."""
     m = read_manifest(checkpoint)
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *m["image_shape"]))]),
-                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, m["num_classes"]))]))
+    # The output only: an input TensorSpec makes MLflow refuse float64 and uint8 images, which the
+    # model converts (its input rule: pyfunc_model.py, also in the model's metadata).
+    signature = ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, m["num_classes"]))]))
+    rule = (f"images [B, {', '.join(map(str, m['image_shape']))}]: float in [0, 1] (any precision) or uint8 in "
+            "[0, 255] (divided by 255)")
     with _using(uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             # Models-from-code: the model is this small file, run against the installed raysweep at load
             # time; no pickled Python object and no bundled copy of raysweep (pyfunc_model.py).
             name=MODEL_NAME, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-            artifacts={"checkpoint": str(checkpoint)}, signature=signature,
+            artifacts={"checkpoint": str(checkpoint)}, signature=signature, metadata={"input": rule},
             # Listed, not inferred: inference imports the model in a subprocess (slow, and it guesses).
             # raysweep itself must be installed where the model is loaded (it is not on PyPI).
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pydantic>=2", "pyyaml",

@@ -37,8 +37,8 @@ from raysweep.config import (
 )
 from raysweep.core.sections import Section
 from raysweep.errors import ConfigError
-from raysweep.sweep.champion import ChampionConfig
-from raysweep.sweep.objectives import Objective, check_objective, objective_from_name
+from raysweep.sweeps.champion import ChampionConfig
+from raysweep.sweeps.objectives import Objective, check_objective, objective_from_name
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "per_member")
 class AshaConfig(Section):

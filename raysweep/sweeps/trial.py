@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from raysweep.config import validate_config
 from raysweep.errors import ConfigError, quiet_interrupts
 from raysweep.run import train_and_evaluate
-from raysweep.sweep.space import SearchSpace
+from raysweep.sweeps.space import SearchSpace
 from raysweep.tracking.runs import (
     log_results,
     tracked_run,

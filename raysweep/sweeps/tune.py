@@ -44,7 +44,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from raysweep import presets
 from raysweep.errors import ConfigError, UserError
-from raysweep.sweep.ledger import (
+from raysweep.sweeps.ledger import (
     SPACE_COPY,
     STATE_FILE,
     TRIALS,
@@ -56,9 +56,9 @@ from raysweep.sweep.ledger import (
     _TrialLedger,
     _write_state,
 )
-from raysweep.sweep.space import SearchSpace, load_search_space
-from raysweep.sweep.summary import _summarise
-from raysweep.sweep.trial import TrialContext, _trial
+from raysweep.sweeps.space import SearchSpace, load_search_space
+from raysweep.sweeps.summary import _summarise
+from raysweep.sweeps.trial import TrialContext, _trial
 from raysweep.tracking.runs import (
     DEFAULT_EXPERIMENT,
     check_tracking,

@@ -15,8 +15,8 @@ from mlflow.entities import Metric
 from optuna.trial import TrialState
 from ray.tune import Callback
 
-from raysweep.sweep.space import SearchSpace
-from raysweep.sweep.trial import _objectives
+from raysweep.sweeps.space import SearchSpace
+from raysweep.sweeps.trial import _objectives
 from raysweep.tracking.runs import (
     experiment_id,
 )

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from mlflow import MlflowClient
 
 from raysweep import plots
 from raysweep.config import dump_config, validate_config
-from raysweep.evaluation.report import masking_flags_of
-from raysweep.sweep.champion import strong_figures
+from raysweep.errors import UserError
+from raysweep.evaluation.report import masking_flags_of, scalars_of
+from raysweep.sweeps.champion import strong_figures
+from raysweep.sweeps.ledger import STATE_FILE, _records
 from raysweep.tracking.registry import register as register_model
 from raysweep.tracking.registry import resolve_checkpoint
 from raysweep.tracking.runs import (
@@ -107,3 +110,22 @@ def _color(params: dict, name: str | None):
         return params[name]
     items = [v for k, v in sorted(params.items()) if k.startswith(name + ".")]  # per-member: their mean
     return sum(items) / len(items) if items else None
+
+
+def trials_table(sweep_dir: str | Path):
+    """A sweep's trials as a pandas DataFrame, one row per trial that ended (finished, failed, infeasible
+    or stopped early): trial_id, status, the searched values (one column per parameter, named by its
+    path), every named result of a finished trial (robust_acc/pgd/0.1, ...), mlflow_run_id, checkpoint
+    and, for a failed one, error. Read from the sweep directory's records (no Ray, no MLflow server)."""
+    import pandas as pd
+
+
+    sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / STATE_FILE).is_file():
+        raise UserError(f"{sweep_dir}: no sweep there ({STATE_FILE} missing)")
+    rows = []
+    for rec in _records(sweep_dir):
+        rows.append({"trial_id": rec["trial_id"], "status": rec["status"], **rec.get("params", {}),
+                     **scalars_of(rec.get("metrics") or {}), "mlflow_run_id": rec.get("mlflow_run_id"),
+                     "checkpoint": rec.get("checkpoint"), "error": rec.get("error")})
+    return pd.DataFrame(rows)
