@@ -90,7 +90,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
 
 def __getattr__(name: str) -> Any:
     # Importing the package imports no torch: every Ray worker of a raysweep job imports
-    # raysweep.errors at start (its setup hook), and most of them never train.
+    # raysweep.terminal at start (its setup hook), and most of them never train.
     if name == "Ensemble":
         from raysweep.core.ensemble import Ensemble
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from raysweep.config import dump_config, load_config
 from raysweep.errors import UserError
+from raysweep.terminal import quiet
 
 
 def _summary(metrics: dict, out: Path) -> str:
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:  # a bare `raysweep`: the commands and what they do
         parser.print_help()
         return 0
+    quiet()  # what other libraries would print that the user cannot act on (raysweep.terminal)
     try:
         return args.func(args)
     except UserError as err:

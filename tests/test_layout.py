@@ -19,7 +19,7 @@ LAYERS = [
     ["evaluation", "methods"],
     ["regularisers", "attacks"],
     ["members", "core", "plugins", "plots", "cluster_check", "presets"],
-    ["errors"],
+    ["errors", "terminal"],
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

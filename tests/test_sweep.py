@@ -20,6 +20,7 @@ from raysweep import load
 from raysweep.errors import ConfigError
 from raysweep.sweeps.space import load_search_space
 from raysweep.sweeps.tune import run_sweep
+from raysweep.terminal import NOISE
 from raysweep.tracking.registry import register
 
 BASE = {
@@ -202,7 +203,7 @@ def test_infeasible_points_are_reported_not_fatal(ray_local, tmp_path):
                   eval={"uap": None, "jacobian_samples": 0, "diversity_samples": 0})
     summary = run_sweep(str(path), out=str(tmp_path / "out"), tracking=f"sqlite:///{tmp_path / 'm.db'}",
                         progress=False, storage=f"file://{tmp_path / 'store'}")  # a pyarrow URI
-    assert list((tmp_path / "store" / "tune-1").glob("experiment_state-*.json"))
+    assert list((tmp_path / "store" / "synth-1").glob("experiment_state-*.json"))
     best = summary["best"]  # the trial's results are in the storage, where the summary says
     assert best["storage"].startswith(f"file://{tmp_path / 'store'}") and best["checkpoint"].startswith("runs:/")
     stored = best["storage"].removeprefix("file://")
@@ -291,9 +292,14 @@ def test_killed_sweep_resumes_exactly_as_it_was_started(tmp_path):
     res = subprocess.run([*cmd[:4], str(edited), *cmd[5:], "--resume"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "differs from the search space this sweep started with" in res.stderr
-    res = subprocess.run([sys.executable, "-m", "raysweep", "sweep", "--resume", "--out", str(tmp_path / "out"),
-                          "--quiet"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-m", "raysweep", "sweep", "--resume", "--out", str(tmp_path / "out")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    # The terminal: raysweep's progress line per trial, none of Tune's tables, none of the library
+    # messages raysweep.terminal names (here Ray's token notice and each trial's checkpoint line).
+    assert "[3/3] finished" in res.stdout and "Trial status" not in res.stdout, res.stdout[-3000:]
+    for _, prefix, _ in NOISE:
+        assert not prefix or prefix not in res.stdout + res.stderr, (prefix, res.stderr[-3000:])
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["finished"] == 3
     runs = _trial_runs(client)
@@ -407,7 +413,7 @@ def test_bad_sweep_input_fails_before_any_trial(tmp_path, args, message):
                           "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", *args], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert res.returncode == 2 and message in res.stderr, res.stderr[-3000:]
-    assert "Traceback" not in res.stderr and not (tmp_path / "o" / "tune-1").exists()
+    assert "Traceback" not in res.stderr and not (tmp_path / "o" / "synth-1").exists()
 
 
 def test_train_cli_records_one_mlflow_run(tmp_path):

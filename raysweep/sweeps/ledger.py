@@ -15,7 +15,7 @@ from mlflow.entities import Metric
 from optuna.trial import TrialState
 from ray.tune import Callback
 
-from raysweep.sweeps.space import SearchSpace
+from raysweep.sweeps.space import SearchSpace, describe
 from raysweep.sweeps.trial import _objectives
 from raysweep.tracking.runs import (
     experiment_id,
@@ -56,10 +56,22 @@ def _write_record(records: Path, rec: dict) -> None:
 class _TrialLedger(Callback):
     """Driver-side Tune callback: writes one record per trial that ended (the summary and `--resume`
     read these, not Tune's state), and closes the MLflow run of a trial that died (retried), errored or
-    was stopped early (ASHA), which could not close its own: FAILED or KILLED, keeping what it logged."""
+    was stopped early (ASHA), which could not close its own: FAILED or KILLED, keeping what it logged.
+    With `log` (print), one line per trial started and ended: the sweep's progress on the terminal
+    (Tune's own tables are off)."""
 
-    def __init__(self, uri: str, experiment: str, keys: list[str], records: Path, storage: str):
+    def __init__(self, uri: str, experiment: str, keys: list[str], records: Path, storage: str,
+                 log=None, done: int = 0, total: int = 0):
         self.uri, self.experiment, self.keys, self.records, self.storage = uri, experiment, keys, records, storage
+        self.log, self.done, self.total = log, done, total
+
+    def _say(self, trial, what: str, detail: str = "") -> None:
+        if self.log is not None:
+            self.log(f"  [{self.done}/{self.total}] {what:<13} {trial.trial_id}  {describe(trial.config)}"
+                     + (f"  {detail}" if detail else ""))
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._say(trial, "started")
 
     def _close(self, trial, status):
         client = MlflowClient(self.uri)
@@ -79,6 +91,17 @@ class _TrialLedger(Callback):
             if trial.checkpoint is not None:
                 rec["storage"] = _storage_uri(self.storage, trial.checkpoint)
         _write_record(self.records, rec)
+        self.done += 1
+        if status == "finished":
+            detail = "  ".join(f"{k} {m[k]:.4f}" for k in dict.fromkeys([*self.keys, "clean_acc"]))
+            detail += f"  ({m.get('time_total_s', 0):.0f} s)"
+        elif status == "stopped_early":
+            detail = f"by ASHA after epoch {m.get('epoch', '?')}"
+        elif status == "infeasible":
+            detail = m.get("infeasible_why", "")
+        else:
+            detail = str(extra.get("error", "")).strip().splitlines()[-1:][0][:200] if extra.get("error") else ""
+        self._say(trial, status.replace("_", " "), detail)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         """An epoch of a running trial: its row goes to the trial's MLflow run now, in one batch."""

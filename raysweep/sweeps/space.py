@@ -160,6 +160,23 @@ class SearchSpace:
         return raw
 
 
+def describe(values: dict) -> str:
+    """Sampled values in a line: the last part of each path, floats to 3 significant digits
+    (`lambda_jr=0.0017 k=3 method=bagging`); per-member lists as `eps=[0.03,0.05]`."""
+    lists: dict[str, dict[int, Any]] = {}
+    flat: dict[str, Any] = {}
+    for name, value in values.items():
+        head, _, last = name.rpartition(".")
+        if last.isdigit():
+            lists.setdefault(head, {})[int(last)] = value
+        else:
+            flat[name] = value
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    parts = [f"{n.rpartition('.')[2]}={fmt(v)}" for n, v in flat.items()]
+    parts += [f"{n.rpartition('.')[2]}=[{','.join(fmt(items[i]) for i in sorted(items))}]" for n, items in lists.items()]
+    return " ".join(parts)
+
+
 def _parse_param(path: str, spec, where: str) -> Param:
     if not isinstance(spec, dict) or len(spec) != 1:
         raise ConfigError(f"{where}: expected one distribution such as {{uniform: [low, high]}}, got {spec!r}")

@@ -13,9 +13,10 @@ import ray.tune
 from mlflow import MlflowClient
 
 from raysweep.config import validate_config
-from raysweep.errors import ConfigError, quiet_interrupts
+from raysweep.errors import ConfigError
+from raysweep.terminal import quiet
 from raysweep.run import train_and_evaluate
-from raysweep.sweeps.space import SearchSpace
+from raysweep.sweeps.space import SearchSpace, describe
 from raysweep.tracking.runs import (
     log_results,
     tracked_run,
@@ -45,8 +46,17 @@ def _last_report(metrics: dict, checkpoint_dir: Path | None = None) -> None:
         pass  # Tune may end the trial's thread at its last report; everything is logged: the run is complete
 
 
+def run_name(space: SearchSpace, values: dict, trial_id: str) -> str:
+    """What the MLflow UI shows for a trial: its sampled values first (the runs table truncates), the
+    method and K when they were not searched, the trial id (`lambda_jr=0.0017 bagging k=3 · fa7ad53d`)."""
+    base = space.base_cfg.ensemble
+    fixed = ([base.method] if "ensemble.method" not in values else []) + (
+        [f"k={base.k}"] if "ensemble.k" not in values else [])
+    return " ".join([describe(values), *fixed, "·", trial_id])
+
+
 def _trial(values: dict, ctx: TrialContext) -> None:
-    quiet_interrupts()  # also when Ray was started by the caller, without raysweep's setup hook
+    quiet()  # also when Ray was started by the caller, without raysweep's setup hook
     trial = ray.tune.get_context()
     trial_id = trial.get_trial_id()
     raw = ctx.space.trial_config(values)
@@ -57,14 +67,16 @@ def _trial(values: dict, ctx: TrialContext) -> None:
     # An interrupted sweep marks its parent run KILLED before it settles its trials' runs (run_sweep); a
     # trial still running in its stopping actor then ends KILLED, as the sweep will count it, not FINISHED.
     sweep_running = lambda: MlflowClient(ctx.uri).get_run(ctx.parent_run_id).info.status == "RUNNING"  # noqa: E731
-    with tracked_run(ctx.uri, ctx.experiment, raw["name"], raw, tags, still_wanted=sweep_running) as (client, run_id):
+    with tracked_run(ctx.uri, ctx.experiment, run_name(ctx.space, values, trial_id), raw, tags,
+                     still_wanted=sweep_running) as (client, run_id):
         for name, value in values.items():  # the whole config is in the params; the sampled values also as tags
             client.set_tag(run_id, f"searched.{name}", str(value))
         try:
             cfg = validate_config(raw, f"trial {trial_id}")
         except ConfigError as err:
             client.set_tag(run_id, "raysweep.infeasible", str(err)[:5000])
-            _last_report({**_objectives(ctx.space, None), "infeasible": 1, "mlflow_run_id": run_id})
+            _last_report({**_objectives(ctx.space, None), "infeasible": 1, "mlflow_run_id": run_id,
+                          "infeasible_why": str(err).strip().splitlines()[-1].strip()[:300]})
             return
         # Scratch space on this node; what outlives the trial goes to storage and MLflow below.
         out = Path(trial.get_trial_dir()) / "run"

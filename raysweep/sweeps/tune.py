@@ -208,6 +208,9 @@ def _tune(space: SearchSpace, state: dict, sweep_dir: Path, done: int, remaining
     """Run `remaining` trials with a fresh Tuner; True when interrupted (SIGINT, SIGTERM)."""
     s, uri, keys = space.search, state["tracking_uri"], [o.key for o in space.search.objective]
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # epoch reports carry no objective yet
+    # The ledger prints the sweep's progress: Tune's newer output engine prints its experiment header
+    # (and a TensorBoard hint) even at verbose=0, the older one nothing.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     connect(address)
     warn_if_local_storage(state["storage"], "--storage")
     ctx = TrialContext(space, uri, state["experiment"], state["parent_run_id"], state["storage"], state["run_tags"])
@@ -225,12 +228,19 @@ def _tune(space: SearchSpace, state: dict, sweep_dir: Path, done: int, remaining
         scheduler = ASHAScheduler(metric=s.asha.metric, mode="max", time_attr="epoch",
                                   max_t=space.base_cfg.train.epochs, grace_period=s.asha.grace_period,
                                   reduction_factor=s.asha.reduction_factor)
-    ledger = _TrialLedger(uri, state["experiment"], keys, sweep_dir / TRIALS, state["storage"])
+    ledger = _TrialLedger(uri, state["experiment"], keys, sweep_dir / TRIALS, state["storage"],
+                          log=print if progress else None, done=done, total=state["samples"])
+    # Named after the sweep: the Tune experiment (its folder in storage) and each trial (its folder: the id).
     tuner = ray.tune.Tuner(trainable, run_config=ray.tune.RunConfig(
-        name=f"tune-{state['attempts']}", storage_path=state["storage"], callbacks=[ledger],
-        failure_config=ray.tune.FailureConfig(max_failures=s.max_failures), verbose=1 if progress else 0),
+        name=f"{space.name}-{state['attempts']}", storage_path=state["storage"], callbacks=[ledger],
+        failure_config=ray.tune.FailureConfig(max_failures=s.max_failures), verbose=0),
         tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,
-                                        max_concurrent_trials=_max_concurrent(space)))
+                                        max_concurrent_trials=_max_concurrent(space),
+                                        trial_name_creator=lambda t: f"{space.name}-{t.trial_id}",
+                                        trial_dirname_creator=lambda t: t.trial_id))
+    if progress:
+        print(f"sweep {space.name}: {remaining} of {state['samples']} trials to run, up to {_max_concurrent(space)} at "
+              f"a time, maximising {', '.join(keys)}; MLflow {uri} (experiment {state['experiment']})")
     try:
         with _sigterm_as_sigint():
             tuner.fit()

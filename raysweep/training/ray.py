@@ -172,9 +172,9 @@ def connect(address: str | None = None) -> None:
             raise UserError(f"{where}: no Ray head answers there ({err.strerror or err}); start one with "
                             "`ray start --head` or fix the address") from None
     try:
-        # Every worker of the job first quiets the interrupt tracebacks a Ctrl-C'd sweep would print.
+        # Every worker of the job first quiets what it cannot act on (raysweep.terminal).
         ray.init(address=address, logging_level="warning",
-                 runtime_env={"worker_process_setup_hook": "raysweep.errors.quiet_interrupts"})
+                 runtime_env={"worker_process_setup_hook": "raysweep.terminal.quiet"})
     except (ConnectionError, ValueError, RuntimeError) as err:
         raise UserError(f"{where}: cannot join a Ray cluster there: {str(err).strip().splitlines()[0][:300]}") from None
 
