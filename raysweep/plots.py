@@ -25,14 +25,28 @@ def robustness_curves(metrics: dict, path: Path) -> Path:
     return save(fig, path, dpi=120)
 
 
-def uap_images(deltas: dict, path: Path) -> Path:
-    fig, axes = plt.subplots(1, len(deltas), figsize=(2.2 * len(deltas), 2.4), squeeze=False)
-    for ax, (eps, d) in zip(axes[0], sorted(deltas.items())):
+def uap_images(deltas: dict, path: Path, example=None) -> Path:
+    """Top row: each eps's UAP (one perturbation for every image), with a colour bar in pixel units
+    (a grey-scale UAP in a diverging map, a colour one as its RGB shifted to mid-grey). Bottom row,
+    given `example` (one test image [C,H,W] in [0,1]): that image with the UAP added and clipped, as
+    the ensemble sees it under attack."""
+    rows = 2 if example is not None else 1
+    fig, axes = plt.subplots(rows, len(deltas), figsize=(2.6 * len(deltas), 2.5 * rows), squeeze=False)
+    for col, (eps, d) in enumerate(sorted(deltas.items())):
         img = d.permute(1, 2, 0).squeeze(-1).numpy()
-        ax.imshow((img / (2 * eps) + 0.5) if eps > 0 else img, cmap="seismic" if img.ndim == 2 else None,
-                  vmin=0, vmax=1)
-        ax.set_title(f"UAP eps={eps}")
+        ax = axes[0][col]
+        if img.ndim == 2:
+            im = ax.imshow(img, cmap="seismic", vmin=-eps, vmax=eps)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="perturbation")
+        else:
+            ax.imshow(img / (2 * eps) + 0.5 if eps > 0 else img, vmin=0, vmax=1)
+        ax.set_title(f"UAP, eps={eps}", fontsize=9)
         ax.axis("off")
+        if example is not None:
+            attacked = (example + d).clamp(0, 1).permute(1, 2, 0).squeeze(-1).numpy()
+            axes[1][col].imshow(attacked, cmap="gray" if attacked.ndim == 2 else None, vmin=0, vmax=1)
+            axes[1][col].set_title(f"a test image + UAP {eps}", fontsize=9)
+            axes[1][col].axis("off")
     return save(fig, path, dpi=120)
 
 
@@ -54,10 +68,11 @@ def tradeoff(points: list[dict], robust_name: str, color_name: str | None, path:
             sel = [p for p in points if str(p["color"]) == value]
             ax.scatter([p["clean"] for p in sel], [p["robust"] for p in sel], label=f"{color_name}={value}", s=36,
                        edgecolors="k", linewidths=0.4, zorder=3)
-        ax.legend(fontsize=8)
     if front:
         xs, ys = zip(*sorted(front))
         ax.plot(xs, ys, color="crimson", linestyle="--", marker="D", markersize=5, label="Pareto front", zorder=2)
+    if ax.get_legend_handles_labels()[0]:  # the Pareto front, and the colours when they are categories
+        ax.legend(fontsize=8)
     ax.set(xlabel="clean accuracy", ylabel=robust_name, title=f"trade-off over {len(points)} trials")
     ax.grid(alpha=0.3)
     return save(fig, path, dpi=120)

@@ -49,7 +49,7 @@ def _write_results(out: Path, cfg: RunConfig, metrics: dict, artifacts: dict) ->
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plots.robustness_curves(metrics, out / "acc_vs_eps.png")
     if artifacts.get("uap_deltas"):
-        plots.uap_images(artifacts["uap_deltas"], out / "uap.png")
+        plots.uap_images(artifacts["uap_deltas"], out / "uap.png", artifacts.get("uap_example"))
         save_file({f"eps_{e}": d.contiguous() for e, d in artifacts["uap_deltas"].items()}, str(out / "uap.safetensors"))
 
 

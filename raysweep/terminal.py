@@ -5,12 +5,13 @@ Ray's worker_process_setup_hook, every Ray worker of their job) call `quiet()` f
   finalizer or a weakref callback too, and even while one is still starting: a KeyboardInterrupt, or
   the SystemExit that Ray's SIGTERM handler raises in a worker it stops. Python would print either
   there as an 'Exception ignored' traceback.
-- NOISE: library messages raysweep cannot act on, each named with why. Anything else, every warning
-  and error included, still shows.
+- NOISE, WARNINGS, ENVIRONMENT: library messages raysweep cannot act on, each named with why.
+  Anything else, every other warning and error included, still shows.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 
@@ -25,15 +26,27 @@ NOISE = [
     ("ray.train._internal.storage", "Checkpoint successfully created",
      "one line per trial and checkpoint; the sweep's own progress lines and summary say where results are"),
     ("ray.train.v2._internal.execution.storage", "Checkpoint successfully created", "as above (Ray Train v2)"),
+    ("mlflow.utils.environment", "Failed to resolve installed pip version",
+     "uv-made environments have no pip; the registered model lists its requirements itself"),
+    ("mlflow.utils.uv_utils", "",
+     "'Detected uv project' / 'Copied uv.lock to model artifacts': MLflow storing the lock beside a registered "
+     "model, as it should"),
 ]
-# (category, start of the message, module), why it is dropped
+# (category, text in the message), why it is dropped: MLflow's, raised while it logs the registered
+# model. Dropped where warnings are shown (warnings.showwarning), not by a filter: MLflow wraps that
+# code in its own catch_warnings with a "once" filter in front of every other.
 WARNINGS = [
-    (UserWarning, "Add type hints to the `predict` method", "mlflow",
+    (UserWarning, "Add type hints to the `predict` method",
      "the registered model checks and converts its input itself (pyfunc_model.py: float or uint8 images), "
      "which type-hint validation would replace"),
-    (UserWarning, "An input example was not provided", "mlflow",
+    (UserWarning, "An input example was not provided",
      "the model's input rule is in its metadata; an example would store test images in every registered model"),
 ]
+# Environment defaults (a user's own setting wins), why
+ENVIRONMENT = {
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": ("false", "a progress bar per artifact download, e.g. each champion "
+                                             "candidate's checkpoint: a few kilobytes each"),
+}
 
 
 class _Drop(logging.Filter):
@@ -59,5 +72,14 @@ def quiet() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _Drop) and f.prefix == prefix for f in logger.filters):
             logger.addFilter(_Drop(prefix))
-    for category, message, module, _ in WARNINGS:
-        warnings.filterwarnings("ignore", message=f"(?s).*{message}", category=category, module=module)
+    if not getattr(warnings.showwarning, "raysweep_quiet", False):
+        shown = warnings.showwarning
+
+        def show(message, category, *args, **kwargs):
+            if not any(issubclass(category, c) and text in str(message) for c, text, _ in WARNINGS):
+                shown(message, category, *args, **kwargs)
+
+        show.raysweep_quiet = True
+        warnings.showwarning = show
+    for name, (value, _) in ENVIRONMENT.items():
+        os.environ.setdefault(name, value)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -77,7 +78,17 @@ def test_sweep_records_every_trial_in_mlflow(sweep):
         assert {"weighted_acc", "clean_acc", "mean_uap_acc", "train/loss"} <= run.data.metrics.keys()
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.json", "acc_vs_eps.png",
                                                                             "uap.png", "checkpoint"}
-    assert "tradeoff.png" in {a.path for a in client.list_artifacts(parent)}
+    assert {"tradeoff.png", "pareto.csv"} <= {a.path for a in client.list_artifacts(parent)}
+    pareto = pd.read_csv(tmp_dir(summary) / "pareto.csv", dtype={"trial_id": str})
+    assert 1 <= len(pareto) and set(pareto.trial_id) <= {r["trial_id"] for r in summary["finished_trials"]}
+    # What the MLflow UI shows: runs named by their sampled values and id, the whole config as params
+    # (defaults too), a description on each run page
+    for run in children:
+        assert "lambda_jr=" in run.info.run_name and "method=" in run.info.run_name and run.info.run_name.endswith(
+            run.data.tags["raysweep.trial_id"])
+        assert run.data.params["eval.batch_size"] and run.data.params["train.schedule"]  # not in the YAML
+        assert run.data.tags["mlflow.note.content"].startswith(f"Trial `{run.data.tags['raysweep.trial_id']}`")
+    assert "Best: trial" in client.get_run(parent).data.tags["mlflow.note.content"]
     best = summary["best"]
     best_run = client.get_run(best["mlflow_run_id"])
     assert best_run.data.metrics["weighted_acc"] == pytest.approx(best["weighted_acc"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from tqdm.auto import tqdm
 
 from raysweep.attacks.uap import UAPConfig, evaluate_uap
@@ -42,3 +43,4 @@ class UniversalPerturbations(Evaluation):
                           "craft_on": u.craft_on, "selection_size": min(u.selection_size, len(craft)),
                           "objective": u.objective, "step_rule": u.step_rule})
         report.artifacts["uap_deltas"] = res["deltas"]
+        report.artifacts["uap_example"] = data.test.batch(torch.tensor([0]))[0][0]  # for the picture

@@ -173,7 +173,8 @@ def describe(values: dict) -> str:
             flat[name] = value
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
     parts = [f"{n.rpartition('.')[2]}={fmt(v)}" for n, v in flat.items()]
-    parts += [f"{n.rpartition('.')[2]}=[{','.join(fmt(items[i]) for i in sorted(items))}]" for n, items in lists.items()]
+    parts += [f"{n.rpartition('.')[2]}=[{','.join(fmt(items[i]) for i in sorted(items))}]"
+              for n, items in lists.items()]
     return " ".join(parts)
 
 

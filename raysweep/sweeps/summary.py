@@ -12,6 +12,7 @@ from raysweep.errors import UserError
 from raysweep.evaluation.report import masking_flags_of, scalars_of
 from raysweep.sweeps.champion import strong_figures
 from raysweep.sweeps.ledger import STATE_FILE, _records
+from raysweep.sweeps.space import describe
 from raysweep.tracking.registry import register as register_model
 from raysweep.tracking.registry import resolve_checkpoint
 from raysweep.tracking.runs import (
@@ -53,7 +54,7 @@ def _summarise(space, state, records, sweep_dir, client, keys, seconds, interrup
             f"# best trial {best['trial_id']}: checkpoint {best['checkpoint']}"
             + (f", also at {best['storage']}" if best.get("storage") else "") + "\n" + dump_config(best_cfg))
         _tradeoff(s, keys, rows, sweep_dir)
-        for name in ("tradeoff.png", "best.yaml"):
+        for name in ("tradeoff.png", "pareto.csv", "best.yaml"):
             client.log_artifact(parent_id, str(sweep_dir / name))
         client.log_metric(parent_id, f"best/{keys[0]}", best[keys[0]])
     client.log_metric(parent_id, "trials_finished", len(rows))
@@ -64,8 +65,26 @@ def _summarise(space, state, records, sweep_dir, client, keys, seconds, interrup
         summary["closed_runs"] = closed
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     client.log_artifact(parent_id, str(sweep_dir / "summary.json"))
+    client.set_tag(parent_id, "mlflow.note.content", _description(space.name, summary))
     client.set_terminated(parent_id, {"interrupted": "KILLED", "failed": "FAILED"}.get(summary["status"], "FINISHED"))
     return summary
+
+
+def _description(name: str, s: dict) -> str:
+    """The parent run page's description: what the sweep did, its best trial and where things are."""
+    text = (f"Sweep **{name}** ({s['status']}): {s['finished']} of {s['samples']} trials finished ({s['failed']} "
+            f"failed, {s['stopped_early']} stopped early, {s['infeasible']} infeasible) in {s['seconds']:.0f} s, "
+            f"maximising {', '.join(s['objectives'])}. Each trial is a child run.")
+    if "best" in s:
+        b = s["best"]
+        text += (f" Best: trial `{b['trial_id']}`, {describe(b['params'])}: "
+                 + ", ".join(f"{k} **{b[k]:.4f}**" for k in dict.fromkeys([*s["objectives"], "clean_acc"]))
+                 + ". Artifacts: tradeoff.png (clean vs robust accuracy, Pareto front), pareto.csv (the front's "
+                   "trials), best.yaml (the best trial's config), summary.json.")
+    if "registered" in s:
+        r = s["registered"]
+        text += f" Registered as `models:/{r['name']}/{r['version']}`."
+    return text
 
 
 def _register(space, state, rows, key, sweep_dir) -> tuple[list[dict], dict]:
@@ -88,13 +107,21 @@ def _register(space, state, rows, key, sweep_dir) -> tuple[list[dict], dict]:
 
 
 def _tradeoff(s, keys, rows, sweep_dir) -> None:
+    """tradeoff.png (clean vs robust accuracy of every finished trial, the Pareto front drawn through)
+    and pareto.csv (the front's trials: their figures, searched values and MLflow runs)."""
+    import pandas as pd
+
     color = s.color_by or s.params and next(iter(s.params))
     robust_key = keys[1] if s.multi else {"weighted_acc": "mean_uap_acc"}.get(keys[0], keys[0])
     points = [{"clean": r["clean_acc"], "robust": _metric(r, robust_key), "color": _color(r["params"], color),
                "objective": r[keys[0]]} for r in rows]
-    front = [(r["clean_acc"], _metric(r, robust_key)) for r in _pareto(
-        [{**r, robust_key: _metric(r, robust_key)} for r in rows], ["clean_acc", robust_key])]
-    plots.tradeoff(points, robust_key, color, sweep_dir / "tradeoff.png", front)
+    front = sorted(_pareto([{**r, robust_key: _metric(r, robust_key)} for r in rows], ["clean_acc", robust_key]),
+                   key=lambda r: r["clean_acc"])
+    plots.tradeoff(points, robust_key, color, sweep_dir / "tradeoff.png",
+                   [(r["clean_acc"], r[robust_key]) for r in front])
+    pd.DataFrame([{"trial_id": r["trial_id"], **{k: r[k] for k in dict.fromkeys(["clean_acc", robust_key, *keys])},
+                   **r["params"], "mlflow_run_id": r["mlflow_run_id"]} for r in front]).to_csv(
+        sweep_dir / "pareto.csv", index=False)
 
 
 def _metric(row: dict, key: str) -> float:

@@ -14,10 +14,11 @@ from mlflow import MlflowClient
 
 from raysweep.config import validate_config
 from raysweep.errors import ConfigError
-from raysweep.terminal import quiet
 from raysweep.run import train_and_evaluate
 from raysweep.sweeps.space import SearchSpace, describe
+from raysweep.terminal import quiet
 from raysweep.tracking.runs import (
+    log_resolved_params,
     log_results,
     tracked_run,
 )
@@ -78,6 +79,7 @@ def _trial(values: dict, ctx: TrialContext) -> None:
             _last_report({**_objectives(ctx.space, None), "infeasible": 1, "mlflow_run_id": run_id,
                           "infeasible_why": str(err).strip().splitlines()[-1].strip()[:300]})
             return
+        log_resolved_params(client, run_id, raw, cfg)  # the defaults the YAML left out, as params too
         # Scratch space on this node; what outlives the trial goes to storage and MLflow below.
         out = Path(trial.get_trial_dir()) / "run"
 
@@ -102,6 +104,11 @@ def _trial(values: dict, ctx: TrialContext) -> None:
             return
         log_results(client, run_id, out, metrics, logged_epochs=cfg.train.epochs - 1)  # the driver logged those
         objectives = _objectives(ctx.space, metrics)
+        client.set_tag(run_id, "mlflow.note.content", (  # the run page's description
+            f"Trial `{trial_id}` of sweep **{ctx.space.name}**, sampled {describe(values)}: "
+            + ", ".join(f"{k} **{v:.4f}**" for k, v in {**objectives, "clean_acc": metrics["clean_acc"]}.items())
+            + f". Re-evaluate: `raysweep evaluate runs:/{run_id}/checkpoint`; load: "
+              f"`raysweep.load(\"runs:/{run_id}/checkpoint\")`."))
         final = {**objectives, "clean_acc": metrics["clean_acc"], "infeasible": 0, "epoch": cfg.train.epochs,
                  "node_id": node,
                  "train_acc": metrics["train"]["history"][-1]["train_acc"], "mlflow_run_id": run_id,

@@ -12,9 +12,10 @@ it never moves to a flagged version.
 """
 from __future__ import annotations
 
+import io
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 import mlflow
@@ -125,7 +126,9 @@ def register(name: str, checkpoint: str | Path, run_id: str, uri: str, objective
     if strong is not None:
         tags.update(strong_objective=strong["strong_objective"], strong_value=str(strong["strong_value"]),
                     masking_flags=",".join(strong["masking_flags"]))
-    with _using(uri):
+    # MLflow prints "Successfully registered model" and "Created version" straight to stderr; the
+    # caller reports the registration itself (and any error still raises).
+    with _using(uri), redirect_stderr(io.StringIO()):
         version = mlflow.register_model(model_uri, name, tags=tags)
     key, value_tag = _ranking(tags)
     champ = _champion(client, name)

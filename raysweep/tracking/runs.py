@@ -101,7 +101,9 @@ def experiment_id(name: str, uri: str) -> str:
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        # A model-training experiment: MLflow 3's UI opens its runs table, not the GenAI traces overview.
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
     except MlflowException:  # created by another process since the lookup
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -119,6 +121,15 @@ def flat_params(raw: dict, prefix: str = "") -> dict[str, str]:
         else:
             out[name] = json.dumps(value)[:6000] if isinstance(value, (list, type(None))) else str(value)
     return out
+
+
+def log_resolved_params(client, run_id: str, raw: dict, cfg) -> None:
+    """Log the validated config's values that the raw one (already logged) left to their defaults, so
+    every run's params show the whole config it ran with."""
+    logged = flat_params(raw)
+    extra = [Param(k, v) for k, v in flat_params(cfg.model_dump(mode="json")).items() if k not in logged]
+    for i in range(0, len(extra), 100):  # log_batch takes at most 100 params
+        client.log_batch(run_id, params=extra[i:i + 100])
 
 
 def flat_metrics(metrics: dict) -> dict[str, float]:
@@ -180,4 +191,9 @@ def log_train_run(cfg: RunConfig, out: Path, uri: str, experiment: str, train, t
                      {**context_tags(), **(tags or {"raysweep.kind": "train"})}) as (c, rid):
         metrics = train()
         log_results(c, rid, out, metrics)
+        e = cfg.ensemble
+        c.set_tag(rid, "mlflow.note.content", (  # the run page's description
+            f"**{cfg.name}**: {e.method} ensemble of K={e.k} {cfg.model.arch}, {cfg.train.epochs} epochs on "
+            f"{cfg.data.dataset}: " + ", ".join(f"{k} **{v:.4f}**" for k, v in list(scalars_of(metrics).items())[:6])
+            + f". Every result: metrics.json; re-evaluate: `raysweep evaluate runs:/{rid}/checkpoint`."))
         return metrics, rid
