@@ -31,7 +31,14 @@ def _summary(metrics: dict, out: Path) -> str:
         lines.append(f"  {ladder['level']} protocol at {eps}: images broken by " + ", ".join(
             f"{s} {n}" for s, n in r["broken"].items() if n) + f" in {sum(r['seconds'].values()):.0f} s")
     lines += [f"MASKING FLAG {name}: {why}" for name, why in masking_flags_of(metrics).items()]
-    lines.append(f"wrote {out / 'metrics.json'}")
+    seconds = [f"training {metrics['train']['seconds']:.0f}"] if "train" in metrics else []
+    if "eval_seconds" in metrics:
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in metrics.get("eval_stage_seconds", {}).items())
+        seconds.append(f"evaluation {metrics['eval_seconds']:.0f}" + (f" ({stages})" if stages else ""))
+    if seconds:
+        lines.append("seconds: " + "; ".join(seconds))
+    lines.append(f"wrote {out / 'metrics.json'}" + (f", the checkpoint in {out / 'checkpoint'}"
+                                                     if (out / "checkpoint").is_dir() else ""))
     return "\n".join(lines)
 
 

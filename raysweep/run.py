@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from raysweep import plots
 from raysweep.config import RunConfig, checkpoint_config, dump_config, validate_config
@@ -34,12 +35,17 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
     clean, members = accuracies(ctx.stacked_fn, data.test, ctx.weights, ctx.how, cfg.eval.batch_size, ctx.device)
     report.add("clean_acc", clean, images=len(data.test))
     report.details.update(clean_acc=clean, member_clean_acc=members)
-    for key, evaluation in EVALUATIONS.items():
-        section = getattr(cfg.eval, key)
-        if evaluation.enabled(section):
-            evaluation(section).run(ctx, report)
+    stages = {"clean": time.perf_counter() - start}
+    enabled = [(key, e) for key, e in EVALUATIONS.items() if e.enabled(getattr(cfg.eval, key))]
+    with tqdm(enabled, desc="evaluation", unit="stage", disable=not progress, leave=False) as bar:
+        for key, evaluation in bar:  # one stage per evaluation; the long ones show their own bar inside
+            bar.set_postfix_str(key)
+            t = time.perf_counter()
+            evaluation(getattr(cfg.eval, key)).run(ctx, report)
+            stages[key] = time.perf_counter() - t
     report.add_worst_case()
     report.details["eval_seconds"] = time.perf_counter() - start
+    report.details["eval_stage_seconds"] = stages
     return report
 
 
