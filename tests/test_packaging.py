@@ -100,21 +100,21 @@ def test_the_wheel_works_outside_the_clone(tmp_path):
     assert "to train" in run("reproduce", "robust-ensembles", "--dry-run")
 
 
-def _readme_python_blocks() -> str:
+def _readme_python_blocks() -> list[str]:
     text = (repo_root() / "README.md").read_text()
-    section = text[text.index("### Python API"):]
-    section = section[:section.index("\n### ", 5)]
-    return "\n".join(block.split("```", 1)[0] for block in section.split("```python\n")[1:])
+    return [block.split("\n```", 1)[0] for block in text.split("```python\n")[1:]]
 
 
 @pytest.mark.slow
-def test_the_readmes_python_example_runs(tmp_path):
-    """The README's Python API example, as written, in an empty folder with the default MLflow store."""
-    code = _readme_python_blocks()
-    assert "raysweep.sweep(" in code and "raysweep.results(" in code
+def test_the_readmes_python_examples_run(tmp_path):
+    """Every Python example of the README, as written, in order, in one process started in an empty
+    folder with the default MLflow store: the API example, then the plug-in example."""
+    blocks = _readme_python_blocks()
+    assert len(blocks) >= 2 and "raysweep.sweep(" in blocks[0] and "@register" in blocks[1]
+    code = "\n\n".join(blocks)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=tmp_path,
                          env={**env, "RAY_ADDRESS": ""})
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "weighted" in res.stdout and (tmp_path / "mlflow.db").is_file()
+    assert "weighted" in res.stdout and "K=" in res.stdout and (tmp_path / "mlflow.db").is_file()
     assert (tmp_path / "runs" / "api-eval" / "metrics.json").is_file()
