@@ -106,7 +106,7 @@ def _cmd_sweep(args) -> int:
 
 def _preview_sweep(args) -> int:
     from raysweep import presets
-    from raysweep.sweeps.space import load_search_space
+    from raysweep.sweeps.space import describe, load_search_space
 
     if args.space is None:
         raise UserError("--dry-run previews a search space file: give one (a resumed sweep has its points already)")
@@ -124,9 +124,8 @@ def _preview_sweep(args) -> int:
     print(f"the seeded sampler's first {n} points, before any result comes back (later points follow the "
           "results):")
     for i, p in enumerate(points):
-        values = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p["params"].items())
-        print(f"  {i:>3}  {values}" + ("  INFEASIBLE: " + p["infeasible"].splitlines()[-1].strip()
-                                         if p["infeasible"] else ""))
+        print(f"  {i:>3}  {describe(p['params'])}" + ("  INFEASIBLE: " + p["infeasible"].splitlines()[-1].strip()
+                                                     if p["infeasible"] else ""))
     print("dry run: nothing trained, nothing recorded")
     return 0
 
@@ -179,6 +178,7 @@ def _cmd_check_cluster(args) -> int:
 
 def _cmd_reproduce(args) -> int:
     from raysweep.reproduce import plan, reproduce
+    from raysweep.sweeps.space import describe
 
     if args.dry_run:
         p = plan(args.name, args.study, args.out)
@@ -189,7 +189,7 @@ def _cmd_reproduce(args) -> int:
         for v in p.get("variants", []):
             print(f"  {v['name']:<24} {v['group']:<16} {'done (reused)' if v['done'] else 'to train'}")
         for i, pt in enumerate(p.get("points", [])):
-            print(f"  sweep point {i}: {pt['params']}" + (" (infeasible)" if pt["infeasible"] else ""))
+            print(f"  sweep point {i}: {describe(pt['params'])}" + (" (infeasible)" if pt["infeasible"] else ""))
         if p.get("checks"):
             print("then the study's checks re-evaluate the best variants under a stronger evaluation")
         print("dry run: nothing trained, nothing recorded")

@@ -99,8 +99,8 @@ class _TrialLedger(Callback):
             detail = f"by ASHA after epoch {m.get('epoch', '?')}"
         elif status == "infeasible":
             detail = m.get("infeasible_why", "")
-        else:
-            detail = str(extra.get("error", "")).strip().splitlines()[-1:][0][:200] if extra.get("error") else ""
+        else:  # failed: the error's last line
+            detail = "".join(str(extra.get("error") or "").strip().splitlines()[-1:])[:200]
         self._say(trial, status.replace("_", " "), detail)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
