@@ -4,6 +4,9 @@ LeNet-5 members, B=128: plain joint step, Ensemble-Adv (IFGSM N=7 on the average
 Step times are measured inside the training loop (epoch seconds / steps, best of the epochs after
 the first), so the Ray run's 15-20 s start-up is reported separately, not mixed into the step.
 Local: all members in this process with all cores; Ray: one worker per member, cores split evenly.
+
+Then a pack: the four cases at K=2 trained one after another in one Ray Train run
+(fit_pack_on_ray) against four separate runs (fit_on_ray each), wall time of each whole call.
 """
 import os
 import time
@@ -14,7 +17,7 @@ from common import header
 
 from raysweep.config import validate_config
 from raysweep.core.data import load_dataset, steps_per_epoch
-from raysweep.training.ray import fit_on_ray
+from raysweep.training.ray import fit_on_ray, fit_pack_on_ray
 from raysweep.training.trainer import fit
 
 CASES = {
@@ -60,6 +63,18 @@ def main():
             print(f"{name:<20} {k:>2} {local:9.1f} {remote:8.1f} {remote / local:9.2f} "
                   f"{got.info['bytes_per_step']:11.0f} {overhead:15.1f}", flush=True)
     print(f"(torch {torch.__version__}; Ray workers get {cpus}/K CPUs each and one thread per whole CPU)")
+
+    cfgs = [_cfg(2, train, {"kind": "ray", "ray": {"cpus_per_worker": cpus / 2}}) for train in CASES.values()]
+    data = load_dataset(cfgs[0].data, 0)
+    t0 = time.perf_counter()
+    for cfg in cfgs:
+        fit_on_ray(cfg, data, "runs/bench_ray", progress=False)
+    separate = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fit_pack_on_ray(cfgs, "runs/bench_ray", [data] * len(cfgs), progress=False)
+    packed = time.perf_counter() - t0
+    print(f"\n{len(cfgs)} configs (the cases above, K=2): {len(cfgs)} separate Ray Train runs {separate:.1f} s, one "
+          f"packed run {packed:.1f} s: separate/packed {separate / packed:.2f}")
 
 
 if __name__ == "__main__":

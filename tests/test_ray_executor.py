@@ -1,4 +1,9 @@
-"""The Ray executor against the local one: real local Ray, gloo, fractional CPUs per worker."""
+"""The Ray executor against the local one: real local Ray, gloo, fractional CPUs per worker.
+
+The method equivalence runs are packed: every config with the same worker count trains in one Ray
+Train run (fit_pack_on_ray), and each must still equal its own single-process run. Ray Train's
+start-up (~11 s here) is then paid once per worker count, not once per config; the single-config
+path (fit_on_ray) is what the snapshot, metrics and GPU tests below run."""
 import copy
 import json
 import time
@@ -12,7 +17,7 @@ from raysweep.core.data import load_dataset
 from raysweep.errors import ConfigError
 from raysweep.members import LoopedMembers
 from raysweep.run import train_and_evaluate
-from raysweep.training.ray import fit_on_ray
+from raysweep.training.ray import fit_on_ray, fit_pack_on_ray
 from raysweep.training.trainer import build_members, fit
 
 RAY = {"kind": "ray", "ray": {"cpus_per_worker": 0.5}}
@@ -59,30 +64,47 @@ def _local_reference(cfg, data):
     return ref, members
 
 
+@pytest.fixture(scope="module")
+def packed(ray_local, tmp_path_factory):
+    """{(name, k): (cfg, data, TrainResult)}: every method at K=2 in one Ray Train run, and at K=3 with
+    forward-mode JR in another."""
+    out = {}
+    for k in (2, 3):
+        cfgs = {(method, k): _cfg(method, k) for method in sorted(METHODS)}
+        if k == 3:
+            cfgs[("forward_mode_jr", 3)] = fwd = _cfg("independent_jr", 3)
+            fwd.train.jr.estimator = "forward_mode"
+        datas = [load_dataset(c.data, 0) for c in cfgs.values()]
+        got = fit_pack_on_ray(list(cfgs.values()), tmp_path_factory.mktemp("pack"), datas, progress=False)
+        out.update({key: (c, d, r) for (key, c), d, r in zip(cfgs.items(), datas, got)})
+    return out
+
+
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_ray_members_equal_local_members(ray_local, tmp_path, method, k):
-    cfg = _cfg(method, k)
-    data = load_dataset(cfg.data, 0)
-    got = fit_on_ray(cfg, data, tmp_path, progress=False)
+def test_ray_members_equal_local_members(packed, method, k):
+    cfg, data, got = packed[(method, k)]
     ref, init = _local_reference(cfg, data)
     assert got.state.step == ref.state.step == 6
     _assert_same_members(got.ensemble.members, ref.ensemble.members, init)
     for a, b in zip(got.state.history, ref.state.history):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)  # every rank sees the whole ensemble's loss
     assert got.info["workers"] == k and got.info["backend"] == "gloo"
-    assert got.info["bytes_per_step"] > 0
+    assert got.info["bytes_per_step"] > 0 and got.info["packed"] == len(METHODS) + (k == 3)
 
 
-def test_forward_mode_jr_across_workers(ray_local, tmp_path):
+def test_forward_mode_jr_across_workers(packed):
     """Forward-mode tangents pass through the gather (other workers' slots carry none): the same members
     as in one process."""
-    cfg = _cfg("independent_jr", 3)
-    cfg.train.jr.estimator = "forward_mode"
-    data = load_dataset(cfg.data, 0)
-    got = fit_on_ray(cfg, data, tmp_path, progress=False)
+    cfg, data, got = packed[("forward_mode_jr", 3)]
     ref, init = _local_reference(cfg, data)
     _assert_same_members(got.ensemble.members, ref.ensemble.members, init)
+
+
+def test_configs_that_need_other_workers_are_not_packed(ray_local, tmp_path):
+    cfgs = [_cfg("deg", 2), _cfg("deg", 3)]
+    with pytest.raises(ConfigError, match=r"config 1 \('run'\) cannot share a Ray Train run"):
+        fit_pack_on_ray(cfgs, tmp_path, progress=False)
 
 
 def test_vectorised_members_per_worker(ray_local, tmp_path):
@@ -97,11 +119,14 @@ def test_vectorised_members_per_worker(ray_local, tmp_path):
 
 
 def test_killed_worker_resumes_from_checkpoint(ray_local, tmp_path):
+    """A pack of two configs; rank 1 dies in the second: the restarted worker group resumes the second
+    config from its epoch-1 checkpoint and does not train the first again."""
     marker, resumed_at = tmp_path / "killed", tmp_path / "first-step-after-restart"
 
     def kill_rank1_once(event, state):
-        # Runs inside every worker: rank 1 dies by SIGKILL in the middle of the second epoch, once; a
-        # worker process of the restarted group notes the first step it trains.
+        # Runs inside every worker: rank 1 dies by SIGKILL in the middle of the second epoch of the
+        # second config (the first has 3 steps in all), once; a worker process of the restarted group
+        # notes the first step it trains.
         import os
         import signal
         import time
@@ -123,17 +148,22 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, tmp_path):
             open(marker, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    cfg = _cfg("deg", 2, epochs=3)
+    first, cfg = _cfg("independent_jr", 2, epochs=1), _cfg("deg", 2, epochs=3)
     data = load_dataset(cfg.data, 0)
-    got = fit_on_ray(cfg, data, tmp_path / "store", progress=False, callbacks=(kill_rank1_once,))
+    got_first, got = fit_pack_on_ray([first, cfg], tmp_path / "store", [data, data], progress=False,
+                                     callbacks=(kill_rank1_once,))
     assert marker.exists(), "the worker was not killed"
-    assert resumed_at.read_text() == "4"  # restarted from the epoch-1 checkpoint (3 steps an epoch), not from step 1
+    # Restarted in the second config from its epoch-1 checkpoint (3 steps an epoch): not from step 1 of
+    # either config.
+    assert resumed_at.read_text() == "4"
     ref, init = _local_reference(cfg, data)
     # Resumed from the end of epoch 1 with optimiser, random stream and PDD/driver state restored:
     # the same members as an uninterrupted run.
     assert got.state.step == ref.state.step == 9 and len(got.state.history) == 3
     _assert_same_members(got.ensemble.members, ref.ensemble.members, init)
     assert [round(r["loss"], 5) for r in got.state.history] == [round(r["loss"], 5) for r in ref.state.history]
+    ref_first, init_first = _local_reference(first, data)
+    _assert_same_members(got_first.ensemble.members, ref_first.ensemble.members, init_first)
 
 
 def test_snapshot_runs_on_one_worker(ray_local, tmp_path):
