@@ -178,15 +178,10 @@ def equivalence(cfg, members, x, y, strict: bool) -> tuple[float, float]:
     return (ll.double() - vl.double()).abs().max().item(), max_diff(lg, vg)
 
 
-def step_ms(cls, cfg, members, x, y, big=False, autocast: bool = False) -> float:
+def step_ms(cls, cfg, members, x, y, big=False) -> float:
     _, opt, step = make_step(cls, cfg, members)
-    ctx = (lambda: torch.autocast(DEVICE.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
-
-    def fn():
-        with ctx():
-            step(opt, x, y)
-
-    return median_ms(fn, S["warm_big"] if big else S["warm"], S["timed_big"] if big else S["timed"])
+    warm, timed = (S["warm_big"], S["timed_big"]) if big else (S["warm"], S["timed"])
+    return median_ms(lambda: step(opt, x, y), warm, timed)
 
 
 def auto_executor(members):
@@ -249,12 +244,13 @@ def section_bf16():
         big = arch == "resnet18"
         ex_cls = auto_executor(members)
         fp32 = step_ms(ex_cls, cfg, members, x, y, big)
-        bf16 = step_ms(ex_cls, cfg, members, x, y, big, autocast=True)
+        bf16_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "bf16"})})
+        bf16 = step_ms(ex_cls, bf16_cfg, members, x, y, big)
         rows.append({"model": arch, "K": k, "B": bs, "executor (auto)": ex_cls.__name__, "fp32 ms": fp32,
                      "bf16 autocast ms": bf16, "bf16/fp32": bf16 / fp32})
-    table("bf16", "2. bf16 autocast vs fp32, one training step",
-          f"raysweep has no precision option yet: torch.autocast('{DEVICE.type}', dtype=torch.bfloat16) wrapped "
-          f"around the current step (forward, backward and optimiser step inside it; parameters stay fp32). Same "
+    table("bf16", "2. train.precision bf16 vs fp32, one training step",
+          "The step's passes and backward under torch.autocast(bfloat16), logits cast to fp32 as they leave the "
+          "members, parameters and optimiser fp32 (docs/performance.md). Same "
           f"TrainStep as section 1, median of {S['timed']} ({S['timed_big']} for ResNet-18) timed steps after "
           f"warm-up.", rows)
 

@@ -6,6 +6,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_jr  # noqa: E402
 import bench_methods  # noqa: E402
+import bench_precision  # noqa: E402
 import bench_members  # noqa: E402
 import bench_ray  # noqa: E402
 import bench_uap  # noqa: E402
@@ -13,6 +14,7 @@ import bench_uap  # noqa: E402
 if __name__ == "__main__":
     bench_members.main()
     bench_jr.main()
+    bench_precision.main()
     bench_uap.main()
     bench_methods.main()
     bench_ray.main()

@@ -27,7 +27,8 @@ from raysweep.training.trainer import fit
 def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool = True) -> EvalReport:
     """The EvalReport of the ensemble under cfg.eval (its metrics.json is report.to_json())."""
     start = time.perf_counter()
-    ex = make_local_executor(list(ensemble.members), cfg.executor.vectorize, cfg.executor.device)
+    e = cfg.executor  # evaluation runs in fp32 whatever train.precision says (docs/performance.md)
+    ex = make_local_executor(list(ensemble.members), e.vectorize, e.device, e.channels_last, e.compile)
     ex.train(False)
     ctx = EvalContext(cfg, ensemble, data, ex, progress=progress,
                       train=lambda raw: fit(validate_config(raw, "of a transfer surrogate"), data, progress).ensemble)

@@ -32,6 +32,8 @@ METHODS = {
     "deg": ({"method": "joint"}, {"deg": {"lambda_deg": 0.5}}),
     "pdd": ({"method": "joint"}, {"pdd": {"m": 6, "period": 2}}),
     "adp": ({"method": "joint"}, {"adp": {}}),
+    # bf16 autocast: the gathered logits travel as bf16, and the ranks still agree with one process.
+    "jr_bf16": ({"method": "independent"}, {"jr": {"lambda_jr": 0.1}, "precision": "bf16"}),
 }
 
 

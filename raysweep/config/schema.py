@@ -22,7 +22,7 @@ from raysweep.core.sections import Section
 from raysweep.evaluation.base import EVALUATIONS
 from raysweep.methods.base import METHODS, EnsembleMethod
 from raysweep.plugins import load_installed_plugins
-from raysweep.regularisers.base import REGULARISERS
+from raysweep.regularisers.base import REGULARISERS, active
 
 
 class CompositeConfig(Section):
@@ -93,6 +93,10 @@ class TrainBase(Section):
         "averaged probabilities (the ensemble trained as one model)")
     adversarial: Optional[AdversarialTrainingConfig] = None
     probe: Optional[ProbeConfig] = None
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: the training step's passes (forward, the adversarial examples of training, the "
+        "regularisers, backward) under torch.autocast(bfloat16); weights, optimiser state and every evaluation "
+        "stay fp32 (docs/performance.md)")
 
 
 class RayExecutorConfig(Section):
@@ -116,6 +120,12 @@ class ExecutorConfig(Section):
         "auto", description="auto: loop on CPU, vmap on CUDA (measured faster there), loop when members have BatchNorm")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="local executor; Ray workers use "
                                                     "executor.ray.gpus_per_worker")
+    channels_last: bool = Field(False, description="conv members' weights and inputs in channels_last (NHWC) "
+                                "layout, which CUDA tensor cores prefer; looped members only (vmap stacks the "
+                                "members' weights into one 5-D tensor, which has no such layout)")
+    compile: bool = Field(False, description="torch.compile each member's forward (looped) or the vmapped "
+                          "forward; compiled graphs cannot be differentiated twice, so not with train.deg or "
+                          "train.jr's double_backward estimator")
     ray: RayExecutorConfig = RayExecutorConfig()
 
     @model_validator(mode="after")
@@ -124,6 +134,9 @@ class ExecutorConfig(Section):
         if self.kind == "ray" and self.device != "auto":
             raise ValueError(f"executor.device = {self.device!r} applies to the local executor; Ray workers get a "
                              f"GPU from executor.ray.gpus_per_worker")
+        if self.channels_last and self.vectorize == "vmap":
+            raise ValueError("executor.channels_last applies to looped members (vmap stacks the members' weights "
+                             "into one 5-D tensor, which has no channels_last layout); use vectorize: loop or auto")
         if r.backend == "nccl" and not r.gpus_per_worker >= 1:
             raise ValueError(f"executor.ray.backend: nccl needs a whole GPU per worker (NCCL refuses two ranks on "
                              f"one GPU), got gpus_per_worker = {r.gpus_per_worker}; use gloo or auto")
@@ -190,6 +203,11 @@ class RunBase(Section):
                 raise ValueError(f"train.adversarial.eps has {len(adv.eps)} values but ensemble.k = {k}: give one "
                                  f"eps per member")
         method.check(self)
+        twice = [f"train.{r.key}" for r in active(t, k) if r.needs_input_grad]
+        if self.executor.compile and twice:
+            raise ValueError(f"executor.compile: compiled graphs cannot be differentiated twice, and "
+                             f"{', '.join(twice)} differentiate an input gradient (double backward); set compile: "
+                             "false, or use train.jr.estimator: forward_mode")
         trained = self.trained_members
         per_worker = self.executor.ray.members_per_worker
         if self.executor.kind == "ray" and trained % per_worker:

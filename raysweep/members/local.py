@@ -27,13 +27,21 @@ def _has_batchnorm(m: nn.Module) -> bool:
     return any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
 
 
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 class LoopedMembers:
-    """One forward per member. Works for any architecture, BatchNorm included."""
+    """One forward per member. Works for any architecture, BatchNorm included. `channels_last`: conv
+    weights and image inputs in NHWC layout (same numbers, other kernels); `compile`: each member's
+    forward through torch.compile (the members themselves stay plain modules: export, state_dict)."""
 
-
-    def __init__(self, members: list[nn.Module], device: torch.device):
-        self.members = [m.to(device) for m in members]
-        self.device = device
+    def __init__(self, members: list[nn.Module], device: torch.device, channels_last: bool = False,
+                 compile: bool = False):
+        fmt = torch.channels_last if channels_last else torch.preserve_format
+        self.members = [m.to(device, memory_format=fmt) for m in members]
+        self.device, self.channels_last = device, channels_last
+        self._forwards = [torch.compile(m) for m in self.members] if compile else self.members
 
     @property
     def k(self) -> int:
@@ -50,7 +58,8 @@ class LoopedMembers:
     def stacked_logits(self, x: torch.Tensor, per_member: bool = False, part: str = "logits") -> torch.Tensor:
         """x [B,...] seen by every member, or [K,B,...] with member k on x[k] (per_member).
         part='features' returns last hidden activations [K,B,D]; part='head' maps [K,B,D] to logits."""
-        return torch.stack([m(x[i] if per_member else x, part) for i, m in enumerate(self.members)])
+        layout = _nhwc if self.channels_last else (lambda t: t)
+        return torch.stack([m(layout(x[i] if per_member else x), part) for i, m in enumerate(self._forwards)])
 
     def export_members(self) -> list[nn.Module]:
         return self.members
@@ -61,10 +70,10 @@ class LoopedMembers:
 
 
 class VmappedMembers:
-    """Members' parameters stacked into [K,...] leaves and run as one vmapped call."""
+    """Members' parameters stacked into [K,...] leaves and run as one vmapped call (`compile`: that
+    call through torch.compile)."""
 
-
-    def __init__(self, members: list[nn.Module], device: torch.device):
+    def __init__(self, members: list[nn.Module], device: torch.device, compile: bool = False):
         if _has_batchnorm(members[0]):
             raise ConfigError("executor.vectorize: 'vmap' needs members without BatchNorm (in-place running "
                               "statistics cannot be vmapped); use 'loop' or 'auto'")
@@ -72,6 +81,7 @@ class VmappedMembers:
         self.device = device
         self.params, self.buffers = stack_module_state(self.members)
         self._base = copy.deepcopy(self.members[0]).to("meta")
+        self._compile, self._calls = compile, {}
 
     @property
     def k(self) -> int:
@@ -85,12 +95,18 @@ class VmappedMembers:
         for m in self.members:
             m.train(mode)
 
-    def stacked_logits(self, x: torch.Tensor, per_member: bool = False, part: str = "logits") -> torch.Tensor:
-        def call(params, buffers, inp):
-            return functional_call(self._base, (params, buffers), (inp, part))
+    def _vmapped(self, per_member: bool, part: str):
+        key = (per_member, part)
+        if key not in self._calls:
+            def call(params, buffers, inp):
+                return functional_call(self._base, (params, buffers), (inp, part))
 
-        in_dims = (0, 0, 0 if per_member else None)
-        return torch.vmap(call, in_dims=in_dims, randomness="different")(self.params, self.buffers, x)
+            fn = torch.vmap(call, in_dims=(0, 0, 0 if per_member else None), randomness="different")
+            self._calls[key] = torch.compile(fn) if self._compile else fn
+        return self._calls[key]
+
+    def stacked_logits(self, x: torch.Tensor, per_member: bool = False, part: str = "logits") -> torch.Tensor:
+        return self._vmapped(per_member, part)(self.params, self.buffers, x)
 
     def sync(self, stacked: torch.Tensor) -> torch.Tensor:
         """Every member lives here, so every slot of a stacked quantity is already valid."""
@@ -105,7 +121,8 @@ class VmappedMembers:
         return self.members
 
 
-def make_local_executor(members: list[nn.Module], vectorize: str = "auto", device: str = "auto"):
+def make_local_executor(members: list[nn.Module], vectorize: str = "auto", device: str = "auto",
+                        channels_last: bool = False, compile: bool = False):
     dev = resolve_device(device)
     if dev.type == "cuda":
         # fp32 means fp32: with PyTorch's default TF32 convolutions, vmapped and looped members differ by
@@ -113,5 +130,8 @@ def make_local_executor(members: list[nn.Module], vectorize: str = "auto", devic
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     if vectorize == "auto":
-        vectorize = "vmap" if dev.type == "cuda" and not _has_batchnorm(members[0]) else "loop"
-    return (VmappedMembers if vectorize == "vmap" else LoopedMembers)(members, dev)
+        vmap = dev.type == "cuda" and not _has_batchnorm(members[0]) and not channels_last
+        vectorize = "vmap" if vmap else "loop"
+    if vectorize == "vmap":
+        return VmappedMembers(members, dev, compile)
+    return LoopedMembers(members, dev, channels_last, compile)

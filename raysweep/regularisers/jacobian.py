@@ -78,7 +78,7 @@ def jacobian_sq_norm_forward(forward, x: torch.Tensor, generator: torch.Generato
     u = unit_directions(x, generator)
     with fwAD.dual_level():
         logits, ju = fwAD.unpack_dual(forward(fwAD.make_dual(x, u)))
-    return logits, x[0, 0].numel() * ju.pow(2).sum(-1)
+    return logits, x[0, 0].numel() * ju.float().pow(2).sum(-1)
 
 
 def jr_penalty(logits, x, lambda_jr: float, n_proj: int = 1, exact: bool = False, generator=None) -> torch.Tensor:

@@ -108,7 +108,8 @@ def _train_one(cfg: RunConfig, data: Dataset, index: int, checkpoint, config: di
         with checkpoint.as_directory() as d:
             for i, member in enumerate(mine):
                 member.load_state_dict(load_file(os.path.join(d, _member_file(first + i))))
-    local = make_local_executor(mine, cfg.executor.vectorize, str(device))
+    local = make_local_executor(mine, cfg.executor.vectorize, str(device), cfg.executor.channels_last,
+                                cfg.executor.compile)
     executor = DistributedMembers(local, cfg.trained_members)
     reporter = Reporter(rank, first)
     trainer = Trainer(cfg, data, executor, progress=False)

@@ -12,6 +12,12 @@ Where members live is the executor's business, and it stays here: a distributed 
 (members/distributed.py) computes only its own members' slots of per-member quantities, so this
 step makes per-member terms ([K]) and per-member input gradients whole with `executor.sync` before
 any regulariser sees them. All randomness comes from one seeded generator, in a fixed order.
+
+train.precision: bf16 runs steps 1-3 and the backward under torch.autocast(bfloat16): convolutions
+and matmuls in bf16, everything autocast keeps in fp32 in fp32. The logits (and PDD's features) are
+cast to fp32 as they leave the members, so losses, softmaxes, norms and regulariser terms are fp32
+reductions of bf16 products; weights, gradients and optimiser state stay fp32 (bf16 keeps fp32's
+exponent range, so no loss scaling).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch.nn.functional as F
 from raysweep.attacks.adversarial import ensemble_examples, member_examples
 from raysweep.config import RunConfig
 from raysweep.core.objectives import ce_prob
+from raysweep.errors import ConfigError
 from raysweep.regularisers import StepOutputs, active
 from raysweep.regularisers.deg import member_input_grads
 
@@ -34,25 +41,34 @@ class TrainStep:
         self.regularisers = active(cfg.train, cfg.ensemble.k)
         self.transforms = [r for r in self.regularisers if r.transforms_features]
         self.input_grad = any(r.needs_input_grad for r in self.regularisers)
+        self.bf16 = cfg.train.precision == "bf16"
+        device = executor.device
+        if self.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"train.precision: bf16, but {torch.cuda.get_device_name(device)} has no bfloat16 "
+                              "support; use fp32")
+
+    def logits(self, x, per_member: bool = True, part: str = "logits"):
+        """The members' outputs in fp32 whatever the autocast dtype (a no-op in fp32)."""
+        return self.ex.stacked_logits(x, per_member=per_member, part=part).float()
 
     def adversarial(self, x, y):
         adv = self.cfg.train.adversarial
         self.ex.train(False)
         try:
             if adv.mode == "ensemble":
-                x_adv = ensemble_examples(self.ex.stacked_logits, x[0], y[0], self.weights, adv, self.gen)
+                x_adv = ensemble_examples(lambda z: self.logits(z, False), x[0], y[0], self.weights, adv, self.gen)
                 return x_adv.expand_as(x)
-            return member_examples(lambda z: self.ex.stacked_logits(z, per_member=True), x, y, adv, self.gen)
+            return member_examples(self.logits, x, y, adv, self.gen)
         finally:
             self.ex.train(True)
 
     def forward(self, x):
         if not self.transforms:
-            return self.ex.stacked_logits(x, per_member=True)
-        feats = self.ex.stacked_logits(x, per_member=True, part="features")
+            return self.logits(x)
+        feats = self.logits(x, part="features")
         for r in self.transforms:
             feats = r.features(feats, self.gen)
-        return self.ex.stacked_logits(feats, per_member=True, part="head")
+        return self.logits(feats, part="head")
 
     def pass_loss(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss of one pass, its logits)."""
@@ -91,7 +107,8 @@ class TrainStep:
         return total, first
 
     def __call__(self, opt, x, y):
-        loss, logits = self.loss(x, y)
+        with torch.autocast(self.ex.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss, logits = self.loss(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -75,8 +75,9 @@ class Trainer:
         k = cfg.ensemble.k
         self.n_train = cfg.trained_members
         if executor is None:
-            executor = make_local_executor(build_members(cfg, data, self.n_train), cfg.executor.vectorize,
-                                           cfg.executor.device)
+            e = cfg.executor
+            executor = make_local_executor(build_members(cfg, data, self.n_train), e.vectorize, e.device,
+                                           e.channels_last, e.compile)
         self.ex = executor
         self.opt = make_optimizer(executor.parameters(), cfg)
         self.weights = torch.tensor(cfg.ensemble.weights) if cfg.ensemble.weights else None
