@@ -4,6 +4,7 @@ import sys
 import pytest
 from conftest import repo_root
 
+from raysweep.cli import main
 from raysweep.config import load_config, validate_config
 from raysweep.errors import ConfigError
 
@@ -72,15 +73,17 @@ def run_cli(*args, env=None):
     ("data: {dataset: mnist, download: false}\n", [], "dataset 'mnist' not found"),
     ("{}\n", ["ensemble.kk=3"], "ensemble.kk: unknown field"),
 ])
-def test_cli_user_errors_exit_nonzero_without_traceback(tmp_path, content, sets, expect):
+def test_cli_user_errors_exit_nonzero_without_traceback(tmp_path, capsys, content, sets, expect):
+    """Through the CLI's entry point in this process (an unexpected exception fails the test); the
+    test below runs the command in its own process."""
     f = tmp_path / "c.yaml"
     f.write_text(content)
     args = ["train", str(f), "--out", str(tmp_path / "out")]
     for s in sets:
         args += ["--set", s]
-    res = run_cli(*args)
-    assert res.returncode == 2, res.stderr
-    assert expect in res.stderr and "Traceback" not in res.stderr, res.stderr
+    code, err = main(args), capsys.readouterr().err
+    assert code == 2, err
+    assert expect in err and "Traceback" not in err, err
 
 
 def test_cli_missing_config_and_checkpoint(tmp_path):
@@ -92,7 +95,6 @@ def test_cli_missing_config_and_checkpoint(tmp_path):
 
 def test_bare_command_prints_help_and_version_names_the_stack(capsys):
     from raysweep import __version__
-    from raysweep.cli import main
 
     assert main([]) == 0
     out = capsys.readouterr().out

@@ -18,6 +18,7 @@ from conftest import repo_root
 from mlflow import MlflowClient
 
 from raysweep import load
+from raysweep.cli import main
 from raysweep.errors import ConfigError
 from raysweep.sweeps.space import load_search_space
 from raysweep.sweeps.tune import run_sweep
@@ -418,13 +419,15 @@ def test_ray_workers_print_no_interrupt_tracebacks(tmp_path):
     (["--storage", "/proc/nope"], "cannot write there"),
     (["--tracking-uri", "http://127.0.0.1:9"], "cannot reach an MLflow server"),
 ])
-def test_bad_sweep_input_fails_before_any_trial(tmp_path, args, message):
+def test_bad_sweep_input_fails_before_any_trial(tmp_path, capsys, args, message):
+    """Through the CLI's entry point in this process (an unexpected exception fails the test); the
+    malformed-space test above runs the command in its own process."""
     path = _space(tmp_path)
-    res = subprocess.run([sys.executable, "-m", "raysweep", "sweep", str(path), "--out", str(tmp_path / "o"),
-                          "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", *args], capture_output=True, text=True,
-                         timeout=120, cwd=tmp_path)
-    assert res.returncode == 2 and message in res.stderr, res.stderr[-3000:]
-    assert "Traceback" not in res.stderr and not (tmp_path / "o" / "synth-1").exists()
+    code = main(["sweep", str(path), "--out", str(tmp_path / "o"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                 *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err[-3000:]
+    assert "Traceback" not in err and not (tmp_path / "o" / "synth-1").exists()
 
 
 def test_train_cli_records_one_mlflow_run(tmp_path):
