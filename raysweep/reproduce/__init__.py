@@ -1,6 +1,7 @@
 """`raysweep reproduce NAME`: one paper's central finding at small scale. Each study trains its
-variants (search_spaces/reproduce/NAME.yaml) as Ray tasks, re-evaluates the key ones under a stronger
-evaluation (the checks), and writes a markdown report and its plots to docs/results/NAME/."""
+variants (search_spaces/reproduce/NAME.yaml, or --study FILE: e.g. the fair protocol's
+jacobian_ensembles_fair.yaml) as Ray tasks, re-evaluates the key ones under a stronger evaluation (the
+checks), and writes a markdown report and its plots to docs/results/<study file's name>/."""
 from __future__ import annotations
 
 import importlib
@@ -28,7 +29,8 @@ def _where(name: str, study_path: str | None, out: str | None) -> tuple[Path, Pa
     if name not in STUDIES:
         raise UserError(f"unknown study {name!r}; choose one of: {', '.join(STUDIES)}")
     path = presets.resolve(study_path) if study_path else study_file(STUDIES[name])
-    return path, Path(out or Path("runs") / "reproduce" / STUDIES[name]).resolve()
+    # Named after the study file: another file for the same paper (a fair protocol) keeps its own runs.
+    return path, Path(out or Path("runs") / "reproduce" / path.stem).resolve()
 
 
 def plan(name: str, study_path: str | None = None, out: str | None = None) -> dict:
@@ -44,10 +46,13 @@ def plan(name: str, study_path: str | None = None, out: str | None = None) -> di
         return {"study": name, "file": str(path), "out": str(out_dir), "samples": space.search.samples,
                 "points": space.preview(space.search.samples)}
     study = load_study(path)
+    runs = []
+    for job in study.jobs():  # one per variant and seed
+        run = job.key.removeprefix("variants/")
+        runs.append({"name": run, "group": study.variant(run.split("@")[0]).group,
+                     "done": _cached(out_dir / job.key, job.cfg) is not None})
     return {"study": name, "file": str(path), "out": str(out_dir), "checks": bool(study.spec.get("checks")),
-            "variants": [{"name": v.name, "group": v.group,
-                          "done": _cached(out_dir / "variants" / v.name, v.cfg) is not None}
-                         for v in study.variants]}
+            "variants": runs}
 
 
 def reproduce(name: str, out: str | None = None, docs: str | None = None, study_path: str | None = None,
@@ -55,7 +60,7 @@ def reproduce(name: str, out: str | None = None, docs: str | None = None, study_
               log=print) -> dict:
     path, out_dir = _where(name, study_path, out)
     module = importlib.import_module(f".{STUDIES[name]}", __name__)
-    docs_dir = Path(docs or Path("docs") / "results" / STUDIES[name]).resolve()
+    docs_dir = Path(docs or Path("docs") / "results" / path.stem).resolve()
     docs_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     experiment = experiment or f"reproduce-{name}"

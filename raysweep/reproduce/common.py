@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raysweep.reproduce.study import Job, Study, check_job, load_study, run_jobs
+from raysweep.reproduce.study import Study, check_job, load_study, run_jobs
 
 
 def run_variants_then_checks(path: Path, out: Path, pick_checked, *, uri, experiment, address, log) -> dict:
     """`pick_checked(study, results) -> [variant names]`: the variants whose claims the checks test."""
     study = load_study(path)
-    jobs = [Job(f"variants/{v.name}", v.raw, v.cfg) for v in study.variants]
-    results = run_jobs(jobs, out, study.name, uri=uri, experiment=experiment, address=address, log=log)
+    results = run_jobs(study.jobs(), out, study.name, uri=uri, experiment=experiment, address=address, log=log)
     overrides = study.spec.get("checks")
     if overrides:
         names = [n for n in pick_checked(study, results) if "error" not in results.get(f"variants/{n}", {"error": 1})]
@@ -21,7 +20,14 @@ def run_variants_then_checks(path: Path, out: Path, pick_checked, *, uri, experi
 
 
 def variant_results(study: Study, results: dict) -> dict[str, dict]:
+    """Each variant's run at its (first) seed."""
     return {v.name: results.get(f"variants/{v.name}", {"error": "not run"}) for v in study.variants}
+
+
+def seed_results(study: Study, results: dict) -> dict[str, list[dict]]:
+    """Each variant's finished runs, one per seed (failed or missing seeds left out)."""
+    return {v.name: [m for key, _ in study.seed_runs(v) if "error" not in (m := results.get(key, {"error": 1}))]
+            for v in study.variants}
 
 
 def best_by(study: Study, results: dict, key, group: str | None = None) -> str | None:

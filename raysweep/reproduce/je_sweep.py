@@ -36,7 +36,7 @@ def report(path, results, docs: Path) -> str:
                          round(r["seconds"]) if r["seconds"] else None] for r in rows]), ""]
     if grid_file.is_file():
         grid = {k.removeprefix("variants/"): v for k, v in json.loads(grid_file.read_text()).items()
-                if k.startswith("variants/") and "_seed" not in k and "error" not in v}  # seed repeats: not grid points
+                if k.startswith("variants/") and "_seed" not in k and "@seed" not in k and "error" not in v}
         name = max(grid, key=lambda n: grid[n]["weighted_acc"])
         g = grid[name]
         grid_seconds = sum(v["total_seconds"] for v in grid.values())

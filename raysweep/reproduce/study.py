@@ -6,8 +6,13 @@ Study file (search_spaces/reproduce/*.yaml):
     study: NAME
     base: {run config} | path/to/config.yaml    # relative to the study file
     common: {sections deep-merged into every variant, e.g. the shared eval}
+    seeds: [0, 1, 2]                            # optional: every variant at each seed
     variants:
       VARIANT: {group: LABEL, from: other_config.yaml, set: {dotted.path: value}}
+
+With `seeds`, a variant's first seed is its run `variants/VARIANT` (the one the tables of single
+runs and the checks read) and each further seed S is `variants/VARIANT@seedS`; reproduce/stats.py
+turns them into means, intervals and verdicts.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from raysweep.config import (
 from raysweep.errors import ConfigError
 
 VARIANT_KEYS = {"group", "from", "set"}
+STUDY_KEYS = {"study", "base", "common", "seeds", "variants", "checks"}
 
 
 @dataclass
@@ -40,14 +46,37 @@ class Variant:
 
 
 @dataclass
+class Job:
+    key: str          # "variants/NAME[@seedS]" or "checks/NAME"
+    raw: dict
+    cfg: RunConfig
+    checkpoint: str | None = None
+
+
+@dataclass
 class Study:
     name: str
     path: Path
     variants: list[Variant]
     spec: dict = field(default_factory=dict)
+    seeds: list[int] | None = None  # None: each variant once, at its config's seed
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
+
+    def seed_runs(self, v: Variant) -> list[tuple[str, dict]]:
+        """(result key, raw config) of each of the variant's runs: one per seed."""
+        if not self.seeds:
+            return [(f"variants/{v.name}", v.raw)]
+        runs = []
+        for i, seed in enumerate(self.seeds):
+            raw = {**copy.deepcopy(v.raw), "seed": seed}
+            runs.append((f"variants/{v.name}" if i == 0 else f"variants/{v.name}@seed{seed}", raw))
+        return runs
+
+    def jobs(self) -> list[Job]:
+        return [Job(key, raw, v.cfg if i == 0 else validate_config(raw, f"{self.path} variant {v.name!r}"))
+                for v in self.variants for i, (key, raw) in enumerate(self.seed_runs(v))]
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -69,9 +98,13 @@ def load_study(path: str | Path) -> Study:
     """Every variant's config is validated here, before anything runs."""
     path = Path(path)
     spec = read_yaml(path, "study")
-    unknown = set(spec) - {"study", "base", "common", "variants", "checks"}
+    unknown = set(spec) - STUDY_KEYS
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: study, base, common, variants, checks")
+        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: {', '.join(sorted(STUDY_KEYS))}")
+    seeds = spec.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+                              or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise ConfigError(f"{path}: seeds: {seeds!r}; expected a list of distinct integers, e.g. [0, 1, 2]")
     if not spec.get("variants"):
         raise ConfigError(f"{path}: 'variants' must name at least one variant")
     name = spec.get("study") or path.stem
@@ -89,11 +122,16 @@ def load_study(path: str | Path) -> Study:
             raise ConfigError(f"{path}: variant {vname!r} has no 'from' and the study has no 'base'")
         raw = deep_merge(raw, spec.get("common") or {})
         for dotted, value in (v.get("set") or {}).items():
+            if seeds is not None and dotted == "seed":
+                raise ConfigError(f"{path}: variant {vname!r} sets seed, and the study runs every variant at seeds "
+                                  f"{seeds}: drop one of the two")
             set_path(raw, dotted.split("."), value, f"variant {vname!r} set {dotted!r}")
+        if seeds is not None:
+            raw["seed"] = seeds[0]
         raw["name"] = f"{name}-{vname}"
         raw = absolute_paths(raw, path.parent.resolve())
         variants.append(Variant(vname, v.get("group", vname), raw, validate_config(raw, f"{path} variant {vname!r}")))
-    return Study(name, path, variants, spec)
+    return Study(name, path, variants, spec, seeds)
 
 
 def _cached(out: Path, cfg: RunConfig) -> dict | None:
@@ -143,14 +181,6 @@ def _run_variant(raw: dict, uri: str | None, experiment: str, tags: dict,
             metrics, run_id = log_train_run(cfg, out, uri, experiment, work, tags)
             metrics = {**metrics, "mlflow_run_id": run_id}
         return metrics, _files(out)
-
-
-@dataclass
-class Job:
-    key: str          # "variants/NAME" or "checks/NAME"
-    raw: dict
-    cfg: RunConfig
-    checkpoint: str | None = None
 
 
 def run_jobs(jobs: list[Job], out: Path, study: str, *, uri: str | None, experiment: str, address: str | None,

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import math
 
+from raysweep.reproduce.common import seed_results
+from raysweep.reproduce.stats import TEST, compare, estimate
+
 
 def fmt(x, digits: int = 3) -> str:
     if x is None:
@@ -54,3 +57,34 @@ def worst_case(metrics: dict, eps: float) -> tuple[float | None, str]:
         return None, "–"
     name = min(res, key=res.get)
     return res[name], name
+
+
+def seed_table(study, results: dict, metrics: dict) -> str:
+    """Each variant over its seeds: mean ± 95% interval of every `metrics` {label: fn(metrics.json)}."""
+    per_seed, rows = seed_results(study, results), []
+    for v in study.variants:
+        runs = per_seed[v.name]
+        cells = [str(estimate([fn(m) for m in runs])) if runs else "–" for fn in metrics.values()]
+        rows.append([v.name, v.group, len(runs), *cells])
+    return md_table(["variant", "group", "seeds", *metrics], rows)
+
+
+def claims_table(study, results: dict, claims: list[tuple[str, str, str, str, int]], metrics: dict) -> str:
+    """The paper's findings, each decided by the interval of a difference over seeds (reproduce/stats.py).
+    A claim is (finding, variant A, variant B, metric label, paper's sign of A - B); claims naming a
+    variant the study does not have are left out."""
+    names = {v.name for v in study.variants}
+    per_seed = seed_results(study, results)
+    rows = []
+    for finding, a, b, label, sign in claims:
+        if a not in names or b not in names or not per_seed[a] or not per_seed[b]:
+            continue
+        xa, xb = [metrics[label](m) for m in per_seed[a]], [metrics[label](m) for m in per_seed[b]]
+        c = compare(xa, xb, sign)
+        interval = "–" if math.isnan(c.low) else f"[{c.low:+.3f}, {c.high:+.3f}]"
+        rows.append([finding, f"{a} vs {b}", label, str(estimate(xa)), str(estimate(xb)), f"{c.diff:+.3f}",
+                     interval, c.verdict])
+    if not rows:
+        return ""
+    return md_table(["paper's finding", "A vs B", "metric", "A", "B", "A - B", f"95% interval ({TEST})", "verdict"],
+                    rows)

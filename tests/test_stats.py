@@ -1,0 +1,97 @@
+"""Seeds, intervals and verdicts of the reproductions (reproduce/stats.py, study seeds, the claims table)."""
+import math
+
+import pytest
+import yaml
+from scipy import stats as scipy_stats
+
+from raysweep.errors import ConfigError
+from raysweep.reproduce import plan
+from raysweep.reproduce.jacobian_ensembles import CLAIMS, SEED_METRICS
+from raysweep.reproduce.stats import compare, estimate
+from raysweep.reproduce.study import load_study
+from raysweep.reproduce.tables import claims_table, seed_table
+
+
+def test_interval_of_a_mean_is_students_t():
+    e = estimate([0.61, 0.64, 0.60])
+    low, high = scipy_stats.t.interval(0.95, 2, loc=e.mean, scale=scipy_stats.sem([0.61, 0.64, 0.60]))
+    assert e.mean == pytest.approx(0.61666667) and e.mean - e.half_width == pytest.approx(low)
+    assert e.mean + e.half_width == pytest.approx(high) and e.n == 3
+    assert math.isnan(estimate([0.5]).half_width) and str(estimate([0.5])) == "0.500 (1 seed)"
+
+
+def test_difference_interval_is_welchs():
+    a, b = [0.70, 0.72, 0.69], [0.66, 0.69, 0.64]
+    c = compare(a, b)
+    ci = scipy_stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert (c.low, c.high) == pytest.approx((ci.low, ci.high)) and c.diff == pytest.approx(0.04)
+
+
+@pytest.mark.parametrize("a, b, sign, verdict", [
+    ([0.70, 0.71, 0.72], [0.60, 0.61, 0.62], 1, "reproduced"),
+    ([0.70, 0.71, 0.72], [0.60, 0.61, 0.62], -1, "contradicted"),
+    ([0.70, 0.60, 0.75], [0.66, 0.64, 0.67], 1, "same direction, not established"),
+    ([0.70, 0.60, 0.75], [0.66, 0.64, 0.67], -1, "not reproduced"),
+    ([0.70], [0.60], 1, "one seed, no interval: same direction"),
+])
+def test_verdicts_read_the_interval(a, b, sign, verdict):
+    assert compare(a, b, sign).verdict == verdict
+
+
+def _study(tmp_path, seeds, **variant):
+    spec = {"study": "s", "base": {"data": {"dataset": "synthetic"}}, "variants": {"standard": {"group": "standard"},
+            "jr_0.05": {"group": "JR only", "set": {"train.jr.lambda_jr": 0.05, **variant}}}}
+    if seeds is not None:
+        spec["seeds"] = seeds
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_a_study_runs_every_variant_at_each_seed(tmp_path):
+    study = load_study(_study(tmp_path, [3, 4, 5]))
+    jobs = study.jobs()
+    assert [j.key for j in jobs] == ["variants/standard", "variants/standard@seed4", "variants/standard@seed5",
+                                     "variants/jr_0.05", "variants/jr_0.05@seed4", "variants/jr_0.05@seed5"]
+    assert [j.cfg.seed for j in jobs] == [3, 4, 5, 3, 4, 5]
+    assert jobs[4].cfg.train.jr.lambda_jr == 0.05
+    assert [j.key for j in load_study(_study(tmp_path, None)).jobs()] == ["variants/standard", "variants/jr_0.05"]
+    p = plan("jacobian-ensembles", str(_study(tmp_path, [0, 1])), str(tmp_path / "runs"))
+    assert [(r["name"], r["group"], r["done"]) for r in p["variants"]][1] == ("standard@seed1", "standard", False)
+
+
+@pytest.mark.parametrize("seeds, variant, message", [
+    ([0, 0], {}, "distinct integers"),
+    ("0,1", {}, "distinct integers"),
+    ([0, 1], {"seed": 7}, "sets seed, and the study runs every variant at seeds"),
+])
+def test_bad_seeds_are_config_errors(tmp_path, seeds, variant, message):
+    with pytest.raises(ConfigError, match=message):
+        load_study(_study(tmp_path, seeds, **variant))
+
+
+def test_claims_are_decided_over_seeds(tmp_path):
+    study = load_study(_study(tmp_path, [0, 1, 2]))
+
+    def run(clean, uap):
+        return {"clean_acc": clean, "mean_uap_acc": uap, "weighted_acc": (clean + uap) / 2}
+    results = {"variants/standard": run(0.80, 0.50), "variants/standard@seed1": run(0.81, 0.52),
+               "variants/standard@seed2": run(0.79, 0.51), "variants/jr_0.05": run(0.78, 0.60),
+               "variants/jr_0.05@seed1": run(0.77, 0.61), "variants/jr_0.05@seed2": {"error": "died"}}
+    table = seed_table(study, results, SEED_METRICS)
+    assert "| standard | standard | 3 | 0.800 ± 0.025 |" in table and "| jr_0.05 | JR only | 2 |" in table
+    claims = claims_table(study, results, CLAIMS, SEED_METRICS)
+    (row,) = [line for line in claims.splitlines() if line.startswith("| JR raises UAP accuracy")]
+    assert row.endswith("| reproduced |") and "jr_0.05 vs standard" in row
+    assert "bagging" not in claims  # claims naming variants the study lacks are left out
+
+
+def test_the_fair_study_is_shipped_and_valid():
+    study = load_study(plan("jacobian-ensembles", "search_spaces/reproduce/jacobian_ensembles_fair.yaml")["file"])
+    assert study.seeds == [0, 1, 2] and len(study.jobs()) == 12
+    cfg = study.variant("je_bagging_k9_0.05").cfg
+    assert cfg.data.train_size is None and cfg.data.test_size is None  # the whole of Fashion-MNIST
+    assert (cfg.eval.uap.iterations, cfg.eval.uap.batch_size) == (100, 200)
+    names = {v.name for v in study.variants}
+    assert sum(a in names and b in names for _, a, b, _, _ in CLAIMS) >= 4
