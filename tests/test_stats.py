@@ -95,3 +95,26 @@ def test_the_fair_study_is_shipped_and_valid():
     assert (cfg.eval.uap.iterations, cfg.eval.uap.batch_size) == (100, 200)
     names = {v.name for v in study.variants}
     assert sum(a in names and b in names for _, a, b, _, _ in CLAIMS) >= 4
+
+
+def test_the_fair_pdd_study_picks_the_pdd_choice_that_keeps_clean_accuracy(tmp_path):
+    """Synthetic results for the shipped fair PDD+DEG study: the rescaled PDD keeps the baseline's clean
+    accuracy and is the one the findings use; its checks configs are valid."""
+    from raysweep.reproduce.pdd_deg import _over_seeds
+    from raysweep.reproduce.study import check_job
+
+    study = load_study(plan("pdd-deg", "search_spaces/reproduce/pdd_deg_fair.yaml")["file"])
+    assert study.seeds == [0, 1, 2] and len(study.jobs()) == 21
+    assert study.variant("pdd_rescaled").cfg.train.pdd.rescale and not study.variant("pdd").cfg.train.pdd.rescale
+    check_job(study, "pdd_deg", "pdd_deg", study.spec["checks"], tmp_path)  # validates the checks' config
+
+    def run(clean, pgd, seed):
+        return {"clean_acc": clean + seed / 1000, "robust_acc": {"pgd10": {"0.01": pgd + seed / 500}},
+                "fgsm": {}, "diversity": {"discrimination_score": 1.0 + seed}}
+    table = {"baseline": (0.90, 0.40), "adp": (0.89, 0.42), "pdd": (0.85, 0.50), "pdd_rescaled": (0.90, 0.45),
+             "deg": (0.90, 0.41), "pdd_deg": (0.84, 0.52), "pdd_deg_rescaled": (0.895, 0.47)}
+    results = {key: run(*table[v.name], i) for v in study.variants for i, (key, _) in enumerate(study.seed_runs(v))}
+    text = "\n".join(_over_seeds(study, results, 0.01))
+    assert "use pdd_deg_rescaled" in text
+    (row,) = [line for line in text.splitlines() if "more robust than the baseline (PGD-10" in line]
+    assert "pdd_deg_rescaled vs baseline" in row and row.endswith("| reproduced |")
