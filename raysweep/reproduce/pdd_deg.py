@@ -95,7 +95,8 @@ def _over_seeds(study, results, eps: float) -> list[str]:
               "interval):", ""]
     for n in pdd:
         c = compare(clean[n], clean["baseline"])
-        lines.append(f"- {n}: {c.diff:+.3f} " + ("(one seed)" if math.isnan(c.low) else f"[{c.low:+.3f}, {c.high:+.3f}]"))
+        interval = "(one seed)" if math.isnan(c.low) else f"[{c.low:+.3f}, {c.high:+.3f}]"
+        lines.append(f"- {n}: {c.diff:+.3f} {interval}")
     choice = max(pdd, key=lambda n: sum(clean[n]) / len(clean[n]))
     lines += ["", f"The robustness findings below use {choice}, the choice closer to the baseline's clean accuracy.",
               ""]
