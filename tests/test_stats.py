@@ -118,3 +118,12 @@ def test_the_fair_pdd_study_picks_the_pdd_choice_that_keeps_clean_accuracy(tmp_p
     assert "use pdd_deg_rescaled" in text
     (row,) = [line for line in text.splitlines() if "more robust than the baseline (PGD-10" in line]
     assert "pdd_deg_rescaled vs baseline" in row and row.endswith("| reproduced |")
+
+
+def test_the_fair_ensemble_adv_study_has_every_claimed_variant():
+    from raysweep.reproduce.ensemble_adv import CLAIMS as ADV_CLAIMS
+
+    study = load_study(plan("ensemble-adv", "search_spaces/reproduce/ensemble_adv_fair.yaml")["file"])
+    names = {v.name for v in study.variants}
+    assert study.seeds == [0, 1, 2] and all(a in names and b in names for _, a, b, _, _ in ADV_CLAIMS)
+    assert study.variant("ensemble2_adv").cfg.data.train_size is None

@@ -8,7 +8,15 @@ from pathlib import Path
 from raysweep.plots import plt, save  # plots selects the Agg backend
 from raysweep.reproduce.common import run_variants_then_checks, variant_results
 from raysweep.reproduce.study import load_study
-from raysweep.reproduce.tables import attack_results, md_table, worst_case
+from raysweep.reproduce.tables import attack_results, claims_table, md_table, seed_table, worst_case
+
+# The paper's findings, as (finding, A, B, metric, sign of A - B), on the worst case over the attacks at
+# the largest eps; decided over seeds when the study has them (ensemble_adv_fair.yaml).
+CLAIMS = [
+    ("training the ensemble as one beats training its members apart", "ensemble2_adv", "separate2_adv", "worst", 1),
+    ("the adversarially trained ensemble beats one model of its size", "ensemble2_adv", "double_adv", "worst", 1),
+    ("the adversarially trained ensemble beats one member-sized model", "ensemble2_adv", "single_adv", "worst", 1),
+]
 
 
 def run(path, out, *, uri, experiment, address, log):
@@ -53,6 +61,13 @@ def report(path, results, docs: Path) -> str:
               "steps double (stops when accuracy no longer falls):", "",
               md_table(["variant", "steps: accuracy"],
                        [[g, ", ".join(f"{s}: {a:.3f}" for s, a in h) if h else "–"] for g, h in steps.items()]), ""]
+    if study.seeds:
+        eps = eps_list[-1]
+        metrics = {"clean": lambda m: m["clean_acc"], "worst": lambda m: worst_case(m, eps)[0]}
+        lines += [f"### Over seeds {study.seeds}: mean ± 95% interval (worst: over the attacks at eps {eps:g})", "",
+                  seed_table(study, results, metrics), ""]
+        table = claims_table(study, results, CLAIMS, metrics)
+        lines += ["### The paper's findings, decided over seeds", "", table, ""] if table else []
     _bars(study, vr, eps_list[-1], docs / "attacks.png")
     lines += ["![accuracy under each attack](attacks.png)", ""]
     return "\n".join(lines)
