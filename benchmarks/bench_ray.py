@@ -63,7 +63,16 @@ def main():
             print(f"{name:<20} {k:>2} {local:9.1f} {remote:8.1f} {remote / local:9.2f} "
                   f"{got.info['bytes_per_step']:11.0f} {overhead:15.1f}", flush=True)
     print(f"(torch {torch.__version__}; Ray workers get {cpus}/K CPUs each and one thread per whole CPU)")
+    pack()
 
+
+def pack():
+    """The four cases at K=2: one packed Ray Train run against four separate ones."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", logging_level="warning", configure_logging=False)
+    cpus = os.cpu_count() or 1
     cfgs = [_cfg(2, train, {"kind": "ray", "ray": {"cpus_per_worker": cpus / 2}}) for train in CASES.values()]
     data = load_dataset(cfgs[0].data, 0)
     t0 = time.perf_counter()
