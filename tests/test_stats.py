@@ -127,3 +127,12 @@ def test_the_fair_ensemble_adv_study_has_every_claimed_variant():
     names = {v.name for v in study.variants}
     assert study.seeds == [0, 1, 2] and all(a in names and b in names for _, a, b, _, _ in ADV_CLAIMS)
     assert study.variant("ensemble2_adv").cfg.data.train_size is None
+
+
+def test_the_fair_robust_ensembles_study_has_every_claimed_variant():
+    from raysweep.reproduce.robust_ensembles import CLAIMS as ROBUST_CLAIMS
+
+    study = load_study(plan("robust-ensembles", "search_spaces/reproduce/robust_ensembles_fair.yaml")["file"])
+    names = {v.name for v in study.variants}
+    assert study.seeds == [0, 1, 2] and all(a in names and b in names for _, a, b, _, _ in ROBUST_CLAIMS)
+    assert study.variant("alpha_k4").cfg.train.adversarial.eps == 0.05 and study.variant("alpha_k4").cfg.ensemble.k == 4
