@@ -2,6 +2,7 @@
 #   make demo   a small real sweep on Fashion-MNIST (Jacobian Ensembles: Ray Tune + Optuna, MLflow in ./mlflow.db)
 #   make test   the test suite
 #   make reproduce   the four papers' findings and the JE sweep at small scale (docs/RESULTS.md; about 3 h on 2 cores)
+#   make reproduce-fair   the fair protocols, three seeds each (an estimated 15 h on 2 cores; resumable)
 PYTHON ?= python3
 UV_VERSION := 0.13.9
 TOOLS := .tools
@@ -9,7 +10,7 @@ UV := $(TOOLS)/bin/uv
 VENV := .venv
 SYNCED := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: demo test bench reproduce setup data clean
+.PHONY: demo test bench reproduce reproduce-fair setup data clean
 STUDIES := jacobian-ensembles robust-ensembles ensemble-adv pdd-deg je-sweep
 
 demo: setup data
@@ -22,6 +23,14 @@ test: setup data
 # One study: make reproduce STUDIES=pdd-deg. Finished runs under runs/reproduce/ are reused.
 reproduce: setup data
 	for s in $(STUDIES); do $(VENV)/bin/raysweep reproduce $$s || exit 1; done
+
+# In the papers' order of priority; an interrupted run continues where it stopped (runs are cached
+# under runs/reproduce/<study file>/), so this can run in the background over several sittings.
+FAIR := jacobian-ensembles:jacobian_ensembles_fair pdd-deg:pdd_deg_fair ensemble-adv:ensemble_adv_fair \
+	robust-ensembles:robust_ensembles_fair
+reproduce-fair: setup data
+	for p in $(FAIR); do $(VENV)/bin/raysweep reproduce $${p%%:*} --study search_spaces/reproduce/$${p##*:}.yaml \
+		|| exit 1; done
 
 bench: setup data
 	$(VENV)/bin/python benchmarks/run_all.py
