@@ -73,7 +73,7 @@ class Reporter:
             state["optimizer"] = torch.load(Path(d) / _optimizer_file(self.rank), weights_only=True)
         trainer.load_state_dict(state)
 
-    def report(self, trainer, row: dict, with_checkpoint: bool, extra: dict, pack_index: int = 0) -> None:
+    def report(self, trainer, row: dict, with_checkpoint: bool, extra: dict) -> None:
         import ray.train
 
         metrics = {**row, "step": trainer.state.step, **extra} if self.is_rank0 else {}
@@ -87,7 +87,7 @@ class Reporter:
                 save_file(weights, os.path.join(d, _member_file(self.first + i)))
             torch.save(sd.pop("optimizer"), os.path.join(d, _optimizer_file(self.rank)))
             if self.is_rank0:
-                torch.save({**sd, "pack_index": pack_index}, os.path.join(d, STATE_FILE))
+                torch.save({**sd, "pack_index": extra["pack_index"]}, os.path.join(d, STATE_FILE))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -127,7 +127,7 @@ def _train_one(cfg: RunConfig, data: Dataset, index: int, checkpoint, config: di
         if reporter.is_rank0 and config.get("progress"):
             print(f"[raysweep] {cfg.name} epoch {epoch}/{cfg.train.epochs} loss {row['loss']:.4f} "
                   f"train_acc {row['train_acc']:.4f} ({row['seconds']:.1f} s)", flush=True)
-        reporter.report(trainer, row, epoch % r.checkpoint_every == 0 or trainer.done, extra, index)
+        reporter.report(trainer, row, epoch % r.checkpoint_every == 0 or trainer.done, extra)
 
 
 def _worker_loop(config: dict) -> None:
