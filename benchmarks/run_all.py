@@ -9,6 +9,7 @@ import bench_methods  # noqa: E402
 import bench_precision  # noqa: E402
 import bench_members  # noqa: E402
 import bench_ray  # noqa: E402
+import bench_sweep  # noqa: E402
 import bench_uap  # noqa: E402
 
 if __name__ == "__main__":
@@ -18,3 +19,4 @@ if __name__ == "__main__":
     bench_uap.main()
     bench_methods.main()
     bench_ray.main()
+    bench_sweep.main()

@@ -72,15 +72,16 @@ def ensure_writable(out: Path, flag: str = "--out") -> None:
 
 
 def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, callbacks=(),
-                       ray_storage: str | None = None, epoch_metrics=None) -> dict:
-    """`callbacks` (train.fit hooks) run in this process, so with the local executor only. A Ray run
+                       ray_storage: str | None = None, epoch_metrics=None, data: Dataset | None = None) -> dict:
+    """`data`: cfg's dataset when the caller loaded it already (a sweep's pack of trials loads it once).
+    `callbacks` (train.fit hooks) run in this process, so with the local executor only. A Ray run
     inside a Tune trial relays `epoch_metrics(row)` of each epoch to Tune instead (see fit_on_ray).
     `ray_storage`: where a Ray executor run keeps its checkpoints when executor.ray.storage is unset
     (a path or URI every node reaches; default `out/ray`)."""
     out = Path(out)
     ensure_writable(out)
     t0 = time.perf_counter()
-    data = load_dataset(cfg.data, cfg.seed)
+    data = data or load_dataset(cfg.data, cfg.seed)
     if cfg.executor.kind == "ray":
         from raysweep.training.ray import fit_on_ray
 

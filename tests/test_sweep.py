@@ -19,9 +19,11 @@ from mlflow import MlflowClient
 
 from raysweep import load
 from raysweep.cli import main
+from raysweep.config import validate_config
 from raysweep.errors import ConfigError
+from raysweep.run import train_and_evaluate
 from raysweep.sweeps.space import load_search_space
-from raysweep.sweeps.tune import run_sweep
+from raysweep.sweeps.tune import _SweepSearch, run_sweep
 from raysweep.terminal import NOISE
 from raysweep.tracking.registry import register
 
@@ -238,6 +240,8 @@ def test_infeasible_points_are_reported_not_fatal(ray_local, tmp_path):
     ({"objective": "auc"}, "needs eval.auc"),
     ({"objective": ["clean_acc", "weighted_acc"], "asha": {}}, "drop search.asha"),
     ({"asha": {"metric": "probe_acc"}}, "needs train.probe"),
+    ({"pack": 4, "asha": {}}, "search.pack 4 with search.asha"),
+    ({"pack": 0}, "search.pack"),
     # ranges checked against the run schema's bounds before any trial (not trial by trial)
     ({"params": {"train.jr.lambda_jr": {"uniform": [0.0, 5.0]}}}, "reaches 5.0, but train.jr.lambda_jr must be <= 2"),
     ({"params": {"ensemble.k": {"int": [0, 4]}}}, "reaches 0, but ensemble.k must be >= 1"),
@@ -248,6 +252,26 @@ def test_malformed_search_space_is_a_clear_error(tmp_path, search, message):
     executor = search.pop("executor", None)
     with pytest.raises(ConfigError, match=message):
         load_search_space(_space(tmp_path, search, **({"executor": executor} if executor else {})))
+
+
+def test_a_pack_is_one_optuna_trial_per_point_told_as_each_ends():
+    """search.pack: each Tune trial gets `pack` points, the last one what is left of the sweep's samples;
+    a point is told as its last report arrives; points a failed trial never reported are FAIL."""
+    def space(trial):  # define-by-run, as SearchSpace.define_by_run
+        trial.suggest_float("x", 0.0, 1.0)
+
+    search = _SweepSearch(space=space, metric="acc", mode="max",
+                          sampler=optuna.samplers.TPESampler(seed=0), pack=2, total=3)
+    first, second = search.suggest("a"), search.suggest("b")
+    assert [len(first["pack"]), len(second["pack"])] == [2, 1]
+    search.on_trial_result("a", {"pack_member": 0, "acc": 0.5})
+    assert [t.state.name for t in search._ot_study.trials] == ["COMPLETE", "RUNNING", "RUNNING"]
+    search.on_trial_complete("a", {"pack_member": 1, "error": "ValueError: bad"})
+    search.on_trial_complete("b", None, error=True)
+    trials = search._ot_study.trials
+    assert [(t.user_attrs["tune_trial_id"], t.state.name, t.value) for t in trials] == [
+        ("a-0", "COMPLETE", 0.5), ("a-1", "FAIL", None), ("b-0", "FAIL", None)]
+    assert [t.params for t in trials] == first["pack"] + second["pack"]
 
 
 def test_malformed_space_fails_before_any_trial_through_the_cli(tmp_path):
@@ -513,8 +537,10 @@ def test_shipped_search_spaces_load_and_sample(name):
 
 def test_failed_trials_are_recorded_failed_and_the_sweep_goes_on(ray_local, tmp_path):
     """Seed 0 draws mnist, synthetic, mnist; MNIST is not on this machine and downloads are off, so two
-    trials raise at data loading. Their MLflow runs end FAILED, keeping the params they had logged."""
-    search = {"objective": "clean_acc", "samples": 3, "seed": 0, "color_by": None, "max_failures": 2,
+    trials raise at data loading. Their MLflow runs end FAILED, keeping the params they had logged.
+    Packed two to a Tune trial (search.pack): the failed first trial of a pack does not stop its second,
+    and each trial of a pack is its own MLflow run, Optuna trial and record, trained exactly as alone."""
+    search = {"objective": "clean_acc", "samples": 3, "seed": 0, "color_by": None, "max_failures": 2, "pack": 2,
               "params": {"data.dataset": {"choice": ["synthetic", "mnist"]}}}
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -535,6 +561,31 @@ def test_failed_trials_are_recorded_failed_and_the_sweep_goes_on(ray_local, tmp_
         assert "Traceback" in open(local).read()
     records = [json.loads(p.read_text()) for p in (tmp_dir(summary) / "trials").glob("*.json")]
     assert sorted(r["status"] for r in records) == ["failed", "failed", "finished"]
+    # Two Tune trials: a pack of two (failed, finished) and a pack of one
+    packs = {}
+    for run in children:
+        packs.setdefault(run.data.tags["raysweep.tune_trial_id"], []).append(run.data.tags["raysweep.trial_id"])
+    assert sorted(map(sorted, packs.values()), key=len) == sorted(
+        ([f"{t}-{j}" for j in range(len(ids))] for t, ids in packs.items()), key=len)
+    assert sorted(map(len, packs.values())) == [1, 2]
+    state = json.loads((tmp_dir(summary) / "sweep.json").read_text())
+    study = optuna.load_study(study_name=state["study_name"], storage=state["optuna_storage"])
+    by_id = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    assert sorted(by_id) == sorted(r["trial_id"] for r in records)
+    for r in records:
+        t = by_id[r["trial_id"]]
+        assert t.params == r["params"]
+        assert (t.state, t.value) == ((optuna.trial.TrialState.COMPLETE, r["clean_acc"]) if r["status"] == "finished"
+                                      else (optuna.trial.TrialState.FAIL, None))
+    # The finished trial (second of its pack, after a failed one) trained exactly as alone
+    done = next(r for r in records if r["status"] == "finished")
+    first = next(r for r in records if r["trial_id"] == done["trial_id"][:-1] + "0")
+    assert done["trial_id"].endswith("-1") and first["status"] == "failed"
+    assert json.loads((Path(done["storage"]) / "metrics.json").read_text())["clean_acc"] == done["clean_acc"]
+    alone = train_and_evaluate(validate_config(load_search_space(path).trial_config(done["params"])),
+                               tmp_path / "alone", progress=False)
+    assert done["metrics"]["clean_acc"] == alone["clean_acc"]
+    assert [h["loss"] for h in done["metrics"]["train"]["history"]] == [h["loss"] for h in alone["train"]["history"]]
     # A trial whose run FINISHED but whose result never reached the driver (the sweep was interrupted in
     # between) is adopted from MLflow on --resume: recorded as finished, not trained again.
     finished = next(p for p in (tmp_dir(summary) / "trials").glob("*.json") if "finished" in p.read_text())

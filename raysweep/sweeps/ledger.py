@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 
 from raysweep.sweeps.space import SearchSpace, describe
-from raysweep.sweeps.trial import _objectives
+from raysweep.sweeps.trial import _objectives, member_id
 from raysweep.tracking.runs import (
     experiment_id,
 )
@@ -54,79 +54,104 @@ def _write_record(records: Path, rec: dict) -> None:
 
 
 class _TrialLedger(Callback):
-    """Driver-side Tune callback: writes one record per trial that ended (the summary and `--resume`
-    read these, not Tune's state), and closes the MLflow run of a trial that died (retried), errored or
-    was stopped early (ASHA), which could not close its own: FAILED or KILLED, keeping what it logged.
-    With `log` (print), one line per trial started and ended: the sweep's progress on the terminal
-    (Tune's own tables are off)."""
+    """Driver-side Tune callback: writes one record per sampled point that ended (the summary and
+    `--resume` read these, not Tune's state), and closes the MLflow runs of a Tune trial that died
+    (retried), errored or was stopped early (ASHA), which could not close their own: FAILED or KILLED,
+    keeping what they logged. A point's record is written from its last report, as it ends: a pack
+    (search.pack) records each of its points when that point is done. With `log` (print), one line per
+    point started and ended: the sweep's progress on the terminal (Tune's own tables are off)."""
 
     def __init__(self, uri: str, experiment: str, keys: list[str], records: Path, storage: str,
-                 log=None, done: int = 0, total: int = 0):
+                 log=None, done: int = 0, total: int = 0, pack: int = 1):
         self.uri, self.experiment, self.keys, self.records, self.storage = uri, experiment, keys, records, storage
-        self.log, self.done, self.total = log, done, total
+        self.log, self.done, self.total, self.pack = log, done, total, pack
+        self._ended: dict[str, set[int]] = {}  # Tune trial id -> its points recorded so far
+        self._last: dict[str, dict] = {}  # Tune trial id -> its latest record, which its checkpoint completes
 
-    def _say(self, trial, what: str, detail: str = "") -> None:
+    def _say(self, what: str, trial_id: str, params: dict, detail: str = "") -> None:
         if self.log is not None:
-            self.log(f"  [{self.done}/{self.total}] {what:<13} {trial.trial_id}  {describe(trial.config)}"
+            self.log(f"  [{self.done}/{self.total}] {what:<13} {trial_id}  {describe(params)}"
                      + (f"  {detail}" if detail else ""))
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._say(trial, "started")
+        points = trial.config["pack"]
+        for n, j in enumerate(sorted(set(range(len(points))) - self._ended.get(trial.trial_id, set()))):
+            self._say("started" if n == 0 else "queued", member_id(trial.trial_id, j, self.pack), points[j])
 
     def _close(self, trial, status):
         client = MlflowClient(self.uri)
         runs = client.search_runs([experiment_id(self.experiment, self.uri)],
-                                  f"tags.`raysweep.trial_id` = '{trial.trial_id}'")
+                                  f"tags.`raysweep.tune_trial_id` = '{trial.trial_id}'")
         for run in runs:
             if run.info.status == "RUNNING":
                 client.set_terminated(run.info.run_id, status)
 
-    def _record(self, trial, status: str, **extra) -> None:
-        m = trial.last_result or {}
-        rec = {"trial_id": trial.trial_id, "status": status, "params": dict(trial.config),
+    def _record(self, trial, j: int, status: str, m: dict, **extra) -> None:
+        trial_id, params = member_id(trial.trial_id, j, self.pack), trial.config["pack"][j]
+        rec = {"trial_id": trial_id, "status": status, "params": params,
                "mlflow_run_id": m.get("mlflow_run_id"), **extra}
         if status == "finished":
             rec.update(_finished_fields(m["mlflow_run_id"], {k: m[k] for k in self.keys},
                                         json.loads(m["metrics_json"]), m.get("node_id")))
-            if trial.checkpoint is not None:
-                rec["storage"] = _storage_uri(self.storage, trial.checkpoint)
         _write_record(self.records, rec)
+        self._ended.setdefault(trial.trial_id, set()).add(j)
+        self._last[trial.trial_id] = rec
         self.done += 1
         if status == "finished":
             detail = "  ".join(f"{k} {m[k]:.4f}" for k in dict.fromkeys([*self.keys, "clean_acc"]))
-            detail += f"  ({m.get('time_total_s', 0):.0f} s)"
+            detail += f"  ({m.get('time_this_iter_s', 0):.0f} s)" if self.pack > 1 else \
+                f"  ({m.get('time_total_s', 0):.0f} s)"
         elif status == "stopped_early":
             detail = f"by ASHA after epoch {m.get('epoch', '?')}"
         elif status == "infeasible":
             detail = m.get("infeasible_why", "")
         else:  # failed: the error's last line
             detail = "".join(str(extra.get("error") or "").strip().splitlines()[-1:])[:200]
-        self._say(trial, status.replace("_", " "), detail)
+        self._say(status.replace("_", " "), trial_id, params, detail)
+
+    def _record_rest(self, trial, status: str, **extra) -> None:
+        """The trial's points that sent no last report (its process died, ASHA stopped it)."""
+        for j in range(len(trial.config["pack"])):
+            if j not in self._ended.get(trial.trial_id, set()):
+                self._record(trial, j, status, trial.last_result or {}, **extra)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        """An epoch of a running trial: its row goes to the trial's MLflow run now, in one batch."""
+        if "pack_member" in result:  # a point's last report: its record
+            j = int(result["pack_member"])
+            if j not in self._ended.get(trial.trial_id, set()):
+                status = ("failed" if "error" in result else "infeasible" if result.get("infeasible")
+                          else "finished")
+                self._record(trial, j, status, result, **({"error": result["error"]} if "error" in result else {}))
+            return
+        # An epoch of a running point: its row goes to the point's MLflow run now, in one batch.
         rows = [Metric(k, v, int(time.time() * 1000), int(result["epoch"]) - 1) for k, v in result.items()
                 if k.startswith("train/")]  # MLflow steps are the history's 0-based epochs
         if rows:  # epoch_metrics puts the run id in every epoch's result
             MlflowClient(self.uri).log_batch(result["mlflow_run_id"], metrics=rows)
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        """A point's run directory reached the sweep's storage: its record says where."""
+        rec = self._last.get(trial.trial_id)
+        if rec is not None and rec["status"] == "finished" and "storage" not in rec:
+            rec["storage"] = _storage_uri(self.storage, checkpoint)
+            _write_record(self.records, rec)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self._close(trial, "FAILED")  # its process or node died; Tune retries it as a new run
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._close(trial, "FAILED")
-        self._record(trial, "failed", error=str(trial.get_error())[-5000:])
+        self._record_rest(trial, "failed", error=str(trial.get_error())[-5000:])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         m = trial.last_result or {}
-        if "error" in m:  # the trial caught its own error and closed its run FAILED (see _trial)
-            self._record(trial, "failed", error=m["error"])
-            return
-        status = ("infeasible" if m.get("infeasible") else "finished" if all(k in m for k in self.keys)
-                  else "stopped_early")
-        if status == "stopped_early":  # ASHA ended it mid-training; a finished trial closes its own run
-            self._close(trial, "KILLED")
-        self._record(trial, status)
+        if "pack_member" in m and int(m["pack_member"]) not in self._ended.get(trial.trial_id, set()):
+            self.on_trial_result(iteration, trials, trial, m)  # its last report came as the trial ended
+        if self.pack == 1 and 0 not in self._ended.get(trial.trial_id, set()):
+            self._close(trial, "KILLED")  # ASHA ended it mid-training; a finished point closes its own run
+            self._record_rest(trial, "stopped_early")
+        # A pack (never under ASHA) that ends with points not run was stopped by an interruption: those
+        # points stay unrecorded, running in Optuna, and --resume samples them again.
 
 
 def _optuna_storage(sweep_dir: Path) -> str:

@@ -61,6 +61,9 @@ class SearchConfig(Section):
     max_failures: int = Field(2, ge=0, description="retries of a trial whose process or node died (Tune "
                               "FailureConfig); an error raised by the trial's own code is recorded, not retried")
     asha: Optional[AshaConfig] = None
+    pack: int = Field(1, ge=1, description="trials per Tune trial, trained one after another in its process: Tune's "
+                      "trial start-up and the data loading are paid once per pack; each trial is still its own "
+                      "Optuna trial, MLflow run and record")
     color_by: Optional[str] = Field(None, description="parameter colouring the trade-off plot; default the first")
     champion: ChampionConfig = Field(ChampionConfig(), description="--register: candidates re-evaluated under a "
                                      "strong protocol before one is registered")
@@ -294,6 +297,10 @@ def load_search_space(path: str | Path, overrides: list[str] = (), root: str | P
     if search.asha is not None and search.multi:
         raise ConfigError("search.asha stops trials on one metric; a Pareto search (several objectives) compares "
                           "finished trials only: drop search.asha or keep one objective")
+    if search.asha is not None and search.pack > 1:
+        raise ConfigError(f"search.pack {search.pack} with search.asha: ASHA stops a Tune trial on its epoch "
+                          "reports, and a pack's Tune trial trains several trials one after another; drop "
+                          "search.asha or use search.pack: 1")
     if search.asha is not None and search.asha.metric == "probe_acc" and base_cfg.train.probe is None:
         raise ConfigError("search.asha.metric probe_acc needs train.probe (e.g. train: {probe: {eps: 0.1}}) in the "
                           "run config")

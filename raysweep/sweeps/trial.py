@@ -1,5 +1,6 @@
-"""What runs inside one Tune trial of a sweep: its config from the sampled values, one training and
-evaluation exactly as `raysweep train` does, its MLflow child run, its report to Tune."""
+"""What runs inside one Tune trial of a sweep: for each point Optuna sampled for it (one, or a pack of
+search.pack), its config from the sampled values, one training and evaluation exactly as `raysweep
+train` does, its MLflow child run, its report to Tune."""
 from __future__ import annotations
 
 import functools
@@ -13,6 +14,7 @@ import ray.tune
 from mlflow import MlflowClient
 
 from raysweep.config import validate_config
+from raysweep.core.data import load_dataset
 from raysweep.errors import ConfigError
 from raysweep.run import train_and_evaluate
 from raysweep.sweeps.space import SearchSpace, describe
@@ -39,12 +41,16 @@ def _objectives(space: SearchSpace, metrics: dict | None) -> dict:
     return {o.key: (o.value(metrics) if metrics is not None else 0.0) for o in space.search.objective}
 
 
-def _last_report(metrics: dict, checkpoint_dir: Path | None = None) -> None:
-    checkpoint = ray.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+def _last_report(metrics: dict, out: Path, j: int) -> bool:
+    """A point's last report, with its run directory (whatever it holds: a failed point keeps what it
+    had) as checkpoint, marked with the point's place in the pack. False when Tune ended the trial."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PACK_FILE).write_text(json.dumps({"member": j}))
     try:
-        ray.tune.report(metrics, checkpoint=checkpoint)  # Tune copies the directory to the sweep's storage
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(str(out)))  # copied to storage
     except SystemExit:
-        pass  # Tune may end the trial's thread at its last report; everything is logged: the run is complete
+        return False  # Tune may end the trial's thread at its last report; everything is logged: the run is complete
+    return True
 
 
 def run_name(space: SearchSpace, values: dict, trial_id: str) -> str:
@@ -56,15 +62,46 @@ def run_name(space: SearchSpace, values: dict, trial_id: str) -> str:
     return " ".join([describe(values), *fixed, "·", trial_id])
 
 
-def _trial(values: dict, ctx: TrialContext) -> None:
+def member_id(tune_trial_id: str, j: int, pack: int) -> str:
+    """The id of the j-th trial of a Tune trial's pack: in MLflow's tags, Optuna's user attributes and
+    the sweep's records alike. Unpacked sweeps (search.pack 1) keep Tune's own trial id."""
+    return tune_trial_id if pack == 1 else f"{tune_trial_id}-{j}"
+
+
+PACK_FILE = "pack.json"  # in every trial's reported checkpoint: where a retried pack starts again
+
+
+def _trial(config: dict, ctx: TrialContext) -> None:
+    """One Tune trial: the pack of points Optuna sampled for it (search.pack; one unless packed), trained
+    one after another in this process. Each point ends with its own report (its result for Optuna and
+    its record) and checkpoint, so a pack retried after its process died starts at the first point it
+    had not finished, and an interrupted pack keeps the points it finished."""
     quiet()  # also when Ray was started by the caller, without raysweep's setup hook
+    points = config["pack"]
+    start = 0
+    if (checkpoint := ray.tune.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as d:
+            start = json.loads((Path(d) / PACK_FILE).read_text())["member"] + 1
+    datasets = {}  # the pack's data, loaded once per distinct data config and seed
+    for j in range(start, len(points)):
+        if not _point(points[j], j, ctx, datasets):
+            return  # Tune is stopping this trial (the sweep was interrupted)
+
+
+def _point(values: dict, j: int, ctx: TrialContext, datasets: dict) -> bool:
+    """Train and evaluate one sampled point as its own MLflow child run and report it; False when Tune
+    stopped the trial at that report."""
     trial = ray.tune.get_context()
-    trial_id = trial.get_trial_id()
+    tune_id = trial.get_trial_id()
+    trial_id = member_id(tune_id, j, ctx.space.search.pack)
     raw = ctx.space.trial_config(values)
     raw["name"] = f"{ctx.space.name}-{trial_id}"
     node = ray.get_runtime_context().get_node_id()
     tags = {**ctx.run_tags, "mlflow.parentRunId": ctx.parent_run_id, "raysweep.trial_id": trial_id,
-            "raysweep.kind": "trial", "raysweep.node_id": node}
+            "raysweep.tune_trial_id": tune_id, "raysweep.kind": "trial", "raysweep.node_id": node}
+    # Scratch space on this node; what outlives the trial goes to storage and MLflow below.
+    out = Path(trial.get_trial_dir()) / ("run" if ctx.space.search.pack == 1 else f"run-{j}")
+    ended = {"pack_member": j, "member_id": trial_id}
     # An interrupted sweep marks its parent run KILLED before it settles its trials' runs (run_sweep); a
     # trial still running in its stopping actor then ends KILLED, as the sweep will count it, not FINISHED.
     sweep_running = lambda: MlflowClient(ctx.uri).get_run(ctx.parent_run_id).info.status == "RUNNING"  # noqa: E731
@@ -76,12 +113,9 @@ def _trial(values: dict, ctx: TrialContext) -> None:
             cfg = validate_config(raw, f"trial {trial_id}")
         except ConfigError as err:
             client.set_tag(run_id, "raysweep.infeasible", str(err)[:5000])
-            _last_report({**_objectives(ctx.space, None), "infeasible": 1, "mlflow_run_id": run_id,
-                          "infeasible_why": str(err).strip().splitlines()[-1].strip()[:300]})
-            return
+            return _last_report({**_objectives(ctx.space, None), **ended, "infeasible": 1, "mlflow_run_id": run_id,
+                                 "infeasible_why": str(err).strip().splitlines()[-1].strip()[:300]}, out, j)
         log_resolved_params(client, run_id, raw, cfg)  # the defaults the YAML left out, as params too
-        # Scratch space on this node; what outlives the trial goes to storage and MLflow below.
-        out = Path(trial.get_trial_dir()) / "run"
 
         relay = functools.partial(epoch_metrics, epochs=cfg.train.epochs, run_id=run_id)
 
@@ -90,8 +124,12 @@ def _trial(values: dict, ctx: TrialContext) -> None:
                 ray.tune.report(m)
 
         try:
+            key = (cfg.data.model_dump_json(), cfg.seed)
+            if key not in datasets:
+                datasets[key] = load_dataset(cfg.data, cfg.seed)
             metrics = train_and_evaluate(cfg, out, progress=False, callbacks=(report_epoch,),
-                                         ray_storage=f"{ctx.storage.rstrip('/')}/ray-train", epoch_metrics=relay)
+                                         ray_storage=f"{ctx.storage.rstrip('/')}/ray-train", epoch_metrics=relay,
+                                         data=datasets[key])
         except Exception as err:
             # A Python error of this trial (its config, its data): the same on every retry, so the trial
             # ends here, FAILED in MLflow with its error and traceback (the epochs it finished are logged
@@ -100,8 +138,7 @@ def _trial(values: dict, ctx: TrialContext) -> None:
             client.set_tag(run_id, "raysweep.error", error[:5000])
             client.log_text(run_id, traceback.format_exc(), "error.txt")
             client.set_terminated(run_id, "FAILED")
-            _last_report({"error": error[:2000], "mlflow_run_id": run_id})
-            return
+            return _last_report({**ended, "error": error[:2000], "mlflow_run_id": run_id}, out, j)
         log_results(client, run_id, out, metrics, logged_epochs=cfg.train.epochs - 1)  # the driver logged those
         objectives = _objectives(ctx.space, metrics)
         client.set_tag(run_id, "mlflow.note.content", (  # the run page's description
@@ -109,11 +146,11 @@ def _trial(values: dict, ctx: TrialContext) -> None:
             + ", ".join(f"{k} **{v:.4f}**" for k, v in {**objectives, "clean_acc": metrics["clean_acc"]}.items())
             + f". Re-evaluate: `raysweep evaluate runs:/{run_id}/checkpoint`; load: "
               f"`raysweep.load(\"runs:/{run_id}/checkpoint\")`."))
-        final = {**objectives, "clean_acc": metrics["clean_acc"], "infeasible": 0, "epoch": cfg.train.epochs,
-                 "node_id": node,
+        final = {**objectives, **ended, "clean_acc": metrics["clean_acc"], "infeasible": 0,
+                 "epoch": cfg.train.epochs, "node_id": node,
                  "train_acc": metrics["train"]["history"][-1]["train_acc"], "mlflow_run_id": run_id,
                  "metrics_json": json.dumps(metrics, default=str)}
-        _last_report(final, out)
+    return _last_report(final, out, j)
 
 
 def epoch_metrics(row: dict, epochs: int, run_id: str) -> dict | None:

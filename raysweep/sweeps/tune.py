@@ -58,7 +58,7 @@ from raysweep.sweeps.ledger import (
 )
 from raysweep.sweeps.space import SearchSpace, load_search_space
 from raysweep.sweeps.summary import _summarise
-from raysweep.sweeps.trial import TrialContext, _trial
+from raysweep.sweeps.trial import TrialContext, _trial, member_id
 from raysweep.tracking.runs import (
     DEFAULT_EXPERIMENT,
     check_tracking,
@@ -97,18 +97,45 @@ def _max_concurrent(space: SearchSpace) -> int:
     return min(fits)
 
 
-class _FinalOnlyOptunaSearch(OptunaSearch):
-    """OptunaSearch that learns from finished evaluations only: per-epoch reports carry the training
-    accuracy for ASHA, not the objective (which exists only after evaluation)."""
+class _SweepSearch(OptunaSearch):
+    """OptunaSearch that hands each Tune trial a pack of `pack` points ({"pack": [values, ...]}, search.pack)
+    and learns from finished evaluations only: every point is its own Optuna trial, told as its last
+    report arrives (a pack's first points are told while its later ones train). Per-epoch reports carry
+    the training accuracy for ASHA, not the objective (which exists only after evaluation). `total`:
+    the points this Tuner may ask for; the last pack may be smaller."""
 
-    def on_trial_result(self, trial_id, result):
-        pass
+    def __init__(self, *args, pack: int = 1, total: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pack, self.left = pack, total
+        self._points: dict[str, list[str]] = {}  # Tune trial id -> its points' ids
 
     def suggest(self, trial_id):
-        config = super().suggest(trial_id)
-        if trial_id in self._ot_trials:  # lets _adopt_finished find the Optuna trial of a Tune trial
-            self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
-        return config
+        ids = [member_id(trial_id, j, self.pack) for j in range(min(self.pack, self.left))]
+        points = []
+        for point in ids:
+            values = super().suggest(point)
+            if values is None:
+                return None
+            self._ot_trials[point].set_user_attr("tune_trial_id", point)  # lets _adopt_finished find it
+            points.append(values)
+        self.left -= len(points)
+        self._points[trial_id] = ids
+        return {"pack": points}
+
+    def on_trial_result(self, trial_id, result):
+        if "pack_member" in result:  # a point's last report
+            point = self._points[trial_id][int(result["pack_member"])]
+            if point not in self._completed_trials:
+                super().on_trial_complete(point, result, error="error" in result)
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if result and "pack_member" in result:
+            self.on_trial_result(trial_id, result)  # its last report came as the trial ended
+        for point in self._points.pop(trial_id, []):
+            # Points without a last report: the trial's process failed (FAIL), ASHA stopped it (PRUNED);
+            # a pack's points not reached when an interruption stopped it stay running for --resume.
+            if point not in self._completed_trials and (error or self.pack == 1):
+                super().on_trial_complete(point, result, error=error)
 
 
 def _check_storage(storage: str) -> None:
@@ -219,28 +246,31 @@ def _tune(space: SearchSpace, state: dict, sweep_dir: Path, done: int, remaining
     # A fresh Tuner on every attempt, built from the stored state (Tuner.restore would unpickle Tune's
     # state and, in Ray 2.60, drop max_concurrent_trials); the study in optuna.db carries the history.
     sampler = space.sampler(offset=done)
-    searcher = _FinalOnlyOptunaSearch(
+    searcher = _SweepSearch(
         space=space.define_by_run, metric=keys if s.multi else keys[0],
         mode=["max"] * len(keys) if s.multi else "max", sampler=sampler, study_name=state["study_name"],
-        storage=optuna.storages.RDBStorage(state["optuna_storage"]))
+        storage=optuna.storages.RDBStorage(state["optuna_storage"]), pack=s.pack, total=remaining)
     scheduler = None
     if s.asha is not None:
         scheduler = ASHAScheduler(metric=s.asha.metric, mode="max", time_attr="epoch",
                                   max_t=space.base_cfg.train.epochs, grace_period=s.asha.grace_period,
                                   reduction_factor=s.asha.reduction_factor)
     ledger = _TrialLedger(uri, state["experiment"], keys, sweep_dir / TRIALS, state["storage"],
-                          log=print if progress else None, done=done, total=state["samples"])
+                          log=print if progress else None, done=done, total=state["samples"], pack=s.pack)
     # Named after the sweep: the Tune experiment (its folder in storage) and each trial (its folder: the id).
     tuner = ray.tune.Tuner(trainable, run_config=ray.tune.RunConfig(
         name=f"{space.name}-{state['attempts']}", storage_path=state["storage"], callbacks=[ledger],
         failure_config=ray.tune.FailureConfig(max_failures=s.max_failures), verbose=0),
-        tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,
+        tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                        num_samples=math.ceil(remaining / s.pack),
                                         max_concurrent_trials=_max_concurrent(space),
                                         trial_name_creator=lambda t: f"{space.name}-{t.trial_id}",
                                         trial_dirname_creator=lambda t: t.trial_id))
     if progress:
-        print(f"sweep {space.name}: {remaining} of {state['samples']} trials to run, up to {_max_concurrent(space)} at "
-              f"a time, maximising {', '.join(keys)}; MLflow {uri} (experiment {state['experiment']})")
+        packs = f" in packs of {s.pack} per Tune trial" if s.pack > 1 else ""
+        print(f"sweep {space.name}: {remaining} of {state['samples']} trials to run{packs}, up to "
+              f"{_max_concurrent(space)} Tune trials at a time, maximising {', '.join(keys)}; MLflow {uri} "
+              f"(experiment {state['experiment']})")
     try:
         with _sigterm_as_sigint():
             tuner.fit()
