@@ -72,8 +72,11 @@ def ensure_writable(out: Path, flag: str = "--out") -> None:
 
 
 def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, callbacks=(),
-                       ray_storage: str | None = None, epoch_metrics=None, data: Dataset | None = None) -> dict:
+                       ray_storage: str | None = None, epoch_metrics=None, data: Dataset | None = None,
+                       resume_dir: str | Path | None = None) -> dict:
     """`data`: cfg's dataset when the caller loaded it already (a sweep's pack of trials loads it once).
+    `resume_dir` (local executor): where training saves each epoch and continues from after an
+    interruption (fit); a Ray executor run resumes from its own checkpoints in `ray_storage`.
     `callbacks` (train.fit hooks) run in this process, so with the local executor only. A Ray run
     inside a Tune trial relays `epoch_metrics(row)` of each epoch to Tune instead (see fit_on_ray).
     `ray_storage`: where a Ray executor run keeps its checkpoints when executor.ray.storage is unset
@@ -87,7 +90,7 @@ def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, c
 
         result = fit_on_ray(cfg, data, ray_storage or out / "ray", progress=progress, epoch_metrics=epoch_metrics)
     else:
-        result = fit(cfg, data, progress=progress, callbacks=callbacks)
+        result = fit(cfg, data, progress=progress, callbacks=callbacks, resume_dir=resume_dir)
     save_checkpoint(out / "checkpoint", result.ensemble, cfg, data.image_shape, data.num_classes, data.mean, data.std)
     try:
         report = evaluate(result.ensemble, data, cfg, progress=progress)

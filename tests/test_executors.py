@@ -78,3 +78,41 @@ def test_trainer_resumes_from_its_state_dict(method, train):
     for ma, mb in zip(result.ensemble.members, whole.ensemble.members):
         for pa, pb in zip(ma.parameters(), mb.parameters()):
             assert torch.equal(pa, pb)
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method, train, vectorize", [
+    ("joint", {"pdd": {"m": 6, "period": 3}, "deg": {"lambda_deg": 0.5}}, "loop"),
+    ("bagging", {"jr": {"lambda_jr": 0.1}}, "vmap"),
+])
+def test_fit_continues_after_an_interruption_from_its_resume_dir(tmp_path, method, train, vectorize):
+    """A fair study's variant trains for an hour: killed in its second epoch, it continues from the
+    first, saved in resume_dir, and ends where the uninterrupted run ends."""
+    from raysweep.training.trainer import _saved_epochs
+
+    cfg = make_cfg(ensemble={"k": 3, "method": method}, data={"train_size": 160, "batch_size": 32},
+                   executor={"vectorize": vectorize},
+                   train={"epochs": 3, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, **train})
+    data = load_dataset(cfg.data, 0)
+    whole = fit(cfg, data, progress=False)
+
+    def kill_in_epoch_two(event, state):
+        if event == "step" and len(state.history) == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        fit(cfg, data, progress=False, callbacks=(kill_in_epoch_two,), resume_dir=tmp_path)
+    steps = []
+    resumed = fit(cfg, data, progress=False, resume_dir=tmp_path,
+                  callbacks=(lambda event, state: event == "step" and steps.append(state.step),))
+    assert steps[0] == whole.state.step // 3 + 1  # it started in epoch two, not again from the first
+    assert resumed.state.step == whole.state.step and resumed.state.history[0] == whole.state.history[0] | {
+        "seconds": resumed.state.history[0]["seconds"]}
+    for ma, mb in zip(resumed.ensemble.members, whole.ensemble.members):
+        for pa, pb in zip(ma.parameters(), mb.parameters()):
+            assert torch.equal(pa, pb)
+    assert _saved_epochs(tmp_path, cfg)["trainer"]["train_state"]["step"] == whole.state.step
+    assert _saved_epochs(tmp_path, make_cfg(**{**cfg.model_dump(), "seed": 1})) is None  # another config's

@@ -4,13 +4,17 @@ import copy
 import json
 
 import pytest
+import torch
 import yaml
 from conftest import repo_root
 from mlflow import MlflowClient
 
+from raysweep.core.data import load_dataset
 from raysweep.errors import ConfigError, UserError
 from raysweep.reproduce import STUDIES, reproduce, study_file
-from raysweep.reproduce.study import load_study
+from raysweep.reproduce.study import _run_variant, load_study
+from raysweep.run import train_and_evaluate
+from raysweep.training.trainer import EPOCH_STATE, fit
 
 CAPS = {"max_iter": 2, "square_queries": 5, "max_steps": 20, "iterations": 2, "seeds": 1, "selection_size": 32,
         "binary_search_steps": 1, "samples": 24}
@@ -70,6 +74,7 @@ def test_study_runs_reports_and_reuses_finished_runs(name, tmp_path, ray_local):
     runs = client.search_runs([exp.experiment_id], f"tags.`raysweep.study` = '{load_study(path).name}'")
     assert {r.data.tags["raysweep.variant"] for r in runs} >= set(variants)
     assert all(r.info.status == "FINISHED" for r in runs)
+    assert not [p for p in (tmp_path / "runs").rglob("*") if ".partial" in p.parts and p.is_file()]
     # a second call reuses every finished run and gives the same report
     again = []
     reproduce(name, out=str(tmp_path / "runs"), docs=str(tmp_path / "docs"), study_path=str(path), log=again.append)
@@ -89,6 +94,34 @@ def test_a_failing_variant_is_reported_and_the_others_finish(tmp_path, ray_local
     assert "snapshot" in stored["variants/snapshot_k9"]["error"]
     assert stored["variants/standard"]["clean_acc"] > 0
     assert "FAILED" in (tmp_path / "docs" / "report.md").read_text()
+
+
+def test_an_interrupted_variant_continues_from_its_last_epoch(tmp_path):
+    """A fair study's variant trains for an hour: killed in its second epoch, the study started again
+    trains it from the end of the first (what it saved in the study's .partial folder), to the numbers
+    of an uninterrupted run, and clears that folder once the variant is done."""
+    path = tiny_study("jacobian_ensembles", tmp_path, keep=["standard"])
+    spec = yaml.safe_load(path.read_text())
+    spec["common"]["train"]["epochs"] = 2
+    path.write_text(yaml.safe_dump(spec))
+    variant = load_study(path).variant("standard")
+    data = load_dataset(variant.cfg.data, variant.cfg.seed)
+    partial = tmp_path / "runs" / ".partial" / "variants" / "standard"
+
+    def kill_in_epoch_two(event, state):
+        if event == "step" and len(state.history) == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(variant.cfg, data, progress=False, callbacks=(kill_in_epoch_two,), resume_dir=partial / "epochs")
+    first_epoch = torch.load(partial / "epochs" / EPOCH_STATE, weights_only=True)["trainer"]["train_state"]["history"]
+    metrics, files = _run_variant(variant.raw, None, "unused", {}, None, str(partial))
+    # the first epoch is the one the killed run trained (its own timing), not trained again
+    assert metrics["train"]["history"][0] == first_epoch[0] and len(metrics["train"]["history"]) == 2
+    whole = train_and_evaluate(variant.cfg, tmp_path / "whole", progress=False)
+    assert metrics["clean_acc"] == whole["clean_acc"]
+    assert [h["loss"] for h in metrics["train"]["history"]] == [h["loss"] for h in whole["train"]["history"]]
+    assert any(f.startswith("checkpoint/") for f in files) and not partial.exists()
 
 
 def test_je_sweep_against_the_grid(tmp_path, ray_local):

@@ -1,6 +1,8 @@
 """A study: named variants of one run config, each trained and evaluated as a Ray task (one CPU or
 GPU share each, so a 2-core machine runs two at once and a cluster runs many), every run recorded
-in MLflow, results cached per variant so a re-run or an interrupted run only does what is missing.
+in MLflow, results cached per variant so a re-run or an interrupted run only does what is missing; a
+variant interrupted while training continues from its last finished epoch (`.partial/` in the study's
+folder holds it meanwhile).
 
 Study file (search_spaces/reproduce/*.yaml):
     study: NAME
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -134,6 +137,9 @@ def load_study(path: str | Path) -> Study:
     return Study(name, path, variants, spec, seeds)
 
 
+PARTIAL = ".partial"  # under a study's folder: variants whose training was interrupted, by epoch
+
+
 def _cached(out: Path, cfg: RunConfig) -> dict | None:
     """The variant's metrics when `out` holds a finished run of exactly this config."""
     m, c = out / "metrics.json", out / "config.yaml"
@@ -157,30 +163,38 @@ def _write_files(files: dict[str, bytes], root: Path) -> None:
 
 
 def _run_variant(raw: dict, uri: str | None, experiment: str, tags: dict,
-                 checkpoint: dict[str, bytes] | None) -> tuple[dict, dict[str, bytes]]:
+                 checkpoint: dict[str, bytes] | None, partial: str | None) -> tuple[dict, dict[str, bytes]]:
     """One Ray task: train + evaluate (or, given a checkpoint's files, evaluate that checkpoint under
-    this config's eval), recorded as one MLflow run. Works in a scratch folder of whichever node runs
-    it and returns (metrics, the run directory's files)."""
+    this config's eval), recorded as one MLflow run. Returns (metrics, the run directory's files).
+
+    Training works in `partial`, a folder that outlives the task: the members and the trainer's state
+    are saved there after every epoch, and a study started again continues the variant from its last
+    saved epoch (on the same machine, or wherever that path is the same storage); the folder is removed
+    once the variant's files are returned. A re-evaluation works in a scratch folder."""
     from raysweep.run import evaluate_checkpoint, train_and_evaluate
     from raysweep.tracking.runs import log_train_run
 
     cfg = validate_config(raw)
     with tempfile.TemporaryDirectory(prefix="raysweep-") as tmp:
-        out = Path(tmp) / "run"
+        work = Path(partial) if partial else Path(tmp)
+        out = work / "run"
         if checkpoint:
             _write_files(checkpoint, Path(tmp) / "checkpoint")
 
-        def work():
+        def run():
             if checkpoint:
                 return evaluate_checkpoint(Path(tmp) / "checkpoint", cfg, out, progress=False)
-            return train_and_evaluate(cfg, out, progress=False)
+            return train_and_evaluate(cfg, out, progress=False, resume_dir=work / "epochs")
 
         if uri is None:
-            metrics = work()
+            metrics = run()
         else:
-            metrics, run_id = log_train_run(cfg, out, uri, experiment, work, tags)
+            metrics, run_id = log_train_run(cfg, out, uri, experiment, run, tags)
             metrics = {**metrics, "mlflow_run_id": run_id}
-        return metrics, _files(out)
+        files = _files(out)
+        if partial:
+            shutil.rmtree(partial, ignore_errors=True)
+        return metrics, files
 
 
 def run_jobs(jobs: list[Job], out: Path, study: str, *, uri: str | None, experiment: str, address: str | None,
@@ -209,7 +223,8 @@ def run_jobs(jobs: list[Job], out: Path, study: str, *, uri: str | None, experim
     t0 = time.perf_counter()
     pending = {task.remote(j.raw, uri, experiment,
                            {"raysweep.kind": "reproduce", "raysweep.study": study, "raysweep.variant": j.key},
-                           _files(Path(j.checkpoint)) if j.checkpoint else None): j for j in todo}
+                           _files(Path(j.checkpoint)) if j.checkpoint else None,
+                           None if j.checkpoint else str((out / PARTIAL / j.key).resolve())): j for j in todo}
     done_count = len(results)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)

@@ -15,13 +15,14 @@ import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from raysweep.attacks.adversarial import AdversarialTrainingConfig, ensemble_examples
-from raysweep.config import RunConfig
+from raysweep.config import RunConfig, dump_config
 from raysweep.core.checkpoint import composite_members
 from raysweep.core.data import Dataset, member_batches, steps_per_epoch
 from raysweep.core.ensemble import Ensemble, uniform_weights
@@ -182,9 +183,50 @@ class Trainer:
         self.seconds = sd["seconds"]
 
 
+EPOCH_STATE = "training_state.pt"
+
+
+def _saved_epochs(folder: Path, cfg: RunConfig) -> dict | None:
+    """What `fit(resume_dir=folder)` saved after its last finished epoch, if it trained this config."""
+    path = folder / EPOCH_STATE
+    if not path.is_file():
+        return None
+    saved = torch.load(path, weights_only=True)
+    return saved if saved["config"] == dump_config(cfg) else None
+
+
+def _save_epochs(folder: Path, cfg: RunConfig, trainer: Trainer) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    members = [{n: t.detach().cpu() for n, t in m.state_dict().items()} for m in trainer.ex.export_members()]
+    tmp = folder / f".{EPOCH_STATE}"
+    torch.save({"config": dump_config(cfg), "members": members, "trainer": trainer.state_dict()}, tmp)
+    tmp.replace(folder / EPOCH_STATE)  # whole or absent, even if the process is killed here
+
+
 def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[Callable, ...] = (),
-        executor=None) -> TrainResult:
+        executor=None, resume_dir: str | Path | None = None) -> TrainResult:
     """Train the ensemble described by cfg on data.train, in this process. `executor` overrides
     the configured local one (tests compare looped and vmapped members this way); the Ray
-    launcher (training/ray.py) runs the same Trainer inside each worker."""
-    return Trainer(cfg, data, executor, progress).run(callbacks)
+    launcher (training/ray.py) runs the same Trainer inside each worker.
+
+    `resume_dir`: a folder that outlives the process. The members and the trainer's state are saved
+    there as each epoch ends, and a run started again with the same config continues after the last
+    saved epoch, to the same numbers as a run never interrupted (a saved state of another config is
+    ignored and overwritten)."""
+    saved = None
+    if resume_dir is not None:
+        resume_dir = Path(resume_dir)
+        if executor is not None:
+            raise ValueError("fit: resume_dir builds its own executor; pass one or the other")
+        if (saved := _saved_epochs(resume_dir, cfg)) is not None:
+            members = build_members(cfg, data, cfg.trained_members)
+            for member, weights in zip(members, saved["members"]):
+                member.load_state_dict(weights)
+            e = cfg.executor
+            executor = make_local_executor(members, e.vectorize, e.device, e.channels_last, e.compile)
+        save = lambda event, state: event == "epoch" and _save_epochs(resume_dir, cfg, trainer)  # noqa: E731
+        callbacks = (*callbacks, save)
+    trainer = Trainer(cfg, data, executor, progress)
+    if saved is not None:
+        trainer.load_state_dict(saved["trainer"])
+    return trainer.run(callbacks)
