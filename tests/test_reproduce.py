@@ -96,7 +96,7 @@ def test_a_failing_variant_is_reported_and_the_others_finish(tmp_path, ray_local
     assert "FAILED" in (tmp_path / "docs" / "report.md").read_text()
 
 
-def test_an_interrupted_variant_continues_from_its_last_epoch(tmp_path):
+def test_an_interrupted_variant_continues_from_its_last_epoch(tmp_path, capsys):
     """A fair study's variant trains for an hour: killed in its second epoch, the study started again
     trains it from the end of the first (what it saved in the study's .partial folder), to the numbers
     of an uninterrupted run, and clears that folder once the variant is done."""
@@ -115,7 +115,11 @@ def test_an_interrupted_variant_continues_from_its_last_epoch(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fit(variant.cfg, data, progress=False, callbacks=(kill_in_epoch_two,), resume_dir=partial / "epochs")
     first_epoch = torch.load(partial / "epochs" / EPOCH_STATE, weights_only=True)["trainer"]["train_state"]["history"]
-    metrics, files = _run_variant(variant.raw, None, "unused", {}, None, str(partial))
+    capsys.readouterr()
+    metrics, files = _run_variant(variant.raw, None, "unused", {"raysweep.variant": "variants/standard"}, None,
+                                  str(partial))
+    lines = capsys.readouterr().out.splitlines()  # the study's log: one line per epoch trained
+    assert [line.split("  ")[0] for line in lines] == ["variants/standard: epoch 2/2"]
     # the first epoch is the one the killed run trained (its own timing), not trained again
     assert metrics["train"]["history"][0] == first_epoch[0] and len(metrics["train"]["history"]) == 2
     whole = train_and_evaluate(variant.cfg, tmp_path / "whole", progress=False)

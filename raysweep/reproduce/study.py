@@ -181,10 +181,17 @@ def _run_variant(raw: dict, uri: str | None, experiment: str, tags: dict,
         if checkpoint:
             _write_files(checkpoint, Path(tmp) / "checkpoint")
 
+        def epoch_line(event, state):  # a variant trains for up to hours: one line per epoch on the study's log
+            if event == "epoch":
+                row, n = state.history[-1], len(state.history)
+                print(f"{tags.get('raysweep.variant', cfg.name)}: epoch {n}/{cfg.train.epochs}  loss {row['loss']:.4f}"
+                      f"  train acc {row['train_acc']:.4f}  ({row['seconds']:.0f} s)"
+                      + ("; evaluating" if n == cfg.train.epochs else ""), flush=True)
+
         def run():
             if checkpoint:
                 return evaluate_checkpoint(Path(tmp) / "checkpoint", cfg, out, progress=False)
-            return train_and_evaluate(cfg, out, progress=False, resume_dir=work / "epochs")
+            return train_and_evaluate(cfg, out, progress=False, callbacks=(epoch_line,), resume_dir=work / "epochs")
 
         if uri is None:
             metrics = run()
