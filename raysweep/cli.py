@@ -195,7 +195,7 @@ def _cmd_reproduce(args) -> int:
         print("dry run: nothing trained, nothing recorded")
         return 0
     reproduce(args.name, out=args.out, docs=args.docs, study_path=args.study, tracking=args.tracking_uri,
-              experiment=args.experiment, address=args.address)
+              experiment=args.experiment, address=args.address, report_only=args.report_only)
     return 0
 
 
@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="validate the study and list its runs (and which are "
                    "done already) and stop")
     r.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON on stdout")
+    r.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far "
+                   "(of a study running in the background, or stopped) and train nothing")
     r.set_defaults(func=_cmd_reproduce)
     c = sub.add_parser("check-cluster", help="validate cluster launcher YAMLs and KubeRay manifests offline")
     c.add_argument("files", nargs="*", help="files to check (default: every YAML of the cluster/ that ships with "

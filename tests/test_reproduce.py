@@ -2,6 +2,7 @@
 tasks, writes its report and plots, records its runs in MLflow and reuses finished runs."""
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -80,6 +81,18 @@ def test_study_runs_reports_and_reuses_finished_runs(name, tmp_path, ray_local):
     reproduce(name, out=str(tmp_path / "runs"), docs=str(tmp_path / "docs"), study_path=str(path), log=again.append)
     assert any("already done" in line for line in again) and not any(line.startswith("[") for line in again)
     assert (tmp_path / "docs" / "report.md").read_text() == report
+    # --report-only of a study still running: what finished so far, the rest shown as not run, nothing trained
+    missing = variants[-1]
+    for folder in (tmp_path / "runs").rglob(missing.split("/")[1]):
+        if folder.parent.name == "variants" and ".partial" not in folder.parts:
+            shutil.rmtree(folder)
+    partial = []
+    reproduce(name, out=str(tmp_path / "runs"), docs=str(tmp_path / "partial"), study_path=str(path),
+              log=partial.append, report_only=True)
+    assert partial[0].endswith(f"{len(variants) - 1} of {len(variants)} runs finished in {tmp_path / 'runs'}; "
+                               "the report covers those")
+    assert "not run yet" in (tmp_path / "partial" / "report.md").read_text()
+    assert not any(line.startswith("[") for line in partial) and not (tmp_path / "runs" / missing).exists()
 
 
 def test_a_failing_variant_is_reported_and_the_others_finish(tmp_path, ray_local):

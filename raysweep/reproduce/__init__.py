@@ -57,10 +57,29 @@ def plan(name: str, study_path: str | None = None, out: str | None = None) -> di
 
 def reproduce(name: str, out: str | None = None, docs: str | None = None, study_path: str | None = None,
               tracking: str | None = None, experiment: str | None = None, address: str | None = None,
-              log=print) -> dict:
+              log=print, report_only: bool = False) -> dict:
+    """Train what the study misses, run its checks, write its report. `report_only`: write the report
+    from the runs finished so far and train nothing (a study running in the background goes on
+    undisturbed); runs not finished yet show as not run."""
     path, out_dir = _where(name, study_path, out)
     module = importlib.import_module(f".{STUDIES[name]}", __name__)
     docs_dir = Path(docs or Path("docs") / "results" / path.stem).resolve()
+    if report_only:
+        from raysweep.reproduce.study import finished_runs, load_study
+
+        if name == "je-sweep":
+            raise UserError("--report-only: je-sweep is a sweep, not a study of variants; its summary is written "
+                            "as its trials end")
+        study = load_study(path)
+        results = finished_runs(study, out_dir)
+        log(f"{study.name}: {sum(k.startswith('variants/') for k in results)} of {len(study.jobs())} runs finished "
+            f"in {out_dir}; the report covers those")
+        docs_dir.mkdir(parents=True, exist_ok=True)
+        report = module.report(path, results, docs_dir)
+        (docs_dir / "report.md").write_text(report)
+        (docs_dir / "results.json").write_text(json.dumps(_compact(results), indent=1, default=str))
+        log(f"wrote {docs_dir / 'report.md'}")
+        return results
     docs_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     experiment = experiment or f"reproduce-{name}"

@@ -19,9 +19,12 @@ def run_variants_then_checks(path: Path, out: Path, pick_checked, *, uri, experi
     return results
 
 
+NOT_RUN = "not run"  # a variant without a finished run yet (--report-only of a study still running)
+
+
 def variant_results(study: Study, results: dict) -> dict[str, dict]:
     """Each variant's run at its (first) seed."""
-    return {v.name: results.get(f"variants/{v.name}", {"error": "not run"}) for v in study.variants}
+    return {v.name: results.get(f"variants/{v.name}", {"error": NOT_RUN}) for v in study.variants}
 
 
 def seed_results(study: Study, results: dict) -> dict[str, list[dict]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from raysweep.plots import plt, save  # plots selects the Agg backend
 from raysweep.reproduce.common import run_variants_then_checks, variant_results
 from raysweep.reproduce.study import load_study
-from raysweep.reproduce.tables import attack_results, claims_table, md_table, seed_table, worst_case
+from raysweep.reproduce.tables import attack_results, claims_table, failed_cell, md_table, seed_table, worst_case
 
 # The paper's findings, as (finding, A, B, metric, sign of A - B), on the worst case over the attacks at
 # the largest eps; decided over seeds when the study has them (ensemble_adv_fair.yaml).
@@ -44,7 +44,7 @@ def report(path, results, docs: Path) -> str:
         for v in study.variants:
             m = vr[v.name]
             if "error" in m:
-                rows.append([v.group, v.cfg.ensemble.k, f"FAILED: {m['error']}"] + [None] * (len(headers) - 3))
+                rows.append([v.group, v.cfg.ensemble.k, failed_cell(m)] + [None] * (len(headers) - 3))
                 continue
             aa = m.get("autoattack", {}).get("per_eps", {}).get(str(eps), {}).get("acc")
             w, wname = worst_case(m, eps)

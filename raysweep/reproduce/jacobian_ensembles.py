@@ -7,7 +7,7 @@ from pathlib import Path
 from raysweep.plots import plt, save  # plots selects the Agg backend
 from raysweep.reproduce.common import best_by, run_variants_then_checks, variant_results
 from raysweep.reproduce.study import load_study
-from raysweep.reproduce.tables import attack_results, claims_table, md_table, seed_table, worst_case
+from raysweep.reproduce.tables import attack_results, claims_table, failed_cell, md_table, seed_table, worst_case
 
 GROUPS = ["standard", "JR only", "ensemble only", "Jacobian Ensemble"]
 SEED_METRICS = {"clean": lambda m: m["clean_acc"], "mean UAP": lambda m: m["mean_uap_acc"],
@@ -40,7 +40,7 @@ def run(path, out, *, uri, experiment, address, log):
 def _row(v, m):
     c = v.cfg
     if "error" in m:
-        return [v.name, v.group, c.ensemble.method, c.ensemble.k, c.train.jr.lambda_jr, f"FAILED: {m['error']}"] + [None] * 9
+        return [v.name, v.group, c.ensemble.method, c.ensemble.k, c.train.jr.lambda_jr, failed_cell(m)] + [None] * 9
     j = m.get("jacobian_sq_norm", {})
     return [v.name, v.group, "soft voting" if c.ensemble.method == "independent" else c.ensemble.method,
             c.ensemble.k, c.train.jr.lambda_jr, m["clean_acc"], *m["uap_acc"].values(), m["mean_uap_acc"],
@@ -157,6 +157,7 @@ def _jacobian_vs_k(study, vr, path):
     ax.set(xlabel="K (members; K = 1: the single model)", ylabel="mean ||J||_F^2 of the ensemble (200 test images)",
            yscale="log", title="Ensemble Jacobian norm vs K")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:  # no ensemble variant finished yet: an empty plot, no legend
+        ax.legend(fontsize=7, ncol=2)
     save(fig, path)
 

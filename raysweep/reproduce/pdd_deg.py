@@ -9,7 +9,7 @@ from raysweep.plots import plt, save  # plots selects the Agg backend
 from raysweep.reproduce.common import run_variants_then_checks, seed_results, variant_results
 from raysweep.reproduce.stats import compare
 from raysweep.reproduce.study import load_study
-from raysweep.reproduce.tables import claims_table, md_table, seed_table, worst_case
+from raysweep.reproduce.tables import claims_table, failed_cell, md_table, seed_table, worst_case
 
 
 def run(path, out, *, uri, experiment, address, log):
@@ -31,7 +31,7 @@ def report(path, results, docs: Path) -> str:
     ev = study.variants[0].cfg.eval
     eps_list = ev.attacks[0].eps
     ok = [v for v in study.variants if "error" not in vr[v.name]]
-    failed = [[v.group, f"FAILED: {vr[v.name]['error']}"] for v in study.variants if "error" in vr[v.name]]
+    failed = [[v.group, failed_cell(vr[v.name])] for v in study.variants if "error" in vr[v.name]]
 
     headers = ["method", "clean"] + [f"{a.name} {e:g}" for e in eps_list for a in ev.attacks] + [
         f"AutoAttack {e:g}" for e in eps_list] + [f"worst {e:g} (attack)" for e in eps_list]

@@ -8,7 +8,7 @@ from pathlib import Path
 from raysweep.plots import plt, save  # plots selects the Agg backend
 from raysweep.reproduce.common import run_variants_then_checks, variant_results
 from raysweep.reproduce.study import load_study
-from raysweep.reproduce.tables import claims_table, md_table, seed_table, worst_case
+from raysweep.reproduce.tables import claims_table, failed_cell, md_table, seed_table, worst_case
 
 # The paper's finding, as (finding, A, B, metric, sign of A - B): K members at alpha match one model at
 # eps_target = 2 alpha in robustness (so "not reproduced" with an interval holding zero is a match,
@@ -46,7 +46,7 @@ def report(path, results, docs: Path) -> str:
     for v in study.variants:
         m = vr[v.name]
         if "error" in m:
-            rows.append([v.name, v.cfg.ensemble.k, _train_eps(v), f"FAILED: {m['error']}"] + [None] * (len(headers) - 4))
+            rows.append([v.name, v.cfg.ensemble.k, _train_eps(v), failed_cell(m)] + [None] * (len(headers) - 4))
             continue
         curve = m["robust_acc"][attack]
         aa = m.get("autoattack", {}).get("per_eps", {})

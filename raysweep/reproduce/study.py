@@ -259,3 +259,16 @@ def check_job(study: Study, name: str, variant: str, overrides: dict, out: Path)
     raw["name"] = f"{study.name}-check-{name}"
     return Job(f"checks/{name}", raw, validate_config(raw, f"check {name!r}"),
                checkpoint=str(out / "variants" / variant / "checkpoint"))
+
+
+def finished_runs(study: Study, out: Path) -> dict[str, dict]:
+    """Every run of the study that `out` holds finished, variants and checks, without training anything:
+    what a study running in the background (or stopped halfway) has found so far."""
+    results = {job.key: m for job in study.jobs() if (m := _cached(out / job.key, job.cfg)) is not None}
+    overrides = study.spec.get("checks")
+    for folder in sorted((out / "checks").glob("*")) if overrides else []:
+        if folder.name in {v.name for v in study.variants}:
+            job = check_job(study, folder.name, folder.name, overrides, out)
+            if (m := _cached(out / job.key, job.cfg)) is not None:
+                results[job.key] = m
+    return results

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from raysweep.reproduce.common import seed_results
+from raysweep.reproduce.common import NOT_RUN, seed_results
 from raysweep.reproduce.stats import TEST, compare, estimate
 
 
@@ -13,6 +13,11 @@ def fmt(x, digits: int = 3) -> str:
     if isinstance(x, float):
         return f"{x:.{digits}f}"
     return str(x)
+
+
+def failed_cell(m: dict) -> str:
+    """What a table shows for a run without results."""
+    return "not run yet" if m["error"] == NOT_RUN else f"FAILED: {m['error']}"
 
 
 def md_table(headers: list[str], rows: list[list]) -> str:
