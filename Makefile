@@ -2,7 +2,8 @@
 #   make demo   a small real sweep on Fashion-MNIST (Jacobian Ensembles: Ray Tune + Optuna, MLflow in ./mlflow.db)
 #   make test   the test suite
 #   make reproduce   the four papers' findings and the JE sweep at small scale (docs/RESULTS.md; about 3 h on 2 cores)
-#   make reproduce-fair   the fair protocols, three seeds each (an estimated 15 h on 2 cores; resumable)
+#   make reproduce-fair   the fair protocols, three seeds each, then the JE sweep at the fair protocol
+#                         (an estimated 21 h on 2 cores; resumable)
 PYTHON ?= python3
 UV_VERSION := 0.13.9
 TOOLS := .tools
@@ -27,7 +28,7 @@ reproduce: setup data
 # In the papers' order of priority; an interrupted run continues where it stopped (runs are cached
 # under runs/reproduce/<study file>/), so this can run in the background over several sittings.
 FAIR := jacobian-ensembles:jacobian_ensembles_fair pdd-deg:pdd_deg_fair ensemble-adv:ensemble_adv_fair \
-	robust-ensembles:robust_ensembles_fair
+	robust-ensembles:robust_ensembles_fair je-sweep:je_sweep_fair
 reproduce-fair: setup data
 	for p in $(FAIR); do $(VENV)/bin/raysweep reproduce $${p%%:*} --study search_spaces/reproduce/$${p##*:}.yaml \
 		|| exit 1; done
