@@ -75,8 +75,9 @@ def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, c
                        ray_storage: str | None = None, epoch_metrics=None, data: Dataset | None = None,
                        resume_dir: str | Path | None = None) -> dict:
     """`data`: cfg's dataset when the caller loaded it already (a sweep's pack of trials loads it once).
-    `resume_dir` (local executor): where training saves each epoch and continues from after an
-    interruption (fit); a Ray executor run resumes from its own checkpoints in `ray_storage`.
+    `resume_dir` (local executor only): where training saves each epoch and continues from after an
+    interruption (fit). A Ray executor run keeps its own checkpoints in `ray_storage` and resumes from
+    them when its worker group restarts within the run, not across calls.
     `callbacks` (train.fit hooks) run in this process, so with the local executor only. A Ray run
     inside a Tune trial relays `epoch_metrics(row)` of each epoch to Tune instead (see fit_on_ray).
     `ray_storage`: where a Ray executor run keeps its checkpoints when executor.ray.storage is unset
@@ -84,7 +85,8 @@ def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, c
     out = Path(out)
     ensure_writable(out)
     t0 = time.perf_counter()
-    data = data or load_dataset(cfg.data, cfg.seed)
+    if data is None:
+        data = load_dataset(cfg.data, cfg.seed)
     if cfg.executor.kind == "ray":
         from raysweep.training.ray import fit_on_ray
 

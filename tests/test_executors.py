@@ -116,3 +116,16 @@ def test_fit_continues_after_an_interruption_from_its_resume_dir(tmp_path, metho
             assert torch.equal(pa, pb)
     assert _saved_epochs(tmp_path, cfg)["trainer"]["train_state"]["step"] == whole.state.step
     assert _saved_epochs(tmp_path, make_cfg(**{**cfg.model_dump(), "seed": 1})) is None  # another config's
+
+
+def test_an_unreadable_training_state_is_ignored_not_fatal(tmp_path, capsys):
+    """A state file cut short (a full disk, a kill mid-write outside the atomic rename) must not block
+    the variant forever: it is reported and training starts from the beginning."""
+    from raysweep.training.trainer import EPOCH_STATE
+
+    cfg = make_cfg(ensemble={"k": 2}, data={"train_size": 64, "batch_size": 32}, train={"epochs": 1})
+    data = load_dataset(cfg.data, 0)
+    (tmp_path / EPOCH_STATE).write_bytes(b"PK\x03\x04 truncated")
+    result = fit(cfg, data, progress=False, resume_dir=tmp_path)
+    assert "ignoring the unreadable training state" in capsys.readouterr().err
+    assert result.state.step == 2 and len(result.state.history) == 1

@@ -156,28 +156,36 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def _write_files(files: dict[str, bytes], root: Path) -> None:
-    for rel, data in files.items():
-        path = root / rel
+    for rel, data in sorted(files.items(), key=lambda f: f[0] == "metrics.json"):  # metrics.json (what
+        path = root / rel                                                    # _cached reads) last
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)  # whole or absent: a report written meanwhile (--report-only) reads no half file
 
 
 def _run_variant(raw: dict, uri: str | None, experiment: str, tags: dict,
-                 checkpoint: dict[str, bytes] | None, partial: str | None) -> tuple[dict, dict[str, bytes]]:
+                 checkpoint: dict[str, bytes] | None, partial: str | None,
+                 driver_node: str | None = None) -> tuple[dict, dict[str, bytes]]:
     """One Ray task: train + evaluate (or, given a checkpoint's files, evaluate that checkpoint under
     this config's eval), recorded as one MLflow run. Returns (metrics, the run directory's files).
 
-    Training works in `partial`, a folder that outlives the task: the members and the trainer's state
+    On the driver's node (`driver_node`; None: this process is the driver), training works in
+    `partial`, a folder of the driver's that outlives the task: the members and the trainer's state
     are saved there after every epoch, and a study started again continues the variant from its last
-    saved epoch (on the same machine, or wherever that path is the same storage); the folder is removed
-    once the variant's files are returned. A re-evaluation works in a scratch folder."""
+    saved epoch; the driver removes it once it holds the variant's files. On another node, and for a
+    re-evaluation, the task works in a scratch folder of its own."""
+    import ray
+
     from raysweep.run import evaluate_checkpoint, train_and_evaluate
     from raysweep.tracking.runs import log_train_run
 
     cfg = validate_config(raw)
+    here = driver_node is None or ray.get_runtime_context().get_node_id() == driver_node
     with tempfile.TemporaryDirectory(prefix="raysweep-") as tmp:
-        work = Path(partial) if partial else Path(tmp)
+        work = Path(partial) if partial and here else Path(tmp)
         out = work / "run"
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted attempt's outputs; only epochs/ carries over
         if checkpoint:
             _write_files(checkpoint, Path(tmp) / "checkpoint")
 
@@ -198,10 +206,7 @@ def _run_variant(raw: dict, uri: str | None, experiment: str, tags: dict,
         else:
             metrics, run_id = log_train_run(cfg, out, uri, experiment, run, tags)
             metrics = {**metrics, "mlflow_run_id": run_id}
-        files = _files(out)
-        if partial:
-            shutil.rmtree(partial, ignore_errors=True)
-        return metrics, files
+        return metrics, _files(out)
 
 
 def run_jobs(jobs: list[Job], out: Path, study: str, *, uri: str | None, experiment: str, address: str | None,
@@ -231,7 +236,8 @@ def run_jobs(jobs: list[Job], out: Path, study: str, *, uri: str | None, experim
     pending = {task.remote(j.raw, uri, experiment,
                            {"raysweep.kind": "reproduce", "raysweep.study": study, "raysweep.variant": j.key},
                            _files(Path(j.checkpoint)) if j.checkpoint else None,
-                           None if j.checkpoint else str((out / PARTIAL / j.key).resolve())): j for j in todo}
+                           None if j.checkpoint else str((out / PARTIAL / j.key).resolve()),
+                           ray.get_runtime_context().get_node_id()): j for j in todo}
     done_count = len(results)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
@@ -240,6 +246,7 @@ def run_jobs(jobs: list[Job], out: Path, study: str, *, uri: str | None, experim
         try:
             m, files = ray.get(ready[0])
             _write_files(files, out / job.key)  # on this machine: the cache, the checks and the report read it
+            shutil.rmtree(out / PARTIAL / job.key, ignore_errors=True)  # its epochs: the run is safe now
             results[job.key] = m
             log(f"[{done_count}/{len(jobs)}] {job.key}: clean {m['clean_acc']:.4f}"
                 f"  ({m.get('total_seconds', m.get('eval_seconds', 0)):.0f} s; {time.perf_counter() - t0:.0f} s elapsed)")

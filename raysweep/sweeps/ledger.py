@@ -99,8 +99,7 @@ class _TrialLedger(Callback):
         self.done += 1
         if status == "finished":
             detail = "  ".join(f"{k} {m[k]:.4f}" for k in dict.fromkeys([*self.keys, "clean_acc"]))
-            detail += f"  ({m.get('time_this_iter_s', 0):.0f} s)" if self.pack > 1 else \
-                f"  ({m.get('time_total_s', 0):.0f} s)"
+            detail += f"  ({rec['metrics'].get('total_seconds', 0):.0f} s)"
         elif status == "stopped_early":
             detail = f"by ASHA after epoch {m.get('epoch', '?')}"
         elif status == "infeasible":
@@ -110,10 +109,18 @@ class _TrialLedger(Callback):
         self._say(status.replace("_", " "), trial_id, params, detail)
 
     def _record_rest(self, trial, status: str, **extra) -> None:
-        """The trial's points that sent no last report (its process died, ASHA stopped it)."""
-        for j in range(len(trial.config["pack"])):
-            if j not in self._ended.get(trial.trial_id, set()):
-                self._record(trial, j, status, trial.last_result or {}, **extra)
+        """The trial's points that sent no last report (its process died, ASHA stopped it). The first was
+        running, with the MLflow run of its epoch reports; a pack's later points never started."""
+        last = trial.last_result or {}
+        # the last report is the running point's epoch, or the previous point's end (its run, not this one's)
+        running = {**last, "mlflow_run_id": None if "pack_member" in last else last.get("mlflow_run_id")}
+        rest = [j for j in range(len(trial.config["pack"])) if j not in self._ended.get(trial.trial_id, set())]
+        for n, j in enumerate(rest):
+            if n == 0:
+                self._record(trial, j, status, running, **extra)
+            else:
+                why = f"not run: point {member_id(trial.trial_id, rest[0], self.pack)} of its pack ended it"
+                self._record(trial, j, status, {}, **{**extra, **({"error": why} if "error" in extra else {})})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "pack_member" in result:  # a point's last report: its record

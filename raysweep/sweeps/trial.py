@@ -125,7 +125,8 @@ def _point(values: dict, j: int, ctx: TrialContext, datasets: dict) -> bool:
 
         try:
             key = (cfg.data.model_dump_json(), cfg.seed)
-            if key not in datasets:
+            if key not in datasets:  # the pack's points mostly share data; keep only the latest in memory
+                datasets.clear()
                 datasets[key] = load_dataset(cfg.data, cfg.seed)
             metrics = train_and_evaluate(cfg, out, progress=False, callbacks=(report_epoch,),
                                          ray_storage=f"{ctx.storage.rstrip('/')}/ray-train", epoch_metrics=relay,
@@ -150,7 +151,9 @@ def _point(values: dict, j: int, ctx: TrialContext, datasets: dict) -> bool:
                  "epoch": cfg.train.epochs, "node_id": node,
                  "train_acc": metrics["train"]["history"][-1]["train_acc"], "mlflow_run_id": run_id,
                  "metrics_json": json.dumps(metrics, default=str)}
-    return _last_report(final, out, j)
+        # Reported before the run closes FINISHED: a process that dies between the two is retried from
+        # the previous point, and its half-closed run is closed FAILED by the sweep (on_trial_recover).
+        return _last_report(final, out, j)
 
 
 def epoch_metrics(row: dict, epochs: int, run_id: str) -> dict | None:

@@ -6,11 +6,11 @@ interruption left behind and writes the summary. The pieces:
   ledger.py   the sweep directory: start state, one record per ended trial, MLflow reconciliation
   summary.py  summary.json, best.yaml and the trade-off plot
 
-One Tune function trainable per trial (trial._trial): it builds the trial's config from the values
-Optuna sampled, trains and evaluates it exactly as `raysweep train` does (local or Ray executor),
-and reports the objectives with its run directory as a Tune checkpoint, so checkpoint, metrics.json
-and pictures land in the sweep's storage (and in the trial's MLflow run), never only on the node
-that trained it.
+One Tune function trainable (trial._trial) per Tune trial. It trains one sampled point, or a pack of
+search.pack points one after another; for each, it builds the config from the values Optuna sampled,
+trains and evaluates it exactly as `raysweep train` does (local or Ray executor), and reports the
+objectives with its run directory as a Tune checkpoint, so checkpoint, metrics.json and pictures
+land in the sweep's storage (and in the point's MLflow run), never only on the node that trained it.
 
 The sweep directory (on the machine running the sweep: the head on a cluster) holds what a resume
 needs and nothing a node holds alone:
@@ -40,6 +40,7 @@ import ray
 import ray.tune
 from mlflow import MlflowClient
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from raysweep import presets
@@ -110,14 +111,15 @@ class _SweepSearch(OptunaSearch):
         self._points: dict[str, list[str]] = {}  # Tune trial id -> its points' ids
 
     def suggest(self, trial_id):
+        if self.left <= 0:
+            return Searcher.FINISHED
         ids = [member_id(trial_id, j, self.pack) for j in range(min(self.pack, self.left))]
         points = []
-        for point in ids:
-            values = super().suggest(point)
-            if values is None:
-                return None
-            self._ot_trials[point].set_user_attr("tune_trial_id", point)  # lets _adopt_finished find it
-            points.append(values)
+        for point in ids:  # define-by-run: OptunaSearch always returns a point
+            points.append(super().suggest(point))
+            # The point's id (user attribute `tune_trial_id`, as MLflow's raysweep.trial_id): lets
+            # _adopt_finished and _requeue_interrupted find it after an interruption.
+            self._ot_trials[point].set_user_attr("tune_trial_id", point)
         self.left -= len(points)
         self._points[trial_id] = ids
         return {"pack": points}
@@ -126,7 +128,9 @@ class _SweepSearch(OptunaSearch):
         if "pack_member" in result:  # a point's last report
             point = self._points[trial_id][int(result["pack_member"])]
             if point not in self._completed_trials:
-                super().on_trial_complete(point, result, error="error" in result)
+                # A failed point is FAIL (given its result, a multi-objective study would get [None, ...]
+                # and keep it RUNNING)
+                super().on_trial_complete(point, None if "error" in result else result, error="error" in result)
 
     def on_trial_complete(self, trial_id, result=None, error=False):
         if result and "pack_member" in result:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,8 +192,13 @@ def _saved_epochs(folder: Path, cfg: RunConfig) -> dict | None:
     path = folder / EPOCH_STATE
     if not path.is_file():
         return None
-    saved = torch.load(path, weights_only=True)
-    return saved if saved["config"] == dump_config(cfg) else None
+    try:
+        saved = torch.load(path, weights_only=True, map_location="cpu")  # saved on any device, loaded here
+    except Exception as err:  # noqa: BLE001 - unreadable (truncated by a full disk, ...): start afresh
+        print(f"raysweep: ignoring the unreadable training state {path} ({type(err).__name__}); training from "
+              "the start", file=sys.stderr)
+        return None
+    return saved if saved.get("config") == dump_config(cfg) else None
 
 
 def _save_epochs(folder: Path, cfg: RunConfig, trainer: Trainer) -> None:
@@ -201,6 +207,17 @@ def _save_epochs(folder: Path, cfg: RunConfig, trainer: Trainer) -> None:
     tmp = folder / f".{EPOCH_STATE}"
     torch.save({"config": dump_config(cfg), "members": members, "trainer": trainer.state_dict()}, tmp)
     tmp.replace(folder / EPOCH_STATE)  # whole or absent, even if the process is killed here
+
+
+def _resumed(cfg: RunConfig, data: Dataset, progress: bool, saved: dict) -> Trainer:
+    members = build_members(cfg, data, cfg.trained_members)
+    for member, weights in zip(members, saved["members"], strict=True):
+        member.load_state_dict(weights)
+    e = cfg.executor
+    trainer = Trainer(cfg, data, make_local_executor(members, e.vectorize, e.device, e.channels_last, e.compile),
+                      progress)
+    trainer.load_state_dict(saved["trainer"])
+    return trainer
 
 
 def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[Callable, ...] = (),
@@ -213,20 +230,22 @@ def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[C
     there as each epoch ends, and a run started again with the same config continues after the last
     saved epoch, to the same numbers as a run never interrupted (a saved state of another config is
     ignored and overwritten)."""
-    saved = None
+    trainer = None
     if resume_dir is not None:
         resume_dir = Path(resume_dir)
         if executor is not None:
             raise ValueError("fit: resume_dir builds its own executor; pass one or the other")
         if (saved := _saved_epochs(resume_dir, cfg)) is not None:
-            members = build_members(cfg, data, cfg.trained_members)
-            for member, weights in zip(members, saved["members"]):
-                member.load_state_dict(weights)
-            e = cfg.executor
-            executor = make_local_executor(members, e.vectorize, e.device, e.channels_last, e.compile)
+            try:
+                trainer = _resumed(cfg, data, progress, saved)
+            except (KeyError, ValueError, RuntimeError) as err:  # written by another version of raysweep
+                print(f"raysweep: the training state in {resume_dir} does not load ({type(err).__name__}: "
+                      f"{str(err)[:200]}); training from the start", file=sys.stderr)
+            else:
+                if progress:
+                    print(f"resuming after epoch {len(trainer.state.history)} of {cfg.train.epochs} from "
+                          f"{resume_dir}", file=sys.stderr)
         save = lambda event, state: event == "epoch" and _save_epochs(resume_dir, cfg, trainer)  # noqa: E731
         callbacks = (*callbacks, save)
-    trainer = Trainer(cfg, data, executor, progress)
-    if saved is not None:
-        trainer.load_state_dict(saved["trainer"])
+    trainer = trainer or Trainer(cfg, data, executor, progress)
     return trainer.run(callbacks)
