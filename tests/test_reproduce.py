@@ -64,6 +64,7 @@ def test_study_runs_reports_and_reuses_finished_runs(name, tmp_path, ray_local):
     variants = [f"variants/{v}" for v in KEEP[module]]
     assert all("error" not in results[v] and 0 <= results[v]["clean_acc"] <= 1 for v in variants)
     report = (tmp_path / "docs" / "report.md").read_text()
+    assert f"Compute: {len([k for k in results if 'error' not in results[k]])} runs, " in report
     assert all(v.split("/")[1] in report or load_study(path).variant(v.split("/")[1]).group in report for v in variants)
     for picture in [line[line.index("(") + 1:-1] for line in report.splitlines() if line.startswith("![")]:
         assert (tmp_path / "docs" / picture).stat().st_size > 1000

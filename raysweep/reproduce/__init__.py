@@ -75,7 +75,7 @@ def reproduce(name: str, out: str | None = None, docs: str | None = None, study_
         log(f"{study.name}: {sum(k.startswith('variants/') for k in results)} of {len(study.jobs())} runs finished "
             f"in {out_dir}; the report covers those")
         docs_dir.mkdir(parents=True, exist_ok=True)
-        report = module.report(path, results, docs_dir)
+        report = _with_compute(module.report(path, results, docs_dir), results)
         (docs_dir / "report.md").write_text(report)
         (docs_dir / "results.json").write_text(json.dumps(_compact(results), indent=1, default=str))
         log(f"wrote {docs_dir / 'report.md'}")
@@ -93,7 +93,7 @@ def reproduce(name: str, out: str | None = None, docs: str | None = None, study_
     t0 = time.perf_counter()
     results = module.run(path, out_dir, uri=uri, experiment=experiment, address=address, log=log)
     seconds = time.perf_counter() - t0
-    report = module.report(path, results, docs_dir)
+    report = _with_compute(module.report(path, results, docs_dir), results)
     (docs_dir / "report.md").write_text(report)
     (docs_dir / "results.json").write_text(json.dumps(_compact(results), indent=1, default=str))
     log(report)
@@ -102,6 +102,13 @@ def reproduce(name: str, out: str | None = None, docs: str | None = None, study_
     if failed:
         raise UserError(f"{len(failed)} run(s) failed: {', '.join(failed)} (their rows say so; re-run to retry only them)")
     return results
+
+
+def _with_compute(report: str, results: dict) -> str:
+    from raysweep.reproduce.tables import compute_line
+
+    line = compute_line(results)
+    return f"{report.rstrip()}\n\n{line}\n" if line else report
 
 
 def _compact(results: dict) -> dict:

@@ -93,3 +93,15 @@ def claims_table(study, results: dict, claims: list[tuple[str, str, str, str, in
         return ""
     return md_table(["paper's finding", "A vs B", "metric", "A", "B", "A - B", f"95% interval ({TEST})", "verdict"],
                     rows)
+
+
+def compute_line(results: dict) -> str:
+    """What the study's runs cost: core-hours of training (every epoch, an interrupted variant's earlier
+    ones included) and of evaluation, one core per run."""
+    runs = [m for m in results.values() if isinstance(m, dict) and "eval_seconds" in m]
+    if not runs:
+        return ""
+    train = sum((m.get("train") or {}).get("seconds", 0) for m in runs) / 3600
+    evaluation = sum(m["eval_seconds"] for m in runs) / 3600
+    return (f"Compute: {len(runs)} runs, {train + evaluation:.1f} core-hours ({train:.1f} training, "
+            f"{evaluation:.1f} evaluation; one core per run).")
