@@ -136,3 +136,27 @@ def test_the_fair_robust_ensembles_study_has_every_claimed_variant():
     names = {v.name for v in study.variants}
     assert study.seeds == [0, 1, 2] and all(a in names and b in names for _, a, b, _, _ in ROBUST_CLAIMS)
     assert study.variant("alpha_k4").cfg.train.adversarial.eps == 0.05 and study.variant("alpha_k4").cfg.ensemble.k == 4
+
+
+def test_the_fair_report_of_a_study_half_done(tmp_path):
+    """What `--report-only` shows while the fair JE study runs: per-eps UAP accuracy over seeds, the
+    variants not finished yet as such, and the findings whose variants have finished."""
+    from raysweep.reproduce import jacobian_ensembles
+
+    path = plan("jacobian-ensembles", "search_spaces/reproduce/jacobian_ensembles_fair.yaml")["file"]
+
+    def run(clean, uaps):
+        return {"clean_acc": clean, "uap_acc": dict(zip(["0.1", "0.15", "0.2", "0.25"], uaps)),
+                "mean_uap_acc": sum(uaps) / 4, "weighted_acc": (clean + sum(uaps) / 4) / 2,
+                "train": {"seconds": 100.0}, "eval_seconds": 200.0}
+    results = {}
+    for s, key in enumerate(["", "@seed1", "@seed2"]):
+        results[f"variants/standard{key}"] = run(0.90 + s / 100, [0.55, 0.23, 0.11, 0.10])
+        results[f"variants/jr_0.05{key}"] = run(0.86 + s / 100, [0.76, 0.65 + s / 100, 0.54, 0.42])
+    report = jacobian_ensembles.report(path, results, tmp_path)
+    assert "| variant | group | seeds | clean | UAP 0.1 | UAP 0.15 | UAP 0.2 | UAP 0.25 | mean UAP | weighted |" in report
+    assert "| jr_0.05 | JR only | 3 | 0.870 ± 0.025 | 0.760 ± 0.000 | 0.660 ± 0.025 |" in report
+    assert "| bagging_k9 | ensemble only | bagging | 9 | 0.000 | not run yet |" in report
+    (row,) = [line for line in report.splitlines() if line.startswith("| JR raises UAP accuracy")]
+    assert row.endswith("| reproduced |")
+    assert "bagging raises" not in report  # its variant has not finished
