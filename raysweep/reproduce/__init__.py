@@ -74,10 +74,7 @@ def reproduce(name: str, out: str | None = None, docs: str | None = None, study_
         results = finished_runs(study, out_dir)
         log(f"{study.name}: {sum(k.startswith('variants/') for k in results)} of {len(study.jobs())} runs finished "
             f"in {out_dir}; the report covers those")
-        docs_dir.mkdir(parents=True, exist_ok=True)
-        report = _with_compute(module.report(path, results, docs_dir), results)
-        (docs_dir / "report.md").write_text(report)
-        (docs_dir / "results.json").write_text(json.dumps(_compact(results), indent=1, default=str))
+        _write_report(module, path, results, docs_dir)
         log(f"wrote {docs_dir / 'report.md'}")
         return results
     docs_dir.mkdir(parents=True, exist_ok=True)
@@ -93,9 +90,7 @@ def reproduce(name: str, out: str | None = None, docs: str | None = None, study_
     t0 = time.perf_counter()
     results = module.run(path, out_dir, uri=uri, experiment=experiment, address=address, log=log)
     seconds = time.perf_counter() - t0
-    report = _with_compute(module.report(path, results, docs_dir), results)
-    (docs_dir / "report.md").write_text(report)
-    (docs_dir / "results.json").write_text(json.dumps(_compact(results), indent=1, default=str))
+    report = _write_report(module, path, results, docs_dir)
     log(report)
     log(f"\nwrote {docs_dir / 'report.md'} ({seconds:.0f} s; runs under {out_dir})")
     failed = sorted(k for k, r in results.items() if isinstance(r, dict) and "error" in r)
@@ -104,11 +99,17 @@ def reproduce(name: str, out: str | None = None, docs: str | None = None, study_
     return results
 
 
-def _with_compute(report: str, results: dict) -> str:
+def _write_report(module, path: Path, results: dict, docs_dir: Path) -> str:
+    """The study's report (ending with the compute its runs took) and results.json, into docs_dir."""
     from raysweep.reproduce.tables import compute_line
 
-    line = compute_line(results)
-    return f"{report.rstrip()}\n\n{line}\n" if line else report
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    report, line = module.report(path, results, docs_dir), compute_line(results)
+    if line:
+        report = f"{report.rstrip()}\n\n{line}\n"
+    (docs_dir / "report.md").write_text(report)
+    (docs_dir / "results.json").write_text(json.dumps(_compact(results), indent=1, default=str))
+    return report
 
 
 def _compact(results: dict) -> dict:

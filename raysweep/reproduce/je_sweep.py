@@ -36,9 +36,9 @@ def _best_seed_jobs(path: Path, summary: dict) -> list[Job]:
 def run(path, out, *, uri, experiment, address, log):
     sweep_dir = out / "sweep"
     done = sweep_dir / "summary.json"
-    if done.is_file() and json.loads(done.read_text())["status"] != "interrupted":
+    summary = json.loads(done.read_text()) if done.is_file() else None
+    if summary is not None and summary["status"] != "interrupted":
         log(f"je-sweep: the sweep in {sweep_dir} has finished (reused)")
-        summary = json.loads(done.read_text())
     else:  # a new sweep, or the rest of an interrupted one
         summary = run_sweep(str(path), out=str(sweep_dir), tracking=uri, experiment=experiment, address=address,
                             resume=(sweep_dir / STATE_FILE).is_file())

@@ -156,8 +156,9 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def _write_files(files: dict[str, bytes], root: Path) -> None:
-    for rel, data in sorted(files.items(), key=lambda f: f[0] == "metrics.json"):  # metrics.json (what
-        path = root / rel                                                    # _cached reads) last
+    # metrics.json last: _cached takes a folder holding it for a finished run
+    for rel, data in sorted(files.items(), key=lambda f: f[0] == "metrics.json"):
+        path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(data)

@@ -60,6 +60,12 @@ def build_members(cfg: RunConfig, data: Dataset, k: int) -> list[torch.nn.Module
             for _ in range(k)]
 
 
+def configured_executor(cfg: RunConfig, members: list[torch.nn.Module]):
+    """The local executor `cfg.executor` asks for, holding `members`."""
+    e = cfg.executor
+    return make_local_executor(members, e.vectorize, e.device, e.channels_last, e.compile)
+
+
 def make_optimizer(params, cfg: RunConfig) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "sgd":
@@ -77,9 +83,7 @@ class Trainer:
         k = cfg.ensemble.k
         self.n_train = cfg.trained_members
         if executor is None:
-            e = cfg.executor
-            executor = make_local_executor(build_members(cfg, data, self.n_train), e.vectorize, e.device,
-                                           e.channels_last, e.compile)
+            executor = configured_executor(cfg, build_members(cfg, data, self.n_train))
         self.ex = executor
         self.opt = make_optimizer(executor.parameters(), cfg)
         self.weights = torch.tensor(cfg.ensemble.weights) if cfg.ensemble.weights else None
@@ -213,9 +217,7 @@ def _resumed(cfg: RunConfig, data: Dataset, progress: bool, saved: dict) -> Trai
     members = build_members(cfg, data, cfg.trained_members)
     for member, weights in zip(members, saved["members"], strict=True):
         member.load_state_dict(weights)
-    e = cfg.executor
-    trainer = Trainer(cfg, data, make_local_executor(members, e.vectorize, e.device, e.channels_last, e.compile),
-                      progress)
+    trainer = Trainer(cfg, data, configured_executor(cfg, members), progress)
     trainer.load_state_dict(saved["trainer"])
     return trainer
 
