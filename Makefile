@@ -18,8 +18,12 @@ demo: setup data
 	$(VENV)/bin/raysweep sweep search_spaces/jacobian_ensembles_sweep.yaml --out runs/demo-$$(date +%Y%m%d-%H%M%S) \
 		--register jacobian-ensemble
 
+# Two pytest workers (pytest-xdist), a test file per worker at a time: alone, the suite leaves ~40% of
+# this 2-core machine idle while Ray and the CLI processes start; --dist loadfile keeps a file's
+# module fixtures (a sweep, a Ray Train pack, the two-node cluster) in one worker. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: setup data
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # One study: make reproduce STUDIES=pdd-deg. Finished runs under runs/reproduce/ are reused.
 reproduce: setup data

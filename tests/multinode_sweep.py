@@ -2,10 +2,13 @@
 worker node are separate raylet processes, told apart by custom resources). Run by
 test_multinode.py in its own process, so its Ray instance never meets the suite's.
 
-usage: python tests/multinode_sweep.py WORKDIR plain|kill|isolated   -> prints one JSON line
+usage: python tests/multinode_sweep.py WORKDIR   -> prints one JSON line, {part: what it saw}
 
-isolated: the worker node keeps its session (trial folders) in its own temp dir, which is deleted
-with the node after the first part of the sweep, as a real node's disk would be out of reach.
+One cluster for three parts, since a cluster's start is most of a part's time on this CPU:
+  plain     a sweep whose trials land on both nodes;
+  kill      the worker node removed while it runs a trial;
+  isolated  a second worker node keeps its session (trial folders) in its own temp dir, which is deleted
+            with the node after the first part of the sweep, as a real node's disk would be out of reach.
 """
 import json
 import os
@@ -52,6 +55,7 @@ def isolated(cluster, worker, worker_tmp: Path, workdir: Path, uri: str, out: di
     temp dir, then resume: the rest runs on the head, and the summary and the registered champion
     (maybe trained on the dead node) come from storage and MLflow."""
     records = workdir / "sweep" / "trials"
+    (workdir / "space.yaml").write_text(yaml.safe_dump(SPACE))
 
     def interrupt_after_a_worker_trial():
         deadline = time.time() + 400
@@ -77,74 +81,91 @@ def isolated(cluster, worker, worker_tmp: Path, workdir: Path, uri: str, out: di
     out["storage"] = [t["storage"] for t in summary["finished_trials"]]
 
 
-def main(workdir: Path, mode: str) -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head_node": 1}})
-    worker_tmp = Path(tempfile.mkdtemp(prefix="rsw", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    worker = cluster.add_node(num_cpus=1, resources={"worker_node": 1},
-                              **({"temp_dir": str(worker_tmp)} if mode == "isolated" else {}))
-    out = {"head": cluster.head_node.node_id, "worker": worker.node_id}
-    try:
-        ray.init(address=cluster.address, logging_level="warning")
-        uri = f"sqlite:///{workdir / 'mlflow.db'}"
-        # kill: longer trials, so the kill lands while a trial runs on the worker node (a 4-epoch trial's
-        # run is open for only a couple of seconds on this CPU); six, so the worker node gets a second one.
-        space = ({**SPACE, "train": {**SPACE["train"], "epochs": 10}, "search": {**SPACE["search"], "samples": 6}}
-                 if mode == "kill" else SPACE)
-        (workdir / "space.yaml").write_text(yaml.safe_dump(space))
-        if mode == "kill":
-            def read_runs():
-                while True:
-                    try:
-                        return runs(uri)
-                    except Exception as err:  # e.g. the store busy with the trials' writes: read again
-                        out.setdefault("watch_errors", []).append(f"{type(err).__name__}: {err}"[:300])
-                        time.sleep(0.2)
-
-            def kill_worker_node():
-                """Remove the worker node while its trial is in the first half of its run (the shortest
-                finished run so far sets the scale): a kill at the end could miss a run that finishes
-                between the read and the kill, and a node cannot be added back from this thread."""
-                deadline = time.time() + 300
-                while time.time() < deadline:
-                    rs = read_runs()
-                    done = [r for r in rs if r.info.status == "FINISHED"]
-                    shortest = min((r.info.end_time - r.info.start_time for r in done), default=0)
-                    young = [r for r in rs if r.info.status == "RUNNING"
-                             and r.data.tags["raysweep.node_id"] == worker.node_id
-                             and time.time() * 1000 - r.info.start_time < shortest / 2]
-                    if young:
-                        cluster.remove_node(worker, allow_graceful=False)
-                        # What died is what the dead node left unfinished once its processes are gone
-                        # (RUNNING, or FAILED once Tune noticed): a worker outlives its raylet by a moment.
-                        time.sleep(3)
-                        died = [r.info.run_id for r in read_runs()
-                                if r.data.tags["raysweep.node_id"] == worker.node_id and r.info.status != "FINISHED"]
-                        out.update(killed=died, dead_node=worker.node_id,
-                                   finished_before_kill=sorted(r.info.run_id for r in done))
-                        return
+def sweep_on_two_nodes(cluster, worker, workdir: Path, mode: str, out: dict) -> None:
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    # kill: longer trials, so the kill lands while a trial runs on the worker node (a 4-epoch trial's
+    # run is open for only a couple of seconds on this CPU); six, so the worker node gets a second one.
+    space = ({**SPACE, "train": {**SPACE["train"], "epochs": 10}, "search": {**SPACE["search"], "samples": 6}}
+             if mode == "kill" else SPACE)
+    (workdir / "space.yaml").write_text(yaml.safe_dump(space))
+    if mode == "kill":
+        def read_runs():
+            while True:
+                try:
+                    return runs(uri)
+                except Exception as err:  # e.g. the store busy with the trials' writes: read again
+                    out.setdefault("watch_errors", []).append(f"{type(err).__name__}: {err}"[:300])
                     time.sleep(0.2)
 
-            def watch():  # whatever stops the watcher is in the test's failure message
-                try:
-                    kill_worker_node()
-                except Exception:
-                    out.setdefault("watch_errors", []).append(traceback.format_exc()[-1500:])
+        def kill_worker_node():
+            """Remove the worker node while its trial is in the first half of its run (the shortest
+            finished run so far sets the scale): a kill at the end could miss a run that finishes
+            between the read and the kill, and a node cannot be added back from this thread."""
+            deadline = time.time() + 300
+            while time.time() < deadline:
+                rs = read_runs()
+                done = [r for r in rs if r.info.status == "FINISHED"]
+                shortest = min((r.info.end_time - r.info.start_time for r in done), default=0)
+                young = [r for r in rs if r.info.status == "RUNNING"
+                         and r.data.tags["raysweep.node_id"] == worker.node_id
+                         and time.time() * 1000 - r.info.start_time < shortest / 2]
+                if young:
+                    cluster.remove_node(worker, allow_graceful=False)
+                    # What died is what the dead node left unfinished once its processes are gone
+                    # (RUNNING, or FAILED once Tune noticed): a worker outlives its raylet by a moment.
+                    time.sleep(3)
+                    died = [r.info.run_id for r in read_runs()
+                            if r.data.tags["raysweep.node_id"] == worker.node_id and r.info.status != "FINISHED"]
+                    out.update(killed=died, dead_node=worker.node_id,
+                               finished_before_kill=sorted(r.info.run_id for r in done))
+                    return
+                time.sleep(0.2)
 
-            threading.Thread(target=watch, daemon=True).start()
-        if mode == "isolated":
-            isolated(cluster, worker, worker_tmp, workdir, uri, out)
-            return
-        summary = run_sweep(str(workdir / "space.yaml"), out=str(workdir / "sweep"), tracking=uri, progress=False)
-        out["summary"] = {k: summary[k] for k in ("trials", "finished", "failed")}
-        out["runs"] = [{"id": r.info.run_id, "status": r.info.status, "node": r.data.tags["raysweep.node_id"],
-                        "trial": r.data.tags["raysweep.trial_id"], "clean_acc": r.data.metrics.get("clean_acc")}
-                       for r in runs(uri)]
+        def watch():  # whatever stops the watcher is in the test's failure message
+            try:
+                kill_worker_node()
+            except Exception:
+                out.setdefault("watch_errors", []).append(traceback.format_exc()[-1500:])
+
+        threading.Thread(target=watch, daemon=True).start()
+    summary = run_sweep(str(workdir / "space.yaml"), out=str(workdir / "sweep"), tracking=uri, progress=False)
+    out["summary"] = {k: summary[k] for k in ("trials", "finished", "failed")}
+    out["runs"] = [{"id": r.info.run_id, "status": r.info.status, "node": r.data.tags["raysweep.node_id"],
+                    "trial": r.data.tags["raysweep.trial_id"], "clean_acc": r.data.metrics.get("clean_acc")}
+                   for r in runs(uri)]
+
+
+def main(workdir: Path) -> None:
+    """The three parts on one cluster, each in its own folder and MLflow store: plain and kill on a first
+    worker node (kill removes it), isolated on a second one, added afterwards with its own temp dir."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head_node": 1}})
+    temps, results = [], {}
+    try:
+        ray.init(address=cluster.address, logging_level="warning")
+        worker = cluster.add_node(num_cpus=1, resources={"worker_node": 1})
+        for mode in MODES:
+            if mode == "isolated":
+                temps.append(Path(tempfile.mkdtemp(prefix="rsw", dir="/tmp")))  # short: socket paths fit 107 bytes
+                worker = cluster.add_node(num_cpus=1, resources={"worker_node": 1}, temp_dir=str(temps[-1]))
+            out = results[mode] = {"head": cluster.head_node.node_id, "worker": worker.node_id}
+            (workdir / mode).mkdir()
+            try:
+                if mode == "isolated":
+                    isolated(cluster, worker, temps[-1], workdir / mode, f"sqlite:///{workdir / mode / 'mlflow.db'}",
+                             out)
+                else:
+                    sweep_on_two_nodes(cluster, worker, workdir / mode, mode, out)
+            except Exception:  # the other parts still run; this one's test fails with the traceback
+                out["error"] = traceback.format_exc()[-3000:]
     finally:
         ray.shutdown()
         cluster.shutdown()
-        shutil.rmtree(worker_tmp, ignore_errors=True)
-        print(json.dumps(out))
+        for tmp in temps:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(json.dumps(results))
 
+
+MODES = ("plain", "kill", "isolated")  # kill removes the first worker node; isolated adds its own
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]))

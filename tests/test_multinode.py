@@ -1,7 +1,8 @@
 """A real two-node Ray cluster on this machine: trials land on both nodes and in MLflow; killing the
 worker node mid-sweep retries its trial elsewhere and loses no finished trial.
-The cluster lives in a child process (tests/multinode_sweep.py), stopped there in a finally and,
-should that process hang or die, by killing its process group here."""
+The cluster lives in a child process (tests/multinode_sweep.py) that runs the three tests' sweeps on
+it one after another; it is stopped there in a finally and, should that process hang or die, by
+killing its process group here."""
 import json
 import os
 import signal
@@ -13,30 +14,40 @@ import pytest
 from conftest import repo_root
 
 
-def _run(tmp_path, mode):
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """{part: what it saw} from one run of the script: its three parts share one cluster."""
+    workdir = tmp_path_factory.mktemp("multinode")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, str(repo_root() / "tests" / "multinode_sweep.py"), str(tmp_path), mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, str(repo_root() / "tests" / "multinode_sweep.py"), str(workdir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=workdir,
                             start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=600)
+        stdout, stderr = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, stderr[-3000:]
-    return json.loads(stdout.strip().splitlines()[-1])
+    return workdir, json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_sweep_places_trials_on_both_nodes(tmp_path):
-    out = _run(tmp_path, "plain")
+def _part(parts, mode):
+    workdir, results = parts
+    out = results[mode]
+    assert "error" not in out, out["error"]
+    return workdir / mode, out
+
+
+def test_sweep_places_trials_on_both_nodes(parts):
+    _, out = _part(parts, "plain")
     assert out["summary"] == {"trials": 4, "finished": 4, "failed": 0}
     assert {r["node"] for r in out["runs"]} == {out["head"], out["worker"]}
     assert all(r["status"] == "FINISHED" and r["clean_acc"] is not None for r in out["runs"])
 
 
-def test_killing_the_worker_node_retries_its_trial_and_keeps_finished_ones(tmp_path):
-    out = _run(tmp_path, "kill")
+def test_killing_the_worker_node_retries_its_trial_and_keeps_finished_ones(parts):
+    _, out = _part(parts, "kill")
     if "killed" not in out:
         pytest.fail("the worker node never ran a trial in the first half of its run once another had finished; "
                     f"what stopped the watcher: {out.get('watch_errors')}")
@@ -53,11 +64,11 @@ def test_killing_the_worker_node_retries_its_trial_and_keeps_finished_ones(tmp_p
         assert any(f["trial"] == r["trial"] and f["node"] != out["dead_node"] for f in finished)
 
 
-def test_sweep_needs_no_node_local_folder(tmp_path):
+def test_sweep_needs_no_node_local_folder(parts):
     """The worker node's session folder (where its trials ran) is deleted with the node mid-sweep; the
     resumed sweep's summary, its registered champion and `raysweep evaluate` of a run the dead node
     trained all work from storage and MLflow."""
-    out = _run(tmp_path, "isolated")
+    workdir, out = _part(parts, "isolated")
     assert out["first"]["status"] == "interrupted" and out["worker_tmp_gone"]
     assert out["summary"] == {"status": "finished", "trials": 4, "finished": 4, "failed": 0}
     assert out["registered"]["champion"] and out["dead_node_runs"]
@@ -65,10 +76,10 @@ def test_sweep_needs_no_node_local_folder(tmp_path):
     # there) and has no storage path on record; every other finished trial's copy is in storage.
     stored = [p for p in out["storage"] if p is not None]
     assert stored and all(Path(p, "checkpoint", "ensemble.json").is_file() for p in stored)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
     for target in ("models:/mn-ens@champion", f"runs:/{out['dead_node_runs'][0]}/checkpoint"):
         res = subprocess.run([sys.executable, "-m", "raysweep", "evaluate", target, "--tracking-uri", uri, "--quiet",
-                              "--out", str(tmp_path / "ev")], capture_output=True, text=True, timeout=300,
-                             cwd=tmp_path)
+                              "--out", str(workdir / "ev")], capture_output=True, text=True, timeout=300,
+                             cwd=workdir)
         assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
-        assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["clean_acc"] > 0.2
+        assert json.loads((workdir / "ev" / "metrics.json").read_text())["clean_acc"] > 0.2
