@@ -20,10 +20,11 @@ demo: setup data
 
 # Two pytest workers (pytest-xdist), a test file per worker at a time: alone, the suite leaves ~40% of
 # this 2-core machine idle while Ray and the CLI processes start; --dist loadfile keeps a file's
-# module fixtures (a sweep, a Ray Train pack, the two-node cluster) in one worker. TEST_WORKERS=0: one process.
+# module fixtures (a sweep, a Ray Train pack, the two-node cluster) in one worker, and the files go out
+# longest first (tests/conftest.py). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: setup data
-	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # One study: make reproduce STUDIES=pdd-deg. Finished runs under runs/reproduce/ are reused.
 reproduce: setup data
