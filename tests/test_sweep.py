@@ -318,7 +318,11 @@ def test_killed_sweep_resumes_exactly_as_it_was_started(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the Ray instance it started
     proc.wait()
     client = MlflowClient(uri)
-    before = {r.data.tags["raysweep.trial_id"] for r in _trial_runs(client) if r.info.status == "FINISHED"}
+    # Finished at the kill: recorded by the sweep (the kill may land before the trial closed its run
+    # FINISHED), or closed FINISHED in MLflow (the kill may land before the sweep recorded it).
+    before = {r.data.tags["raysweep.trial_id"] for r in _trial_runs(client) if r.info.status == "FINISHED"} | {
+        json.loads(p.read_text())["trial_id"] for p in (tmp_path / "out" / "trials").glob("*.json")
+        if json.loads(p.read_text())["status"] == "finished"}
     assert 1 <= len(before) < 3
     changed = subprocess.run(cmd + ["--resume", "--set", "data.train_size=100"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=120)
@@ -339,8 +343,8 @@ def test_killed_sweep_resumes_exactly_as_it_was_started(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["finished"] == 3
     runs = _trial_runs(client)
-    for trial_id in before:  # a finished trial ran once
-        assert sum(r.data.tags["raysweep.trial_id"] == trial_id for r in runs) == 1
+    for trial_id in before:  # a finished trial ran once, and its run says FINISHED
+        assert [r.info.status for r in runs if r.data.tags["raysweep.trial_id"] == trial_id] == ["FINISHED"]
     assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)  # the interrupted trial's run is closed
     assert all(r.data.params["data.train_size"] == "192" for r in runs)
     study = optuna.load_study(study_name=summary["study_name"], storage=summary["optuna_storage"])
@@ -353,6 +357,25 @@ def test_killed_sweep_resumes_exactly_as_it_was_started(tmp_path):
     reruns = [t for t in complete if "raysweep_rerun_of" in t.user_attrs]
     assert len(reruns) == len(cut) and all(t.params == study.trials[t.user_attrs["raysweep_rerun_of"]].params
                                            for t in reruns)
+
+
+def test_a_stopped_sweeps_open_runs_are_closed_as_what_they_are(tmp_path):
+    """A trial reports its result, then closes its run FINISHED: a sweep killed in between leaves a
+    recorded trial with a RUNNING run, which resume closes FINISHED; a run cut off mid-trial, KILLED."""
+    from raysweep.sweeps.ledger import TRIALS, _close_open_runs, _write_record
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("raysweep")
+    parent = client.create_run(exp).info.run_id
+    runs = {t: client.create_run(exp, tags={"mlflow.parentRunId": parent, "raysweep.trial_id": t}).info.run_id
+            for t in ("recorded", "cut", "failed")}
+    _write_record(tmp_path / TRIALS, {"trial_id": "recorded", "status": "finished", "params": {}})
+    _write_record(tmp_path / TRIALS, {"trial_id": "failed", "status": "failed", "params": {}})
+    state = {"experiment": "raysweep", "tracking_uri": uri, "parent_run_id": parent}
+    assert _close_open_runs(client, state, tmp_path) == 2
+    assert {t: client.get_run(r).info.status for t, r in runs.items()} == {
+        "recorded": "FINISHED", "cut": "KILLED", "failed": "KILLED"}
 
 
 def test_a_start_killed_before_ray_answers_leaves_nothing_in_the_way(tmp_path):

@@ -175,13 +175,21 @@ def _records(sweep_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((sweep_dir / TRIALS).glob("*.json"))]
 
 
-def _close_open_runs(client: MlflowClient, state: dict, status: str = "KILLED") -> int:
+def _close_open_runs(client: MlflowClient, state: dict, sweep_dir: Path) -> int:
+    """Close the trial runs a stopped sweep left RUNNING; returns how many were cut off. A trial reports
+    its result after logging everything and before closing its run FINISHED (trial.py), so a sweep killed
+    between the two has the trial's record and a RUNNING run: that run is closed FINISHED, as it is (an
+    infeasible point's run too; a failed trial closes its own FAILED before it reports).
+    Every other open run was cut off mid-trial: KILLED, keeping what it logged."""
+    finished = {r["trial_id"] for r in _records(sweep_dir) if r["status"] in ("finished", "infeasible")}
     runs = client.search_runs([experiment_id(state["experiment"], state["tracking_uri"])],
                               f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
-    open_runs = [r for r in runs if r.info.status == "RUNNING"]
-    for run in open_runs:
-        client.set_terminated(run.info.run_id, status)
-    return len(open_runs)
+    cut = 0
+    for run in (r for r in runs if r.info.status == "RUNNING"):
+        done = run.data.tags.get("raysweep.trial_id") in finished
+        client.set_terminated(run.info.run_id, "FINISHED" if done else "KILLED")
+        cut += not done
+    return cut
 
 
 def _adopt_finished(client: MlflowClient, state: dict, space: SearchSpace, sweep_dir: Path) -> int:

@@ -316,7 +316,7 @@ def run_sweep(space_path: str | None, overrides: list[str] = (), samples: int | 
     client = MlflowClient(uri)
     if resume:
         _adopt_finished(client, state, space, sweep_dir)
-        _close_open_runs(client, state)  # runs of trials cut off last time; their points are re-run below
+        _close_open_runs(client, state, sweep_dir)  # runs of trials cut off last time; their points are re-run below
         _requeue_interrupted(state)
         client.update_run(state["parent_run_id"], status="RUNNING")  # KILLED or FAILED when it stopped
     done = len(_records(sweep_dir))
@@ -335,7 +335,7 @@ def run_sweep(space_path: str | None, overrides: list[str] = (), samples: int | 
         # ending after this closes its own run KILLED), open runs KILLED, then runs that FINISHED already are
         # adopted (counted, not re-run).
         client.set_terminated(state["parent_run_id"], "KILLED")
-        closed = _close_open_runs(client, state)
+        closed = _close_open_runs(client, state, sweep_dir)
         _adopt_finished(client, state, space, sweep_dir)
         records = _records(sweep_dir)
     interrupted = len(records) < state["samples"]
