@@ -1,4 +1,5 @@
 """Sweeps with a real local Ray, real Optuna and a real MLflow SQLite store in a temp dir."""
+import contextlib
 import json
 import os
 import signal
@@ -294,8 +295,10 @@ def _start_sweep(tmp_path, cmd):
         if list((tmp_path / "out" / "trials").glob("*.json")):
             return proc, env
         if proc.poll() is not None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"the sweep ended before it was interrupted: {proc.stderr.read()[-3000:]}")
+            with contextlib.suppress(ProcessLookupError):  # what it started, if any of it is left
+                os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"the sweep ended (exit {proc.returncode}) before it was interrupted: "
+                        f"{proc.stderr.read()[-3000:]}")
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     pytest.fail("no trial finished in time")
