@@ -287,7 +287,9 @@ def test_malformed_space_fails_before_any_trial_through_the_cli(tmp_path):
 
 def _start_sweep(tmp_path, cmd):
     """The sweep CLI in its own process group, once one trial has ended (its record is written)."""
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    # Its own Ray: without an address, ray.init joins the machine's latest cluster, which may be another
+    # test worker's two-node cluster (ray.cluster_utils writes /tmp/ray/ray_current_cluster).
+    env = {**os.environ, "RAY_ADDRESS": "local"}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.time() + 400
@@ -390,7 +392,7 @@ def test_a_start_killed_before_ray_answers_leaves_nothing_in_the_way(tmp_path):
     path = _space(tmp_path, {"samples": 1})
     cmd = [sys.executable, "-m", "raysweep", "sweep", str(path), "--out", str(tmp_path / "out"), "--tracking-uri",
            f"sqlite:///{tmp_path / 'mlflow.db'}", "--quiet"]
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    env = {**os.environ, "RAY_ADDRESS": "local"}
     proc = subprocess.Popen(cmd + ["--address", f"127.0.0.1:{silent.getsockname()[1]}"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -455,7 +457,7 @@ def test_ray_workers_print_no_interrupt_tracebacks(tmp_path):
     finalizer included, even in a worker that has not yet run any raysweep code: nothing of it reaches
     the user's terminal; any other error still does."""
     res = subprocess.run([sys.executable, "-c", QUIET_WORKER], capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ""})
+                         cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": "local"})
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
     assert "ValueError: raised in a finalizer" in out, out[-3000:]  # the worker's output did reach us
