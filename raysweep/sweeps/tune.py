@@ -268,8 +268,8 @@ def _tune(space: SearchSpace, state: dict, sweep_dir: Path, done: int, remaining
         tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                         num_samples=math.ceil(remaining / s.pack),
                                         max_concurrent_trials=_max_concurrent(space),
-                                        # Not reused (reuse_actors): a stopped trial's thread would go on
-                                        # for up to 2 s in the actor, logging past its stop (ASHA, Ctrl-C).
+                                        # Not reused (reuse_actors): a stopped trial's thread may go on for
+                                        # up to 2 s in the actor, logging past its stop (ASHA, Ctrl-C).
                                         trial_name_creator=lambda t: f"{space.name}-{t.trial_id}",
                                         trial_dirname_creator=lambda t: t.trial_id))
     if progress:
