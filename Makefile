@@ -18,14 +18,13 @@ demo: setup data
 	$(VENV)/bin/raysweep sweep search_spaces/jacobian_ensembles_sweep.yaml --out runs/demo-$$(date +%Y%m%d-%H%M%S) \
 		--register jacobian-ensemble
 
-# TEST_WORKERS=2: two pytest workers (pytest-xdist), a test file per worker at a time, the files that
-# start Ray longest first (tests/conftest.py); --dist loadfile keeps a file's module fixtures in one
-# worker. It ran the suite in 11.5-12.4 min instead of ~15 here, but under its load the ASHA test of
+# TEST_WORKERS=2: two pytest workers (pytest-xdist), a test file per worker at a time; --dist loadfile
+# keeps a file's module fixtures in one worker. It ran the suite in 11.5-12.4 min instead of ~15 here, but under its load the ASHA test of
 # Ray-executor trials fails now and then (a stopped trial's last epoch reaches MLflow), so the default
 # stays one process until that race is fixed.
 TEST_WORKERS ?= 0
 test: setup data
-	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # One study: make reproduce STUDIES=pdd-deg. Finished runs under runs/reproduce/ are reused.
 reproduce: setup data

@@ -17,18 +17,6 @@ needs_fmnist = pytest.mark.skipif(not FMNIST_DIR.is_dir(),
                                   reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
 
 
-# The files that start Ray clusters, Tune sweeps and Ray Train runs, longest first (measured alone on 2
-# cores): `make test` hands whole files to two pytest workers in this order (--dist loadfile
-# --no-loadscope-reorder), so the longest ones start first and no worker is left alone with one at the end.
-LONGEST_FIRST = ("test_sweep.py", "test_multinode.py", "test_ray_executor.py", "test_packaging.py", "test_ray_job.py",
-                 "test_reproduce.py", "test_end_to_end.py", "test_protocol.py")
-
-
-def pytest_collection_modifyitems(items):
-    order = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: the rest keep their order
-
-
 def make_cfg(**sections):
     """A small synthetic run config; keyword sections are merged into the defaults."""
     raw = {
