@@ -23,6 +23,7 @@ from raysweep.cli import main
 from raysweep.config import validate_config
 from raysweep.errors import ConfigError
 from raysweep.run import train_and_evaluate
+from raysweep.sweeps.ledger import _records
 from raysweep.sweeps.space import load_search_space
 from raysweep.sweeps.tune import _SweepSearch, run_sweep
 from raysweep.terminal import NOISE
@@ -326,8 +327,7 @@ def test_killed_sweep_resumes_exactly_as_it_was_started(tmp_path):
     # Finished at the kill: recorded by the sweep (the kill may land before the trial closed its run
     # FINISHED), or closed FINISHED in MLflow (the kill may land before the sweep recorded it).
     before = {r.data.tags["raysweep.trial_id"] for r in _trial_runs(client) if r.info.status == "FINISHED"} | {
-        json.loads(p.read_text())["trial_id"] for p in (tmp_path / "out" / "trials").glob("*.json")
-        if json.loads(p.read_text())["status"] == "finished"}
+        r["trial_id"] for r in _records(tmp_path / "out") if r["status"] == "finished"}
     assert 1 <= len(before) < 3
     changed = subprocess.run(cmd + ["--resume", "--set", "data.train_size=100"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=120)
