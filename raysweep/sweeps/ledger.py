@@ -67,6 +67,7 @@ class _TrialLedger(Callback):
         self.log, self.done, self.total, self.pack = log, done, total, pack
         self._ended: dict[str, set[int]] = {}  # Tune trial id -> its points recorded so far
         self._last: dict[str, dict] = {}  # Tune trial id -> its latest record, which its checkpoint completes
+        self._complete: set[str] = set()  # points recorded finished or infeasible: their runs end FINISHED
 
     def _say(self, what: str, trial_id: str, params: dict, detail: str = "") -> None:
         if self.log is not None:
@@ -79,12 +80,16 @@ class _TrialLedger(Callback):
             self._say("started" if n == 0 else "queued", member_id(trial.trial_id, j, self.pack), points[j])
 
     def _close(self, trial, status):
+        """Close the Tune trial's open MLflow runs: a point recorded finished or infeasible FINISHED (it
+        logged everything before its last report), any other `status`, or left open if None."""
         client = MlflowClient(self.uri)
         runs = client.search_runs([experiment_id(self.experiment, self.uri)],
                                   f"tags.`raysweep.tune_trial_id` = '{trial.trial_id}'")
         for run in runs:
             if run.info.status == "RUNNING":
-                client.set_terminated(run.info.run_id, status)
+                done = run.data.tags.get("raysweep.trial_id") in self._complete
+                if done or status is not None:
+                    client.set_terminated(run.info.run_id, "FINISHED" if done else status)
 
     def _record(self, trial, j: int, status: str, m: dict, **extra) -> None:
         trial_id, params = member_id(trial.trial_id, j, self.pack), trial.config["pack"][j]
@@ -96,6 +101,8 @@ class _TrialLedger(Callback):
         _write_record(self.records, rec)
         self._ended.setdefault(trial.trial_id, set()).add(j)
         self._last[trial.trial_id] = rec
+        if status in ("finished", "infeasible"):
+            self._complete.add(trial_id)
         self.done += 1
         if status == "finished":
             detail = "  ".join(f"{k} {m[k]:.4f}" for k in dict.fromkeys([*self.keys, "clean_acc"]))
@@ -154,8 +161,11 @@ class _TrialLedger(Callback):
         m = trial.last_result or {}
         if "pack_member" in m and int(m["pack_member"]) not in self._ended.get(trial.trial_id, set()):
             self.on_trial_result(iteration, trials, trial, m)  # its last report came as the trial ended
-        if self.pack == 1 and 0 not in self._ended.get(trial.trial_id, set()):
-            self._close(trial, "KILLED")  # ASHA ended it mid-training; a finished point closes its own run
+        stopped = self.pack == 1 and 0 not in self._ended.get(trial.trial_id, set())  # by ASHA, mid-training
+        # A point closes its own run after its last report, but Tune may end the process at that report
+        # (ASHA stops every trial that reaches max_t) before it has: the driver closes it FINISHED.
+        self._close(trial, "KILLED" if stopped else None)
+        if stopped:
             self._record_rest(trial, "stopped_early")
         # A pack (never under ASHA) that ends with points not run was stopped by an interruption: those
         # points stay unrecorded, running in Optuna, and --resume samples them again.

@@ -151,8 +151,9 @@ def _point(values: dict, j: int, ctx: TrialContext, datasets: dict) -> bool:
                  "epoch": cfg.train.epochs, "node_id": node,
                  "train_acc": metrics["train"]["history"][-1]["train_acc"], "mlflow_run_id": run_id,
                  "metrics_json": json.dumps(metrics, default=str)}
-        # Reported before the run closes FINISHED: a process that dies between the two is retried from
-        # the previous point, and its half-closed run is closed FAILED by the sweep (on_trial_recover).
+        # Reported before the run closes FINISHED: a point whose process dies or is stopped between the
+        # two is recorded finished by the sweep, which closes its run FINISHED (ledger._close); one that
+        # dies before its report reaches the sweep is retried, and its run closed FAILED.
         return _last_report(final, out, j)
 
 

@@ -174,6 +174,10 @@ def check_resources(cfg: RunConfig) -> None:
                               f"{hint}")
 
 
+# The job's runtime env wherever raysweep starts or joins Ray: every worker first runs worker_setup.setup.
+WORKER_ENV = {"worker_process_setup_hook": "raysweep.training.worker_setup.setup"}
+
+
 def connect(address: str | None = None) -> None:
     """Join `address` or $RAY_ADDRESS when set, else start (or join) a local Ray; no-op if connected.
     A HOST:PORT with nothing listening is an error at once (ray.init would wait for minutes)."""
@@ -194,26 +198,58 @@ def connect(address: str | None = None) -> None:
             raise UserError(f"{where}: no Ray head answers there ({err.strerror or err}); start one with "
                             "`ray start --head` or fix the address") from None
     try:
-        # Every worker of the job first quiets what it cannot act on (raysweep.terminal).
-        ray.init(address=address, logging_level="warning",
-                 runtime_env={"worker_process_setup_hook": "raysweep.terminal.quiet"})
+        ray.init(address=address, logging_level="warning", runtime_env=WORKER_ENV)
     except (ConnectionError, ValueError, RuntimeError) as err:
         raise UserError(f"{where}: cannot join a Ray cluster there: {str(err).strip().splitlines()[0][:300]}") from None
 
 
-def _epoch_relay(to_metrics):
-    """A Ray Train callback that hands each epoch's report (rank 0's row) to the enclosing Tune trial as
-    the trial's own report, through Ray's TuneReportCallback queue. `to_metrics(row)` picks what Tune
-    sees (None: skip the epoch). Runs in Train's controller, so `to_metrics` must pickle."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+def _epoch_relay(to_metrics, queue):
+    """A Ray Train callback that puts each epoch's report (rank 0's row) into `queue`, from which the
+    enclosing Tune trial reports it as its own (`_fit_relaying`). `to_metrics(row)` picks what Tune sees
+    (None: skip the epoch). Runs in Train's controller, so `to_metrics` must pickle."""
+    from ray.train import UserCallback
 
-    class EpochRelay(TuneReportCallback):
+    class EpochRelay(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             out = to_metrics(metrics[0])
             if out is not None:
-                self._training_actor_item_queue.put(out)
+                queue.put(out)  # blocks while the trial's previous epoch waits for Tune's decision
 
     return EpochRelay()
+
+
+def _fit_relaying(trainer_for, epoch_metrics):
+    """`trainer_for(callbacks).fit()`, each epoch relayed to Tune by THIS thread, the trial's own.
+    Tune reports are synchronous: `ray.tune.report` returns only once the driver decided to go on
+    (ASHA), and raises SystemExit when it stopped the trial. Ray's TuneReportCallback hands the epochs
+    to Tune from its actor's main thread instead, so a trial that the driver stopped late (under load)
+    had already trained on, evaluated and logged to MLflow what ASHA never saw. Here the trial stops
+    at the report, whatever its Ray Train run did meanwhile (at most one epoch more: the queue holds one)."""
+    import threading
+
+    import ray.tune
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    trainer = trainer_for([_epoch_relay(epoch_metrics, queue)])
+    outcome = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the trial's thread, raised there
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="raysweep-ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive() or not queue.empty():
+        try:
+            ray.tune.report(queue.get(timeout=0.5))
+        except Empty:
+            pass
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def storage_path(storage: str | Path) -> str:
@@ -287,27 +323,31 @@ def fit_pack_on_ray(cfgs: list[RunConfig], storage: str | Path, datas: list[Data
     # end and at each phase change: 0.2 s takes ~4 s off every run (15 s -> 11 s for a 2-worker run
     # of 0.2 s of training, this CPU). One tiny remote call per worker per poll. Yours if you set it.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={"cfgs": [absolute_paths(c.model_dump(mode="json"), Path.cwd()) for c in cfgs],
-                           "progress": progress, "callbacks": tuple(callbacks)},
-        torch_config=TorchConfig(backend=backend(r)),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers(cfg0), use_gpu=r.gpus_per_worker > 0,
-            resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage, worker_runtime_env={"env_vars": env},
-            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
-            # Kept: every config's last checkpoint (its result) and one more; Ray Train also always keeps
-            # the latest, which a restart resumes from.
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=len(cfgs) + 1,
-                                                         checkpoint_score_attribute="pack_final"),
-            callbacks=[_epoch_relay(epoch_metrics)] if epoch_metrics else None,
-            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-    )
+    gpus = {"GPU": r.gpus_per_worker} if r.gpus_per_worker else {}
+
+    def trainer_for(run_callbacks):  # the epoch relay, when there is one, is made with the run's queue
+        return TorchTrainer(
+            _worker_loop,
+            train_loop_config={"cfgs": [absolute_paths(c.model_dump(mode="json"), Path.cwd()) for c in cfgs],
+                               "progress": progress, "callbacks": tuple(callbacks)},
+            torch_config=TorchConfig(backend=backend(r)),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=num_workers(cfg0), use_gpu=r.gpus_per_worker > 0,
+                resources_per_worker={"CPU": r.cpus_per_worker, **gpus}),
+            run_config=ray.train.RunConfig(
+                name=name, storage_path=storage, worker_runtime_env={"env_vars": env},
+                failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+                # Kept: every config's last checkpoint (its result) and one more; Ray Train also always keeps
+                # the latest, which a restart resumes from.
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=len(cfgs) + 1,
+                                                             checkpoint_score_attribute="pack_final"),
+                callbacks=run_callbacks or None,
+                logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+        )
+
     t0 = time.perf_counter()
     try:
-        result = trainer.fit()
+        result = _fit_relaying(trainer_for, epoch_metrics) if epoch_metrics else trainer_for([]).fit()
     except ray.train.TrainingFailedError as err:
         raise UserError(f"Ray training of {cfg0.name!r}{f' and {len(cfgs) - 1} more packed' if pack else ''} failed "
                         f"after {r.max_failures} restart(s); checkpoints so far are under {storage}/{name}: "
