@@ -1,5 +1,5 @@
 """What other libraries may print on a raysweep user's terminal. raysweep's commands (and, through
-Ray's worker_process_setup_hook, every Ray worker of their job) call `quiet()` first:
+Ray's worker_process_setup_hook, training.worker_setup, every Ray worker of their job) call `quiet()` first:
 
 - interrupts: a sweep stopped by Ctrl-C or SIGTERM interrupts its workers wherever they are, in a
   finalizer or a weakref callback too, and even while one is still starting: a KeyboardInterrupt, or

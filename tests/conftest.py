@@ -61,10 +61,12 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One real local Ray instance (2 CPUs) for every test that needs Ray; fractional CPUs per
-    worker let K=3 or 4 workers share it."""
+    """One real local Ray instance (2 CPUs) for every test that needs Ray, its workers set up as
+    raysweep's own (WORKER_ENV); fractional CPUs per worker let K=3 or 4 workers share it."""
     import ray
 
-    ray.init(address="local", num_cpus=2, logging_level="warning", configure_logging=False)
+    from raysweep.training.ray import WORKER_ENV
+
+    ray.init(address="local", num_cpus=2, logging_level="warning", configure_logging=False, runtime_env=WORKER_ENV)
     yield ray
     ray.shutdown()

@@ -522,19 +522,41 @@ def test_asha_stops_trials_and_their_runs_are_closed(ray_local, tmp_path):
 def test_sweep_of_ray_executor_trials(ray_local, tmp_path):
     """Each trial trains with one Ray Train worker per member; a trial holds 0.5 + 2 x 0.5 CPUs, so the
     2-CPU cluster runs one trial at a time. Epochs reach Tune (ASHA) and MLflow as they end, relayed
-    from the workers; Ray Train's checkpoints go to the sweep's storage."""
-    search = {"samples": 2, "trial_cpus": 0.5, "asha": {"grace_period": 1, "reduction_factor": 2}}
+    from the workers; Ray Train's checkpoints go to the sweep's storage. Seed 10 draws a good then a bad
+    learning rate (as in the ASHA test above): ASHA stops the second trial after its first epoch, and
+    its run must not show the epoch ASHA never saw, though its Ray Train run trained on meanwhile.
+    A second Ray instance runs on the machine meanwhile (as two local sweeps would): Ray Train's
+    placement-group cleaner must still find its own cluster and free the stopped trial's CPUs."""
+    search = {"samples": 2, "trial_cpus": 0.5, "seed": 10, "color_by": None,
+              "params": {"train.lr": {"choice": [0.003, 0.00001]}},
+              "asha": {"grace_period": 1, "reduction_factor": 2}}
     path = _space(tmp_path, search, executor={"kind": "ray", "ray": {"cpus_per_worker": 0.5}},
                   train={**BASE["train"], "epochs": 2})
     from raysweep.sweeps.tune import _max_concurrent
 
     assert _max_concurrent(load_search_space(path)) == 1
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    summary = run_sweep(str(path), out=str(tmp_path / "out"), tracking=uri, progress=False,
-                        storage=str(tmp_path / "store"))
-    assert summary["finished"] + summary["stopped_early"] == 2 and summary["finished"] >= 1
+    other = subprocess.Popen([sys.executable, "-c", "import ray, time; ray.init(address='local', num_cpus=0, "
+                              "include_dashboard=False); print('up', flush=True); time.sleep(600)"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert other.stdout.readline().strip() == "up"
+        summary = run_sweep(str(path), out=str(tmp_path / "out"), tracking=uri, progress=False,
+                            storage=str(tmp_path / "store"))
+        deadline = time.time() + 30  # the cleaner looks every second or so
+        while ray_local.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+            time.sleep(0.5)
+    finally:
+        other.send_signal(signal.SIGINT)  # its driver shuts its Ray down
+        try:
+            other.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            other.kill()
+    assert ray_local.available_resources().get("CPU", 0) == 2, ray_local.util.placement_group_table()
+    assert (summary["finished"], summary["stopped_early"]) == (1, 1)
     assert json.loads((tmp_dir(summary) / "summary.json").read_text())["best"]["weighted_acc"] > 0
     client = MlflowClient(uri)
+    assert sorted(r.info.status for r in _children(client, summary)[1]) == ["FINISHED", "KILLED"]
     for run in _children(client, summary)[1]:  # the first epoch (step 0) is logged live, from the relay only
         steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/train_acc")}
         assert steps == ({0, 1} if run.info.status == "FINISHED" else {0})
