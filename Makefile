@@ -19,9 +19,10 @@ demo: setup data
 		--register jacobian-ensemble
 
 # TEST_WORKERS=2: two pytest workers (pytest-xdist), a test file per worker at a time; --dist loadfile
-# keeps a file's module fixtures in one worker. It ran the suite in 11.5-12.4 min instead of ~15 here, but under its load the ASHA test of
-# Ray-executor trials fails now and then (a stopped trial's last epoch reaches MLflow), so the default
-# stays one process until that race is fixed.
+# keeps a file's module fixtures in one worker. On a clean clone of this 2-core machine it took 11.2 to
+# 14.4 min against ~15 in one process. The race it used to show (an ASHA-stopped Ray-executor trial
+# logging an epoch ASHA never saw) is fixed, but two workers have passed only once since, so one
+# process stays the default.
 TEST_WORKERS ?= 0
 test: setup data
 	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
