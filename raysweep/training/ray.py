@@ -218,8 +218,8 @@ def _epoch_relay(to_metrics, queue):
     return EpochRelay()
 
 
-def _fit_relaying(trainer_for, epoch_metrics):
-    """`trainer_for(callbacks).fit()`, each epoch relayed to Tune by THIS thread, the trial's own.
+def _fit_relaying(trainer, queue):
+    """`trainer.fit()`, each epoch its relay puts in `queue` reported to Tune from THIS thread, the trial's.
     Tune reports are synchronous: `ray.tune.report` returns only once the driver decided to go on
     (ASHA), and raises SystemExit when it stopped the trial. Ray's TuneReportCallback hands the epochs
     to Tune from its actor's main thread instead, so a trial that the driver stopped late (under load)
@@ -228,10 +228,8 @@ def _fit_relaying(trainer_for, epoch_metrics):
     import threading
 
     import ray.tune
-    from ray.util.queue import Empty, Queue
+    from ray.util.queue import Empty
 
-    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    trainer = trainer_for([_epoch_relay(epoch_metrics, queue)])
     outcome = {}
 
     def fit():
@@ -302,6 +300,7 @@ def fit_pack_on_ray(cfgs: list[RunConfig], storage: str | Path, datas: list[Data
     needs only their shapes, to assemble the ensembles)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
 
     from raysweep.training.trainer import TrainResult, TrainState, build_members
 
@@ -324,30 +323,29 @@ def fit_pack_on_ray(cfgs: list[RunConfig], storage: str | Path, datas: list[Data
     # of 0.2 s of training, this CPU). One tiny remote call per worker per poll. Yours if you set it.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     gpus = {"GPU": r.gpus_per_worker} if r.gpus_per_worker else {}
-
-    def trainer_for(run_callbacks):  # the epoch relay, when there is one, is made with the run's queue
-        return TorchTrainer(
-            _worker_loop,
-            train_loop_config={"cfgs": [absolute_paths(c.model_dump(mode="json"), Path.cwd()) for c in cfgs],
-                               "progress": progress, "callbacks": tuple(callbacks)},
-            torch_config=TorchConfig(backend=backend(r)),
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=num_workers(cfg0), use_gpu=r.gpus_per_worker > 0,
-                resources_per_worker={"CPU": r.cpus_per_worker, **gpus}),
-            run_config=ray.train.RunConfig(
-                name=name, storage_path=storage, worker_runtime_env={"env_vars": env},
-                failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
-                # Kept: every config's last checkpoint (its result) and one more; Ray Train also always keeps
-                # the latest, which a restart resumes from.
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=len(cfgs) + 1,
-                                                             checkpoint_score_attribute="pack_final"),
-                callbacks=run_callbacks or None,
-                logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-        )
-
+    # Inside a Tune trial, each epoch goes to Tune through this queue (one at a time: see _fit_relaying).
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0}) if epoch_metrics else None
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"cfgs": [absolute_paths(c.model_dump(mode="json"), Path.cwd()) for c in cfgs],
+                           "progress": progress, "callbacks": tuple(callbacks)},
+        torch_config=TorchConfig(backend=backend(r)),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers(cfg0), use_gpu=r.gpus_per_worker > 0,
+            resources_per_worker={"CPU": r.cpus_per_worker, **gpus}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage, worker_runtime_env={"env_vars": env},
+            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+            # Kept: every config's last checkpoint (its result) and one more; Ray Train also always keeps
+            # the latest, which a restart resumes from.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=len(cfgs) + 1,
+                                                         checkpoint_score_attribute="pack_final"),
+            callbacks=[_epoch_relay(epoch_metrics, queue)] if queue is not None else None,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+    )
     t0 = time.perf_counter()
     try:
-        result = _fit_relaying(trainer_for, epoch_metrics) if epoch_metrics else trainer_for([]).fit()
+        result = _fit_relaying(trainer, queue) if queue is not None else trainer.fit()  # (an empty Queue is falsy)
     except ray.train.TrainingFailedError as err:
         raise UserError(f"Ray training of {cfg0.name!r}{f' and {len(cfgs) - 1} more packed' if pack else ''} failed "
                         f"after {r.max_failures} restart(s); checkpoints so far are under {storage}/{name}: "
