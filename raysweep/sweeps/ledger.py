@@ -53,6 +53,9 @@ def _write_record(records: Path, rec: dict) -> None:
     tmp.replace(records / f"{rec['trial_id']}.json")  # whole or absent, even if the sweep is killed here
 
 
+COMPLETE = ("finished", "infeasible")  # record statuses of points whose runs end FINISHED
+
+
 class _TrialLedger(Callback):
     """Driver-side Tune callback: writes one record per sampled point that ended (the summary and
     `--resume` read these, not Tune's state), and closes the MLflow runs of a Tune trial that died
@@ -80,16 +83,11 @@ class _TrialLedger(Callback):
             self._say("started" if n == 0 else "queued", member_id(trial.trial_id, j, self.pack), points[j])
 
     def _close(self, trial, status):
-        """Close the Tune trial's open MLflow runs: a point recorded finished or infeasible FINISHED (it
-        logged everything before its last report), any other `status`, or left open if None."""
+        """Close the Tune trial's open MLflow runs (_close_runs)."""
         client = MlflowClient(self.uri)
         runs = client.search_runs([experiment_id(self.experiment, self.uri)],
                                   f"tags.`raysweep.tune_trial_id` = '{trial.trial_id}'")
-        for run in runs:
-            if run.info.status == "RUNNING":
-                done = run.data.tags.get("raysweep.trial_id") in self._complete
-                if done or status is not None:
-                    client.set_terminated(run.info.run_id, "FINISHED" if done else status)
+        _close_runs(client, runs, self._complete, status)
 
     def _record(self, trial, j: int, status: str, m: dict, **extra) -> None:
         trial_id, params = member_id(trial.trial_id, j, self.pack), trial.config["pack"][j]
@@ -101,7 +99,7 @@ class _TrialLedger(Callback):
         _write_record(self.records, rec)
         self._ended.setdefault(trial.trial_id, set()).add(j)
         self._last[trial.trial_id] = rec
-        if status in ("finished", "infeasible"):
+        if status in COMPLETE:
             self._complete.add(trial_id)
         self.done += 1
         if status == "finished":
@@ -191,14 +189,22 @@ def _close_open_runs(client: MlflowClient, state: dict, sweep_dir: Path) -> int:
     between the two has the trial's record and a RUNNING run: that run is closed FINISHED, as it is (an
     infeasible point's run too; a failed trial closes its own FAILED before it reports).
     Every other open run was cut off mid-trial: KILLED, keeping what it logged."""
-    finished = {r["trial_id"] for r in _records(sweep_dir) if r["status"] in ("finished", "infeasible")}
+    finished = {r["trial_id"] for r in _records(sweep_dir) if r["status"] in COMPLETE}
     runs = client.search_runs([experiment_id(state["experiment"], state["tracking_uri"])],
                               f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
+    return _close_runs(client, runs, finished, "KILLED")
+
+
+def _close_runs(client: MlflowClient, runs, complete: set[str], status: str | None) -> int:
+    """Close the RUNNING ones of `runs`: a point in `complete` (recorded finished or infeasible: it logged
+    everything before its last report) FINISHED, any other `status`, or left open if None. Returns how
+    many were closed `status`."""
     cut = 0
     for run in (r for r in runs if r.info.status == "RUNNING"):
-        done = run.data.tags.get("raysweep.trial_id") in finished
-        client.set_terminated(run.info.run_id, "FINISHED" if done else "KILLED")
-        cut += not done
+        done = run.data.tags.get("raysweep.trial_id") in complete
+        if done or status is not None:
+            client.set_terminated(run.info.run_id, "FINISHED" if done else status)
+            cut += not done
     return cut
 
 
