@@ -37,7 +37,7 @@ FAIR := jacobian-ensembles:jacobian_ensembles_fair pdd-deg:pdd_deg_fair ensemble
 	robust-ensembles:robust_ensembles_fair je-sweep:je_sweep_fair
 reproduce-fair: setup data
 	for p in $(FAIR); do $(VENV)/bin/raysweep reproduce $${p%%:*} --study search_spaces/reproduce/$${p##*:}.yaml \
-		|| exit 1; done
+		--out docs/results/$${p##*:}/runs || exit 1; done
 
 bench: setup data
 	$(VENV)/bin/python benchmarks/run_all.py

@@ -18,35 +18,50 @@ from raysweep.core.checkpoint import load, save_checkpoint
 from raysweep.core.data import Dataset, load_dataset
 from raysweep.core.ensemble import Ensemble
 from raysweep.errors import UserError
-from raysweep.evaluation import EVALUATIONS, EvalContext, EvalReport
+from raysweep.evaluation import EVALUATIONS, EvalContext, EvalReport, resume
 from raysweep.evaluation.robust import accuracies
 from raysweep.members import make_local_executor
 from raysweep.training.trainer import fit
 
 
-def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool = True) -> EvalReport:
-    """The EvalReport of the ensemble under cfg.eval (its metrics.json is report.to_json())."""
+def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool = True,
+             resume_dir: str | Path | None = None) -> EvalReport:
+    """The EvalReport of the ensemble under cfg.eval (its metrics.json is report.to_json()).
+    `resume_dir`: a folder that outlives the process; each stage's share of the report is saved there as
+    it ends, and an evaluation of the same ensemble and config started again loads the stages it finds
+    instead of running them (evaluation/resume.py). Their seconds are the ones measured when they ran."""
     start = time.perf_counter()
     e = cfg.executor  # evaluation runs in fp32 whatever train.precision says (docs/performance.md)
     ex = make_local_executor(list(ensemble.members), e.vectorize, e.device, e.channels_last, e.compile)
     ex.train(False)
-    ctx = EvalContext(cfg, ensemble, data, ex, progress=progress,
+    keep = None if resume_dir is None else resume.folder_for(Path(resume_dir), ensemble, dump_config(cfg))
+    ctx = EvalContext(cfg, ensemble, data, ex, progress=progress, keep=keep,
                       train=lambda raw: fit(validate_config(raw, "of a transfer surrogate"), data, progress).ensemble)
     report = EvalReport()
     clean, members = accuracies(ctx.stacked_fn, data.test, ctx.weights, ctx.how, cfg.eval.batch_size, ctx.device)
     report.add("clean_acc", clean, images=len(data.test))
     report.details.update(clean_acc=clean, member_clean_acc=members)
-    stages = {"clean": time.perf_counter() - start}
+    stages, resumed = {"clean": time.perf_counter() - start}, []
     enabled = [(key, e) for key, e in EVALUATIONS.items() if e.enabled(getattr(cfg.eval, key))]
     with tqdm(enabled, desc="evaluation", unit="stage", disable=not progress, leave=False) as bar:
         for key, evaluation in bar:  # one stage per evaluation; the long ones show their own bar inside
             bar.set_postfix_str(key)
-            t = time.perf_counter()
+            saved = None if keep is None else resume.load_part(keep / f"{key}.pt")
+            if saved is not None:
+                report.merge(saved["report"])
+                stages[key] = saved["seconds"]
+                resumed.append(key)
+                continue
+            t, mark = time.perf_counter(), report.mark()
             evaluation(getattr(cfg.eval, key)).run(ctx, report)
             stages[key] = time.perf_counter() - t
+            if keep is not None:
+                resume.save_part(keep / f"{key}.pt", {"report": report.since(mark), "seconds": stages[key]})
     report.add_worst_case()
-    report.details["eval_seconds"] = time.perf_counter() - start
+    report.details["eval_seconds"] = sum(stages.values())  # a resumed stage counts the time it took when it ran
     report.details["eval_stage_seconds"] = stages
+    if resumed:
+        report.details["eval_resumed"] = resumed
     return report
 
 
@@ -75,8 +90,9 @@ def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, c
                        ray_storage: str | None = None, epoch_metrics=None, data: Dataset | None = None,
                        resume_dir: str | Path | None = None) -> dict:
     """`data`: cfg's dataset when the caller loaded it already (a sweep's pack of trials loads it once).
-    `resume_dir` (local executor only): where training saves each epoch and continues from after an
-    interruption (fit). A Ray executor run keeps its own checkpoints in `ray_storage` and resumes from
+    `resume_dir` (local executor only): a folder that outlives the process. Training saves each epoch
+    there and continues from it after an interruption (fit), and evaluation each finished stage under
+    eval/ (evaluate). A Ray executor run keeps its own checkpoints in `ray_storage` and resumes from
     them when its worker group restarts within the run, not across calls.
     `callbacks` (train.fit hooks) run in this process, so with the local executor only. A Ray run
     inside a Tune trial relays `epoch_metrics(row)` of each epoch to Tune instead (see fit_on_ray).
@@ -95,7 +111,8 @@ def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, c
         result = fit(cfg, data, progress=progress, callbacks=callbacks, resume_dir=resume_dir)
     save_checkpoint(out / "checkpoint", result.ensemble, cfg, data.image_shape, data.num_classes, data.mean, data.std)
     try:
-        report = evaluate(result.ensemble, data, cfg, progress=progress)
+        report = evaluate(result.ensemble, data, cfg, progress=progress,
+                          resume_dir=None if resume_dir is None else Path(resume_dir) / "eval")
     except Exception:
         print(f"raysweep: evaluation failed; the trained ensemble is saved: re-evaluate it with "
               f"`raysweep evaluate {out / 'checkpoint'}`", file=sys.stderr)
@@ -108,11 +125,12 @@ def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, c
     return metrics
 
 
-def evaluate_checkpoint(path: str | Path, cfg: RunConfig | None, out: str | Path, progress: bool = True) -> dict:
+def evaluate_checkpoint(path: str | Path, cfg: RunConfig | None, out: str | Path, progress: bool = True,
+                        resume_dir: str | Path | None = None) -> dict:
     cfg = cfg or checkpoint_config(path)
     ensure_writable(Path(out))
     ensemble = load(path)
-    report = evaluate(ensemble, load_dataset(cfg.data, cfg.seed), cfg, progress=progress)
+    report = evaluate(ensemble, load_dataset(cfg.data, cfg.seed), cfg, progress=progress, resume_dir=resume_dir)
     metrics = report.to_json()
     _write_results(Path(out), cfg, metrics, report.artifacts)
     return metrics

@@ -127,3 +127,55 @@ def test_masking_flags_become_mlflow_tags(tmp_path):
     assert tags["raysweep.masking"] == "vanishing_gradients"
     assert tags["raysweep.masking.vanishing_gradients"] == "90% of 200 images"
     assert client.get_run(clean).data.tags["raysweep.masking"] == "none"
+
+
+def test_an_evaluation_killed_mid_uap_continues_from_its_finished_stages(trained_synthetic, tmp_path):
+    """A fair study's evaluation takes an hour per variant. Killed (SIGKILL, in its own process) after the
+    attacks stage and the first UAP eps, evaluation started again with the same resume_dir runs neither
+    again and ends with exactly the uninterrupted evaluation's results. Another config over the same
+    folder reuses nothing and removes what the first one kept."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from raysweep.core.checkpoint import save_checkpoint
+    from raysweep.run import evaluate_checkpoint
+
+    cfg0, data, ensemble = trained_synthetic
+    uap = {"eps": [0.1, 0.2, 0.3], "seeds": 2, "iterations": 60, "batch_size": 32, "selection_size": 200}
+    cfg = make_cfg(**{**cfg0.model_dump(), "eval": {"attacks": ATTACKS[:1], "uap": uap, "jacobian_samples": 0,
+                                                    "diversity_samples": 0}})
+    ckpt = save_checkpoint(tmp_path / "ckpt", ensemble, cfg, data.image_shape, data.num_classes, data.mean, data.std)
+    whole = evaluate_checkpoint(ckpt, None, tmp_path / "whole", progress=False)
+
+    keep = tmp_path / "keep"
+    code = ("import sys; from raysweep.run import evaluate_checkpoint; "
+            "evaluate_checkpoint(sys.argv[1], None, sys.argv[2], progress=False, resume_dir=sys.argv[3])")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ckpt), str(tmp_path / "cut"), str(keep)])
+    try:
+        deadline = time.monotonic() + 240
+        while not list(keep.glob("*/uap/eps_*.pt")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    (folder,) = keep.iterdir()
+    assert (folder / "attacks.pt").is_file() and not (folder / "uap.pt").exists(), "the kill did not land mid-UAP"
+    kept_eps = {p.name for p in (folder / "uap").glob("eps_*.pt")}
+    assert 1 <= len(kept_eps) < 3
+
+    resumed = evaluate_checkpoint(ckpt, None, tmp_path / "resumed", progress=False, resume_dir=keep)
+    assert resumed["eval_resumed"] == ["attacks"]
+    assert {f"eps_{e}.pt" for e in resumed["uap_protocol"]["resumed_eps"]} == kept_eps
+    assert resumed["results"] == whole["results"]
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["uap_acc"] == whole["uap_acc"]
+    assert resumed["eval_stage_seconds"]["attacks"] == torch.load(folder / "attacks.pt", weights_only=True)["seconds"]
+
+    other = make_cfg(**{**cfg.model_dump(), "eval": {**cfg.eval.model_dump(), "uap": {**uap, "seeds": 1}}})
+    ckpt2 = save_checkpoint(tmp_path / "ckpt2", ensemble, other, data.image_shape, data.num_classes, data.mean,
+                            data.std)
+    fresh = evaluate_checkpoint(ckpt2, None, tmp_path / "fresh", progress=False, resume_dir=keep)
+    assert "eval_resumed" not in fresh and "resumed_eps" not in fresh["uap_protocol"]
+    assert not folder.exists() and len(list(keep.iterdir())) == 1

@@ -88,12 +88,20 @@ def uap_accuracy(stacked_fn, split: Split, deltas: torch.Tensor, weights, how: s
 
 
 def evaluate_uap(stacked_fn, craft: Split, test: Split, cfg: UAPConfig, weights, how: str, batch_size: int,
-                 device, seed: int = 0, progress=None) -> dict:
+                 device, seed: int = 0, progress=None, done: dict | None = None, on_eps=None) -> dict:
     """Per eps: craft cfg.seeds UAPs, keep the one with the highest attack success on
-    cfg.selection_size crafting images, report its accuracy on the whole test split."""
+    cfg.selection_size crafting images, report its accuracy on the whole test split.
+    Each eps draws from its own generator, so an eps may be computed apart from the others: `done`
+    ({eps: (acc, delta)}) holds the ones an earlier, interrupted evaluation finished (skipped here), and
+    `on_eps(eps, acc, delta)` is called as each of the others ends."""
     acc, chosen = {}, {}
     select = craft.head(cfg.selection_size)
     for eps in cfg.eps:
+        if done and eps in done:
+            acc[eps], chosen[eps] = done[eps]
+            if progress is not None:
+                progress.update(cfg.iterations)
+            continue
         gen = generator(seed, "uap", str(eps))
         init = uap_init(cfg.seeds, craft.x.shape[1:], eps, gen)
         deltas = sgd_uap(stacked_fn, craft, init, eps, cfg.iterations, cfg.batch_size, cfg.step_size or eps / 20,
@@ -101,4 +109,6 @@ def evaluate_uap(stacked_fn, craft: Split, test: Split, cfg: UAPConfig, weights,
         best = uap_accuracy(stacked_fn, select, deltas, weights, how, batch_size, device).argmin()
         chosen[eps] = deltas[best].cpu()
         acc[eps] = uap_accuracy(stacked_fn, test, deltas[best:best + 1], weights, how, batch_size, device).item()
+        if on_eps is not None:
+            on_eps(eps, acc[eps], chosen[eps])
     return {"acc": acc, "deltas": chosen}

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable, ClassVar
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
@@ -31,6 +32,12 @@ class EvalContext:
     executor: Any  # local members in eval mode: stacked_logits(x) -> [K,B,C]
     train: Callable[[dict], Ensemble]  # trains a raw run config in this process (transfer surrogates)
     progress: bool = True
+    keep: Optional[Path] = None  # a folder that outlives the process, for this ensemble and config only:
+                                 # a long stage may save finished parts there and skip them when run again
+
+    def kept(self, key: str) -> Optional[Path]:
+        """The evaluation `key`'s own folder under `keep` (None: nothing outlives the process)."""
+        return None if self.keep is None else self.keep / key
 
     @property
     def device(self) -> torch.device:

@@ -11,6 +11,7 @@ scalars are read from the details (`scalars_of`).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -76,6 +77,32 @@ class EvalReport:
             robust = torch.stack([f[:n] for _, f in entries]).all(0)
             self.add(f"worst_acc/{norm}/{eps_key(eps)}", robust.sum().item() / n, norm=norm, eps=eps,
                      attack="+".join(source for source, _ in entries), images=n)
+
+    def mark(self) -> dict:
+        """Where the report stands, for `since`: what one evaluation stage then adds is its share."""
+        return {"results": set(self.results), "details": copy.deepcopy(self.details), "artifacts": set(self.artifacts),
+                "masking": set(self.masking), "flags": {k: len(v) for k, v in self._flags.items()}}
+
+    def since(self, mark: dict) -> dict:
+        """What was added or changed after `mark`, in the plain types `torch.load(weights_only=True)` reads.
+        A details entry counts when its value changed, so a stage that extends another's dict in place
+        (the protocol's curve in robust_acc) carries the whole entry."""
+        return {"results": [asdict(r) for n, r in self.results.items() if n not in mark["results"]],
+                "details": {k: v for k, v in self.details.items() if mark["details"].get(k, ...) != v},
+                "artifacts": {k: v for k, v in self.artifacts.items() if k not in mark["artifacts"]},
+                "masking": {k: v for k, v in self.masking.items() if k not in mark["masking"]},
+                "flags": [[norm, eps, source, f] for (norm, eps), entries in self._flags.items()
+                          for source, f in entries[mark["flags"].get((norm, eps), 0):]]}
+
+    def merge(self, part: dict) -> None:
+        """Add a stage's share (from `since`, saved by an earlier process) as if the stage had run here."""
+        for r in part["results"]:
+            self.add(**r)
+        self.details.update(part["details"])
+        self.artifacts.update(part["artifacts"])
+        self.masking.update(part["masking"])
+        for norm, eps, source, f in part["flags"]:
+            self.robust_flags(norm, eps, source, f)
 
     def scalars(self) -> dict[str, float]:
         return {name: r.value for name, r in self.results.items()}

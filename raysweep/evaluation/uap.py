@@ -12,6 +12,7 @@ from raysweep.attacks.uap import UAPConfig, evaluate_uap
 from raysweep.evaluation.base import Evaluation, register
 from raysweep.evaluation.metrics import mean, weighted_accuracy
 from raysweep.evaluation.report import eps_key
+from raysweep.evaluation.resume import load_part, save_part
 
 
 @register
@@ -25,10 +26,14 @@ class UniversalPerturbations(Evaluation):
     def run(self, ctx, report) -> None:
         u, ev, data = self.cfg, ctx.cfg.eval, ctx.data
         craft = data.train if u.craft_on == "train" else data.test
+        kept = ctx.kept(self.key)  # each eps takes up to an hour for a large ensemble: keep each as it ends
+        part = lambda eps: kept / f"eps_{eps_key(eps)}.pt"  # noqa: E731
+        done = {} if kept is None else {e: (p["acc"], p["delta"]) for e in u.eps if (p := load_part(part(e)))}
+        on_eps = None if kept is None else lambda e, acc, delta: save_part(part(e), {"acc": acc, "delta": delta})
         with tqdm(total=u.iterations * len(u.eps), desc="UAP", unit="it", disable=not ctx.progress, leave=False,
                   mininterval=1.0) as bar:
             res = evaluate_uap(ctx.stacked_fn, craft, data.test, u, ctx.weights, ctx.how, ev.batch_size, ctx.device,
-                               ctx.cfg.seed, bar)
+                               ctx.cfg.seed, bar, done, on_eps)
         meta = {"attack": "uap", "objective": u.objective, "norm": "linf", "images": len(data.test),
                 "steps": u.iterations, "seeds": u.seeds}
         for e, acc in res["acc"].items():
@@ -41,6 +46,7 @@ class UniversalPerturbations(Evaluation):
             weighted_acc=report.results["weighted_acc"].value, weighted_acc_w=ev.weighted_acc_w,
             uap_protocol={"seeds": u.seeds, "iterations": u.iterations, "batch_size": u.batch_size,
                           "craft_on": u.craft_on, "selection_size": min(u.selection_size, len(craft)),
-                          "objective": u.objective, "step_rule": u.step_rule})
+                          "objective": u.objective, "step_rule": u.step_rule,
+                          **({"resumed_eps": sorted(done)} if done else {})})  # computed by an interrupted process
         report.artifacts["uap_deltas"] = res["deltas"]
         report.artifacts["uap_example"] = data.test.batch(torch.tensor([0]))[0][0]  # for the picture

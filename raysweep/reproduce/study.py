@@ -1,8 +1,9 @@
 """A study: named variants of one run config, each trained and evaluated as a Ray task (one CPU or
 GPU share each, so a 2-core machine runs two at once and a cluster runs many), every run recorded
 in MLflow, results cached per variant so a re-run or an interrupted run only does what is missing; a
-variant interrupted while training continues from its last finished epoch (`.partial/` in the study's
-folder holds it meanwhile).
+variant interrupted while training continues from its last finished epoch, and one interrupted while
+evaluated from its last finished evaluation stage or UAP eps (`.partial/` in the study's folder holds
+them meanwhile).
 
 Study file (search_spaces/reproduce/*.yaml):
     study: NAME
@@ -137,7 +138,7 @@ def load_study(path: str | Path) -> Study:
     return Study(name, path, variants, spec, seeds)
 
 
-PARTIAL = ".partial"  # under a study's folder: variants whose training was interrupted, by epoch
+PARTIAL = ".partial"  # under a study's folder: runs cut off, by epoch and evaluation stage
 
 
 def _cached(out: Path, cfg: RunConfig) -> dict | None:
@@ -171,11 +172,11 @@ def _run_variant(raw: dict, uri: str | None, experiment: str, tags: dict,
     """One Ray task: train + evaluate (or, given a checkpoint's files, evaluate that checkpoint under
     this config's eval), recorded as one MLflow run. Returns (metrics, the run directory's files).
 
-    On the driver's node (`driver_node`; None: this process is the driver), training works in
+    On the driver's node (`driver_node`; None: this process is the driver), the task works in
     `partial`, a folder of the driver's that outlives the task: the members and the trainer's state
-    are saved there after every epoch, and a study started again continues the variant from its last
-    saved epoch; the driver removes it once it holds the variant's files. On another node, and for a
-    re-evaluation, the task works in a scratch folder of its own."""
+    are saved there after every epoch, and each evaluation stage (each UAP eps) as it ends, so a study
+    started again continues the variant from its last saved epoch or stage; the driver removes it once
+    it holds the variant's files. On another node the task works in a scratch folder of its own."""
     import ray
 
     from raysweep.run import evaluate_checkpoint, train_and_evaluate
@@ -199,7 +200,7 @@ def _run_variant(raw: dict, uri: str | None, experiment: str, tags: dict,
 
         def run():
             if checkpoint:
-                return evaluate_checkpoint(Path(tmp) / "checkpoint", cfg, out, progress=False)
+                return evaluate_checkpoint(Path(tmp) / "checkpoint", cfg, out, progress=False, resume_dir=work / "eval")
             return train_and_evaluate(cfg, out, progress=False, callbacks=(epoch_line,), resume_dir=work / "epochs")
 
         if uri is None:
@@ -237,7 +238,7 @@ def run_jobs(jobs: list[Job], out: Path, study: str, *, uri: str | None, experim
     pending = {task.remote(j.raw, uri, experiment,
                            {"raysweep.kind": "reproduce", "raysweep.study": study, "raysweep.variant": j.key},
                            _files(Path(j.checkpoint)) if j.checkpoint else None,
-                           None if j.checkpoint else str((out / PARTIAL / j.key).resolve()),
+                           str((out / PARTIAL / j.key).resolve()),
                            ray.get_runtime_context().get_node_id()): j for j in todo}
     done_count = len(results)
     while pending:

@@ -1,0 +1,52 @@
+"""Evaluation that outlives its process. An evaluation of a large ensemble takes hours here (the UAP
+stage of a 9-member LeNet-5 ensemble at the paper's protocol: ~50 min on one core), so a run cut off
+mid-evaluation (a killed process, a machine handed back) keeps what it finished: each evaluation stage's
+share of the report is saved as the stage ends, and a stage may keep parts of its own (the UAP stage,
+each eps). Everything is kept under a folder named after a digest of the config and the members'
+weights, so a saved part is only ever read back for the very ensemble and evaluation that made it;
+the folders of other digests are removed when a new one is made.
+
+Files are torch.save'd dicts of tensors and plain values, read back with weights_only=True: a saved
+part is data, never code.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+
+def folder_for(root: Path, ensemble, config_text: str) -> Path:
+    """root/<digest of the run's config (as dumped) and the ensemble's weights>, made or kept; the folders
+    of other digests are removed."""
+    h = hashlib.sha256(config_text.encode())
+    for tensor in [ensemble.weights] + [t for m in ensemble.members for _, t in sorted(m.state_dict().items())]:
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    folder = Path(root) / h.hexdigest()[:20]
+    if Path(root).is_dir():
+        for other in Path(root).iterdir():
+            if other.is_dir() and other != folder:
+                shutil.rmtree(other, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def save_part(path: Path, part: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(part, tmp)
+    tmp.replace(path)  # whole or absent, even if the process is killed here
+
+
+def load_part(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file: compute that part again
+        print(f"raysweep: ignoring the unreadable evaluation part {path} ({type(err).__name__}); computing it again",
+              file=sys.stderr)
+        return None
