@@ -194,3 +194,38 @@ def test_shipped_studies_load():
         if module != "je_sweep":
             assert load_study(path).variants
     assert (repo_root() / "search_spaces" / "reproduce").is_dir()
+
+
+def test_sigterm_stops_a_study_as_ctrl_c_does_and_keeps_its_epochs(tmp_path):
+    """A fair study runs in the background for hours, where `&` makes it ignore SIGINT: `kill` (SIGTERM)
+    is how it is stopped. It ends as interrupted (exit 130, no traceback, no fatal-signal dump), says how
+    to continue, and the epoch its variant had finished is saved for that."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path = tiny_study("jacobian_ensembles", tmp_path, keep=["standard"])
+    spec = yaml.safe_load(path.read_text())
+    spec["common"]["train"]["epochs"] = 200
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}  # its own Ray, not another test's
+    proc = subprocess.Popen([sys.executable, "-m", "raysweep", "reproduce", "jacobian-ensembles", "--study", str(path),
+                             "--out", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "variants/standard: epoch 1/200" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        out = "".join(lines) + proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "SIGTERM received" not in out, out[-3000:]
+    assert "interrupted; 0 of 1 runs are done" in out and "run the same command again" in out
+    assert (tmp_path / "runs" / ".partial" / "variants" / "standard" / "epochs" / EPOCH_STATE).is_file()

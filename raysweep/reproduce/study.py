@@ -22,8 +22,11 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import signal
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -241,6 +244,40 @@ def run_jobs(jobs: list[Job], out: Path, study: str, *, uri: str | None, experim
                            str((out / PARTIAL / j.key).resolve()),
                            ray.get_runtime_context().get_node_id()): j for j in todo}
     done_count = len(results)
+    with _sigterm_interrupts():
+        try:
+            _collect(pending, results, out, done_count, len(jobs), t0, log)
+        except KeyboardInterrupt:
+            log(f"{study}: interrupted; {sum('error' not in r for r in results.values())} of {len(jobs)} runs are done "
+                f"in {out}, and a run cut off continues from its last saved epoch or evaluation stage: run the "
+                "same command again")
+            raise
+    return results
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (kill, a scheduler, `ray job stop`) stops a study as Ctrl-C does, with the same message
+    and exit status, instead of Ray's fatal-signal stack dump. A study started in the background with
+    `&` ignores SIGINT, so SIGTERM is how it is stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _collect(pending: dict, results: dict, out: Path, done_count: int, total: int, t0: float, log) -> None:
+    """Each job's result as it finishes: its files written to `out` (the cache), its .partial removed."""
+    import ray
+
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         job = pending.pop(ready[0])
@@ -250,12 +287,12 @@ def run_jobs(jobs: list[Job], out: Path, study: str, *, uri: str | None, experim
             _write_files(files, out / job.key)  # on this machine: the cache, the checks and the report read it
             shutil.rmtree(out / PARTIAL / job.key, ignore_errors=True)  # its epochs: the run is safe now
             results[job.key] = m
-            log(f"[{done_count}/{len(jobs)}] {job.key}: clean {m['clean_acc']:.4f}"
-                f"  ({m.get('total_seconds', m.get('eval_seconds', 0)):.0f} s; {time.perf_counter() - t0:.0f} s elapsed)")
+            seconds = m.get('total_seconds', m.get('eval_seconds', 0))
+            log(f"[{done_count}/{total}] {job.key}: clean {m['clean_acc']:.4f}"
+                f"  ({seconds:.0f} s; {time.perf_counter() - t0:.0f} s elapsed)")
         except Exception as err:  # noqa: BLE001 - one variant's failure must not lose the others
             results[job.key] = {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}"}
-            log(f"[{done_count}/{len(jobs)}] {job.key}: FAILED {results[job.key]['error']}")
-    return results
+            log(f"[{done_count}/{total}] {job.key}: FAILED {results[job.key]['error']}")
 
 
 def check_job(study: Study, name: str, variant: str, overrides: dict, out: Path) -> Job:
