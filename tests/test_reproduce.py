@@ -1,5 +1,6 @@
 """`raysweep reproduce`: every shipped study, shrunk to tiny synthetic data, runs its variants as Ray
 tasks, writes its report and plots, records its runs in MLflow and reuses finished runs."""
+import contextlib
 import copy
 import json
 import shutil
@@ -199,13 +200,19 @@ def test_shipped_studies_load():
 def test_sigterm_stops_a_study_as_ctrl_c_does_and_keeps_its_epochs(tmp_path):
     """A fair study runs in the background for hours, where `&` makes it ignore SIGINT: `kill` (SIGTERM)
     is how it is stopped. It ends as interrupted (exit 130, no traceback, no fatal-signal dump), says how
-    to continue, and the epoch its variant had finished is saved for that."""
+    to continue, and the epochs its variants had finished are saved for that. Its log has every epoch's
+    line of both variants training at once (Ray's log deduplication, which drops words with digits,
+    would fold one variant's lines into the other's as "[repeated Nx across cluster]")."""
     import os
+    import queue
     import signal
     import subprocess
     import sys
+    import threading
+    import time
 
-    path = tiny_study("jacobian_ensembles", tmp_path, keep=["standard"])
+    names = ["jr_0.05", "je_bagging_k3_0.2"]
+    path = tiny_study("jacobian_ensembles", tmp_path, keep=names)
     spec = yaml.safe_load(path.read_text())
     spec["common"]["train"]["epochs"] = 200
     path.write_text(yaml.safe_dump(spec))
@@ -213,19 +220,27 @@ def test_sigterm_stops_a_study_as_ctrl_c_does_and_keeps_its_epochs(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "raysweep", "reproduce", "jacobian-ensembles", "--study", str(path),
                              "--out", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    lines = []
+    lines, q = [], queue.Queue()
+    threading.Thread(target=lambda: [q.put(line) for line in proc.stdout] and None, daemon=True).start()
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "variants/standard: epoch 1/200" in line:
-                proc.send_signal(signal.SIGTERM)
-                break
-        out = "".join(lines) + proc.communicate(timeout=120)[0]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all(any(f"{n}: epoch 3/200" in line for line in lines)
+                                                          for n in names):
+            with contextlib.suppress(queue.Empty):
+                lines.append(q.get(timeout=0.5))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    time.sleep(0.5)  # the reader thread's last lines
+    while not q.empty():
+        lines.append(q.get())
+    out = "".join(lines)
+    assert all(f"variants/{name}: epoch {n}/200" in out for name in names for n in (1, 2, 3)), out[-3000:]
     assert proc.returncode == 130, out[-3000:]
     assert "Traceback" not in out and "SIGTERM received" not in out, out[-3000:]
-    assert "interrupted; 0 of 1 runs are done" in out and "run the same command again" in out
-    assert (tmp_path / "runs" / ".partial" / "variants" / "standard" / "epochs" / EPOCH_STATE).is_file()
+    assert "interrupted; 0 of 2 runs are done" in out and "run the same command again" in out
+    for name in names:
+        assert (tmp_path / "runs" / ".partial" / "variants" / name / "epochs" / EPOCH_STATE).is_file()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import signal
 import tempfile
@@ -141,6 +142,7 @@ def load_study(path: str | Path) -> Study:
     return Study(name, path, variants, spec, seeds)
 
 
+EPOCH_LINE = r": epoch \d+/\d+  loss "  # what every variant's epoch line has (epoch_line)
 PARTIAL = ".partial"  # under a study's folder: runs cut off, by epoch and evaluation stage
 
 
@@ -231,6 +233,9 @@ def run_jobs(jobs: list[Job], out: Path, study: str, *, uri: str | None, experim
     if not todo:
         return results
 
+    # The variants' epoch lines differ only in their numbers, which Ray's log deduplication masks: it would
+    # print the first and fold the others into "[repeated Nx across cluster]". Read when ray is imported.
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", EPOCH_LINE)
     import ray
 
     from raysweep.training.ray import connect
