@@ -25,17 +25,18 @@ from raysweep.training.trainer import fit
 
 
 def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool = True,
-             resume_dir: str | Path | None = None) -> EvalReport:
+             resume_dir: str | Path | None = None, log=None) -> EvalReport:
     """The EvalReport of the ensemble under cfg.eval (its metrics.json is report.to_json()).
     `resume_dir`: a folder that outlives the process; each stage's share of the report is saved there as
     it ends, and an evaluation of the same ensemble and config started again loads the stages it finds
-    instead of running them (evaluation/resume.py). Their seconds are the ones measured when they ran."""
+    instead of running them (evaluation/resume.py). Their seconds are the ones measured when they ran.
+    `log(line)`: a line as each stage (and each UAP eps) ends, for logs where no progress bar shows."""
     start = time.perf_counter()
     e = cfg.executor  # evaluation runs in fp32 whatever train.precision says (docs/performance.md)
     ex = make_local_executor(list(ensemble.members), e.vectorize, e.device, e.channels_last, e.compile)
     ex.train(False)
     keep = None if resume_dir is None else resume.folder_for(Path(resume_dir), ensemble, dump_config(cfg))
-    ctx = EvalContext(cfg, ensemble, data, ex, progress=progress, keep=keep,
+    ctx = EvalContext(cfg, ensemble, data, ex, progress=progress, keep=keep, log=log,
                       train=lambda raw: fit(validate_config(raw, "of a transfer surrogate"), data, progress).ensemble)
     report = EvalReport()
     clean, members = accuracies(ctx.stacked_fn, data.test, ctx.weights, ctx.how, cfg.eval.batch_size, ctx.device)
@@ -51,10 +52,14 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
                 report.merge(saved["report"])
                 stages[key] = saved["seconds"]
                 resumed.append(key)
+                if log is not None:
+                    log(f"evaluation: {key} kept from an earlier process ({saved['seconds']:.0f} s then)")
                 continue
             t, mark = time.perf_counter(), report.mark()
             evaluation(getattr(cfg.eval, key)).run(ctx, report)
             stages[key] = time.perf_counter() - t
+            if log is not None:
+                log(f"evaluation: {key} done ({stages[key]:.0f} s)")
             if keep is not None:
                 resume.save_part(keep / f"{key}.pt", {"report": report.since(mark), "seconds": stages[key]})
     report.add_worst_case()
@@ -88,7 +93,7 @@ def ensure_writable(out: Path, flag: str = "--out") -> None:
 
 def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, callbacks=(),
                        ray_storage: str | None = None, epoch_metrics=None, data: Dataset | None = None,
-                       resume_dir: str | Path | None = None) -> dict:
+                       resume_dir: str | Path | None = None, eval_log=None) -> dict:
     """`data`: cfg's dataset when the caller loaded it already (a sweep's pack of trials loads it once).
     `resume_dir` (local executor only): a folder that outlives the process. Training saves each epoch
     there and continues from it after an interruption (fit), and evaluation each finished stage under
@@ -112,7 +117,7 @@ def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, c
     save_checkpoint(out / "checkpoint", result.ensemble, cfg, data.image_shape, data.num_classes, data.mean, data.std)
     try:
         report = evaluate(result.ensemble, data, cfg, progress=progress,
-                          resume_dir=None if resume_dir is None else Path(resume_dir) / "eval")
+                          resume_dir=None if resume_dir is None else Path(resume_dir) / "eval", log=eval_log)
     except Exception:
         print(f"raysweep: evaluation failed; the trained ensemble is saved: re-evaluate it with "
               f"`raysweep evaluate {out / 'checkpoint'}`", file=sys.stderr)
@@ -126,11 +131,12 @@ def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, c
 
 
 def evaluate_checkpoint(path: str | Path, cfg: RunConfig | None, out: str | Path, progress: bool = True,
-                        resume_dir: str | Path | None = None) -> dict:
+                        resume_dir: str | Path | None = None, log=None) -> dict:
     cfg = cfg or checkpoint_config(path)
     ensure_writable(Path(out))
     ensemble = load(path)
-    report = evaluate(ensemble, load_dataset(cfg.data, cfg.seed), cfg, progress=progress, resume_dir=resume_dir)
+    report = evaluate(ensemble, load_dataset(cfg.data, cfg.seed), cfg, progress=progress, resume_dir=resume_dir,
+                      log=log)
     metrics = report.to_json()
     _write_results(Path(out), cfg, metrics, report.artifacts)
     return metrics

@@ -133,8 +133,10 @@ def test_an_interrupted_variant_continues_from_its_last_epoch(tmp_path, capsys):
     capsys.readouterr()
     metrics, files = _run_variant(variant.raw, None, "unused", {"raysweep.variant": "variants/standard"}, None,
                                   str(partial))
-    lines = capsys.readouterr().out.splitlines()  # the study's log: one line per epoch trained
-    assert [line.split("  ")[0] for line in lines] == ["variants/standard: epoch 2/2"]
+    lines = capsys.readouterr().out.splitlines()  # the study's log: a line per epoch trained, per stage evaluated
+    assert [line.split("  ")[0] for line in lines if ": epoch " in line] == ["variants/standard: epoch 2/2"]
+    evaluated = [line for line in lines if line.startswith("variants/standard: evaluation: ")]
+    assert any("uap eps" in line for line in evaluated) and any(" uap done (" in line for line in evaluated)
     # the first epoch is the one the killed run trained (its own timing), not trained again
     assert metrics["train"]["history"][0] == first_epoch[0] and len(metrics["train"]["history"]) == 2
     whole = train_and_evaluate(variant.cfg, tmp_path / "whole", progress=False)

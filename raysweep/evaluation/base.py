@@ -35,6 +35,8 @@ class EvalContext:
     keep: Optional[Path] = None  # a folder that outlives the process, for this ensemble and config only:
                                  # a long stage may save finished parts there and skip them when run again
 
+    log: Optional[Callable[[str], None]] = None  # a line per finished part, where no progress bar shows
+
     def kept(self, key: str) -> Optional[Path]:
         """The evaluation `key`'s own folder under `keep` (None: nothing outlives the process)."""
         return None if self.keep is None else self.keep / key

@@ -3,6 +3,7 @@
 Results uap_acc/<eps>, mean_uap_acc, weighted_acc; the chosen UAPs go to the report's artifacts."""
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
@@ -29,7 +30,14 @@ class UniversalPerturbations(Evaluation):
         kept = ctx.kept(self.key)  # each eps takes up to an hour for a large ensemble: keep each as it ends
         part = lambda eps: kept / f"eps_{eps_key(eps)}.pt"  # noqa: E731
         done = {} if kept is None else {e: (p["acc"], p["delta"]) for e in u.eps if (p := load_part(part(e)))}
-        on_eps = None if kept is None else lambda e, acc, delta: save_part(part(e), {"acc": acc, "delta": delta})
+
+        def on_eps(eps, acc, delta):
+            if kept is not None:
+                save_part(part(eps), {"acc": acc, "delta": delta})
+            if ctx.log is not None:
+                ctx.log(f"evaluation: uap eps {eps}: accuracy {acc:.4f} ({time.perf_counter() - t0:.0f} s)")
+
+        t0 = time.perf_counter()
         with tqdm(total=u.iterations * len(u.eps), desc="UAP", unit="it", disable=not ctx.progress, leave=False,
                   mininterval=1.0) as bar:
             res = evaluate_uap(ctx.stacked_fn, craft, data.test, u, ctx.weights, ctx.how, ev.batch_size, ctx.device,

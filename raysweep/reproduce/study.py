@@ -142,7 +142,7 @@ def load_study(path: str | Path) -> Study:
     return Study(name, path, variants, spec, seeds)
 
 
-EPOCH_LINE = r": epoch \d+/\d+  loss "  # what every variant's epoch line has (epoch_line)
+LOG_LINE = r": (epoch \d+/\d+  loss |evaluation: )"  # what a variant's epoch and evaluation lines have
 PARTIAL = ".partial"  # under a study's folder: runs cut off, by epoch and evaluation stage
 
 
@@ -196,17 +196,21 @@ def _run_variant(raw: dict, uri: str | None, experiment: str, tags: dict,
         if checkpoint:
             _write_files(checkpoint, Path(tmp) / "checkpoint")
 
-        def epoch_line(event, state):  # a variant trains for up to hours: one line per epoch on the study's log
+        name = tags.get("raysweep.variant", cfg.name)
+        line = lambda text: print(f"{name}: {text}", flush=True)  # noqa: E731 - on the study's log (LOG_LINE)
+
+        def epoch_line(event, state):  # a variant trains and evaluates for hours: its log says how far it is
             if event == "epoch":
                 row, n = state.history[-1], len(state.history)
-                print(f"{tags.get('raysweep.variant', cfg.name)}: epoch {n}/{cfg.train.epochs}  loss {row['loss']:.4f}"
-                      f"  train acc {row['train_acc']:.4f}  ({row['seconds']:.0f} s)"
-                      + ("; evaluating" if n == cfg.train.epochs else ""), flush=True)
+                line(f"epoch {n}/{cfg.train.epochs}  loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}"
+                     f"  ({row['seconds']:.0f} s)" + ("; evaluating" if n == cfg.train.epochs else ""))
 
         def run():
             if checkpoint:
-                return evaluate_checkpoint(Path(tmp) / "checkpoint", cfg, out, progress=False, resume_dir=work / "eval")
-            return train_and_evaluate(cfg, out, progress=False, callbacks=(epoch_line,), resume_dir=work / "epochs")
+                return evaluate_checkpoint(Path(tmp) / "checkpoint", cfg, out, progress=False, resume_dir=work / "eval",
+                                           log=line)
+            return train_and_evaluate(cfg, out, progress=False, callbacks=(epoch_line,), resume_dir=work / "epochs",
+                                      eval_log=line)
 
         if uri is None:
             metrics = run()
@@ -233,9 +237,9 @@ def run_jobs(jobs: list[Job], out: Path, study: str, *, uri: str | None, experim
     if not todo:
         return results
 
-    # The variants' epoch lines differ only in their numbers, which Ray's log deduplication masks: it would
+    # The variants' log lines differ only in their numbers, which Ray's log deduplication masks: it would
     # print the first and fold the others into "[repeated Nx across cluster]". Read when ray is imported.
-    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", EPOCH_LINE)
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", LOG_LINE)
     import ray
 
     from raysweep.training.ray import connect
