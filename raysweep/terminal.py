@@ -5,6 +5,8 @@ Ray's worker_process_setup_hook, training.worker_setup, every Ray worker of thei
   finalizer or a weakref callback too, and even while one is still starting: a KeyboardInterrupt, or
   the SystemExit that Ray's SIGTERM handler raises in a worker it stops. Python would print either
   there as an 'Exception ignored' traceback.
+- SIGTERM (`kill`, a scheduler, `ray job stop`): a long command stops on it as on Ctrl-C
+  (`on_sigterm`), with its own summary, instead of Ray's fatal-signal stack dump.
 - NOISE, WARNINGS, ENVIRONMENT: library messages raysweep cannot act on, each named with why.
   Anything else, every other warning and error included, still shows.
 """
@@ -12,8 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
+from contextlib import contextmanager
+from typing import Callable
 
 # (logger, start of the message; "" for every record below WARNING), why it is dropped
 NOISE = [
@@ -83,3 +89,18 @@ def quiet() -> None:
         warnings.showwarning = show
     for name, (value, _) in ENVIRONMENT.items():
         os.environ.setdefault(name, value)
+
+
+@contextmanager
+def on_sigterm(action: Callable[[], None]):
+    """Within the block, SIGTERM runs `action` (raise KeyboardInterrupt, or pass SIGINT on to a library's
+    own Ctrl-C handler); the previous handler is back after it. Signal handlers belong to the main
+    thread: run from another thread, the block keeps the default."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: action())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

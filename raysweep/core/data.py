@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from raysweep.core.files import atomic_write
 from raysweep.core.sections import Section
 from raysweep.core.seeding import generator
 from raysweep.errors import DataError
@@ -131,11 +132,13 @@ def _stage_idx(folder: Path, tv_name: str) -> Path | None:
         dst = raw / name
         if dst.is_file() and dst.stat().st_mtime >= src.stat().st_mtime:
             continue
-        tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")  # one per process: concurrent trials stage at once
-        with (gzip.open(src) if src.suffix == ".gz" else open(src, "rb")) as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout)
-        tmp.replace(dst)  # atomic: the last of several identical copies wins
+        atomic_write(dst, lambda tmp, src=src: _unpack(src, tmp))  # concurrent trials may stage at once
     return root
+
+
+def _unpack(src: Path, dst: Path) -> None:
+    with (gzip.open(src) if src.suffix == ".gz" else open(src, "rb")) as fin, open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout)
 
 
 def _torchvision(tv_name: str, root: Path, download: bool):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from raysweep.core.files import atomic_write
+
 
 def folder_for(root: Path, ensemble, config_text: str) -> Path:
     """root/<digest of the run's config (as dumped) and the ensemble's weights>, made or kept; the folders
@@ -35,10 +37,7 @@ def folder_for(root: Path, ensemble, config_text: str) -> Path:
 
 
 def save_part(path: Path, part: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(part, tmp)
-    tmp.replace(path)  # whole or absent, even if the process is killed here
+    atomic_write(path, lambda tmp: torch.save(part, tmp))
 
 
 def load_part(path: Path) -> dict | None:

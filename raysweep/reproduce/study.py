@@ -23,11 +23,8 @@ import copy
 import json
 import os
 import shutil
-import signal
 import tempfile
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +36,9 @@ from raysweep.config import (
     set_path,
     validate_config,
 )
+from raysweep.core.files import atomic_write
 from raysweep.errors import ConfigError
+from raysweep.terminal import on_sigterm
 
 VARIANT_KEYS = {"group", "from", "set"}
 STUDY_KEYS = {"study", "base", "common", "seeds", "variants", "checks"}
@@ -164,11 +163,7 @@ def _files(root: Path) -> dict[str, bytes]:
 def _write_files(files: dict[str, bytes], root: Path) -> None:
     # metrics.json last: _cached takes a folder holding it for a finished run
     for rel, data in sorted(files.items(), key=lambda f: f[0] == "metrics.json"):
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)  # whole or absent: a report written meanwhile (--report-only) reads no half file
+        atomic_write(root / rel, data)  # a report written meanwhile (--report-only) reads no half file
 
 
 def _run_variant(raw: dict, uri: str | None, experiment: str, tags: dict,
@@ -253,7 +248,8 @@ def run_jobs(jobs: list[Job], out: Path, study: str, *, uri: str | None, experim
                            str((out / PARTIAL / j.key).resolve()),
                            ray.get_runtime_context().get_node_id()): j for j in todo}
     done_count = len(results)
-    with _sigterm_interrupts():
+    # SIGTERM stops a study as Ctrl-C does: a study started in the background with `&` ignores SIGINT
+    with on_sigterm(_interrupt):
         try:
             _collect(pending, results, out, done_count, len(jobs), t0, log)
         except KeyboardInterrupt:
@@ -264,23 +260,8 @@ def run_jobs(jobs: list[Job], out: Path, study: str, *, uri: str | None, experim
     return results
 
 
-@contextmanager
-def _sigterm_interrupts():
-    """SIGTERM (kill, a scheduler, `ray job stop`) stops a study as Ctrl-C does, with the same message
-    and exit status, instead of Ray's fatal-signal stack dump. A study started in the background with
-    `&` ignores SIGINT, so SIGTERM is how it is stopped."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(*_):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def _interrupt() -> None:
+    raise KeyboardInterrupt
 
 
 def _collect(pending: dict, results: dict, out: Path, done_count: int, total: int, t0: float, log) -> None:

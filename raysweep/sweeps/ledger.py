@@ -15,6 +15,7 @@ from mlflow.entities import Metric
 from optuna.trial import TrialState
 from ray.tune import Callback
 
+from raysweep.core.files import atomic_write
 from raysweep.sweeps.space import SearchSpace, describe
 from raysweep.sweeps.trial import _objectives, member_id
 from raysweep.tracking.runs import (
@@ -47,10 +48,7 @@ def _finished_fields(run_id: str, objectives: dict, metrics: dict, node_id: str 
 
 
 def _write_record(records: Path, rec: dict) -> None:
-    records.mkdir(parents=True, exist_ok=True)
-    tmp = records / f".{rec['trial_id']}.json"
-    tmp.write_text(json.dumps(rec, indent=2, default=str))
-    tmp.replace(records / f"{rec['trial_id']}.json")  # whole or absent, even if the sweep is killed here
+    atomic_write(records / f"{rec['trial_id']}.json", json.dumps(rec, indent=2, default=str))
 
 
 COMPLETE = ("finished", "infeasible")  # record statuses of points whose runs end FINISHED
@@ -174,9 +172,7 @@ def _optuna_storage(sweep_dir: Path) -> str:
 
 
 def _write_state(sweep_dir: Path, state: dict) -> None:
-    tmp = sweep_dir / f".{STATE_FILE}"
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(sweep_dir / STATE_FILE)  # whole or absent, even if the sweep is killed here
+    atomic_write(sweep_dir / STATE_FILE, json.dumps(state, indent=2))
 
 
 def _records(sweep_dir: Path) -> list[dict]:

@@ -29,9 +29,7 @@ import math
 import os
 import re
 import signal
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -60,6 +58,7 @@ from raysweep.sweeps.ledger import (
 from raysweep.sweeps.space import SearchSpace, load_search_space
 from raysweep.sweeps.summary import _summarise
 from raysweep.sweeps.trial import TrialContext, _trial, member_id
+from raysweep.terminal import on_sigterm
 from raysweep.tracking.runs import (
     DEFAULT_EXPERIMENT,
     check_tracking,
@@ -220,20 +219,6 @@ def _reopen(sweep_dir: Path, space_path: str | None, overrides: list[str], given
     return state
 
 
-@contextmanager
-def _sigterm_as_sigint():
-    """SIGTERM (a scheduler, `ray job stop`, kill) stops the sweep the way Ctrl-C does: Tune's SIGINT
-    handler ends the trials and saves state, and the sweep is summarised as interrupted."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers belong to the main thread: a sweep run from another thread keeps the default
-        return
-    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _tune(space: SearchSpace, state: dict, sweep_dir: Path, done: int, remaining: int, address: str | None,
           progress: bool) -> bool:
     """Run `remaining` trials with a fresh Tuner; True when interrupted (SIGINT, SIGTERM)."""
@@ -278,7 +263,8 @@ def _tune(space: SearchSpace, state: dict, sweep_dir: Path, done: int, remaining
               f"{_max_concurrent(space)} Tune trials at a time, maximising {', '.join(keys)}; MLflow {uri} "
               f"(experiment {state['experiment']})")
     try:
-        with _sigterm_as_sigint():
+        # SIGTERM stops the sweep as Ctrl-C does: Tune's SIGINT handler ends the trials and saves state
+        with on_sigterm(lambda: os.kill(os.getpid(), signal.SIGINT)):
             tuner.fit()
     except KeyboardInterrupt:  # a second Ctrl-C skips Tune's graceful stop
         return True

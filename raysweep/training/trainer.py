@@ -27,6 +27,7 @@ from raysweep.config import RunConfig, dump_config
 from raysweep.core.checkpoint import composite_members
 from raysweep.core.data import Dataset, member_batches, steps_per_epoch
 from raysweep.core.ensemble import Ensemble, uniform_weights
+from raysweep.core.files import atomic_write
 from raysweep.core.models import build_member
 from raysweep.core.seeding import generator
 from raysweep.members import make_local_executor
@@ -206,11 +207,9 @@ def _saved_epochs(folder: Path, cfg: RunConfig) -> dict | None:
 
 
 def _save_epochs(folder: Path, cfg: RunConfig, trainer: Trainer) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
     members = [{n: t.detach().cpu() for n, t in m.state_dict().items()} for m in trainer.ex.export_members()]
-    tmp = folder / f".{EPOCH_STATE}"
-    torch.save({"config": dump_config(cfg), "members": members, "trainer": trainer.state_dict()}, tmp)
-    tmp.replace(folder / EPOCH_STATE)  # whole or absent, even if the process is killed here
+    state = {"config": dump_config(cfg), "members": members, "trainer": trainer.state_dict()}
+    atomic_write(folder / EPOCH_STATE, lambda tmp: torch.save(state, tmp))
 
 
 def _resumed(cfg: RunConfig, data: Dataset, progress: bool, saved: dict) -> Trainer:
