@@ -5,6 +5,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_jr  # noqa: E402
+import bench_layout  # noqa: E402
 import bench_methods  # noqa: E402
 import bench_precision  # noqa: E402
 import bench_members  # noqa: E402
@@ -16,6 +17,7 @@ if __name__ == "__main__":
     bench_members.main()
     bench_jr.main()
     bench_precision.main()
+    bench_layout.main()
     bench_uap.main()
     bench_methods.main()
     bench_ray.main()

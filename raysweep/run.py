@@ -9,11 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from raysweep import plots
-from raysweep.config import RunConfig, checkpoint_config, dump_config, validate_config
+from raysweep.config import RunConfig, checkpoint_config, dump_config, run_identity, validate_config
 from raysweep.core.checkpoint import load, save_checkpoint
 from raysweep.core.data import Dataset, load_dataset
 from raysweep.core.ensemble import Ensemble
@@ -35,7 +36,7 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
     e = cfg.executor  # evaluation runs in fp32 whatever train.precision says (docs/performance.md)
     ex = make_local_executor(list(ensemble.members), e.vectorize, e.device, e.channels_last, e.compile)
     ex.train(False)
-    keep = None if resume_dir is None else resume.folder_for(Path(resume_dir), ensemble, dump_config(cfg))
+    keep = None if resume_dir is None else resume.folder_for(Path(resume_dir), ensemble, run_identity(cfg))
     ctx = EvalContext(cfg, ensemble, data, ex, progress=progress, keep=keep, log=log,
                       train=lambda raw: fit(validate_config(raw, "of a transfer surrogate"), data, progress).ensemble)
     report = EvalReport()
@@ -63,6 +64,8 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
             if keep is not None:
                 resume.save_part(keep / f"{key}.pt", {"report": report.since(mark), "seconds": stages[key]})
     report.add_worst_case()
+    for member in ensemble.members:  # back from the executor's layout (executor.channels_last), values unchanged
+        member.to(memory_format=torch.contiguous_format)
     report.details["eval_seconds"] = sum(stages.values())  # a resumed stage counts the time it took when it ran
     report.details["eval_stage_seconds"] = stages
     if resumed:

@@ -2,10 +2,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import repo_root
+import yaml
+from conftest import make_cfg, repo_root
 
 from raysweep.cli import main
-from raysweep.config import load_config, validate_config
+from raysweep.config import dump_config, load_config, validate_config
 from raysweep.errors import ConfigError
 
 
@@ -103,3 +104,25 @@ def test_bare_command_prints_help_and_version_names_the_stack(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith(f"raysweep {__version__} (torch ")
+
+
+def test_work_saved_under_other_executor_settings_or_an_older_schema_is_reused(tmp_path):
+    """A study reuses a finished run whose saved config differs only in `executor` (same numbers) or
+    lacks fields added to the schema since (their defaults); any other difference, a field since removed
+    or a damaged file means another run."""
+    from raysweep.reproduce.study import _cached
+
+    cfg = make_cfg(train={"epochs": 2})
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"clean_acc": 0.5}')
+    saved = yaml.safe_load(dump_config(cfg))
+    saved["executor"].update(channels_last=False, vectorize="loop")
+    del saved["executor"]["compile"], saved["train"]["precision"]  # not written by an older raysweep
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert _cached(out, cfg) == {"clean_acc": 0.5}
+    assert _cached(out, make_cfg(train={"epochs": 3})) is None
+    (out / "config.yaml").write_text(yaml.safe_dump({**saved, "train": {**saved["train"], "retired": 1}}))
+    assert _cached(out, cfg) is None
+    (out / "config.yaml").write_text("train: {epochs: [")
+    assert _cached(out, cfg) is None

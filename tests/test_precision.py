@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import make_cfg
 
+from raysweep.config import validate_config
 from raysweep.core.data import load_dataset
 from raysweep.errors import ConfigError
 from raysweep.members import LoopedMembers, make_local_executor
@@ -107,3 +108,32 @@ def test_bad_precision_layout_and_compile_settings_are_config_errors(sections, m
 def test_compile_with_forward_mode_jr_is_allowed():
     cfg = make_cfg(executor={"compile": True}, train={"jr": {"lambda_jr": 0.1, "estimator": "forward_mode"}})
     assert cfg.executor.compile and cfg.train.jr.estimator == "forward_mode"
+
+
+def test_channels_last_auto_is_on_for_conv_members_without_batchnorm_on_the_cpu():
+    cfg = make_cfg()
+    data = load_dataset(cfg.data, 0)
+    lenet = build_members(cfg, data, 2)
+    assert cfg.executor.channels_last == "auto"
+    assert make_local_executor(copy.deepcopy(lenet), "auto", "cpu").channels_last
+    assert not isinstance(make_local_executor(copy.deepcopy(lenet), "vmap", "cpu"), LoopedMembers)
+    resnet = build_members(make_cfg(model={"arch": "resnet18"}), data, 1)  # BatchNorm: measured no faster
+    assert not make_local_executor(resnet, "auto", "cpu").channels_last
+
+
+def test_an_nhwc_evaluation_equals_an_nchw_one_and_hands_the_members_back_as_they_were(trained_synthetic):
+    """Attacks (PGD, SGD-UAP) differentiate through the NHWC kernels; every accuracy is the same, and
+    the ensemble's weights leave the evaluation in the standard layout."""
+    cfg, data, ens = trained_synthetic
+    raw = cfg.model_dump(mode="json")
+    raw["eval"].update(attacks=[{"name": "pgd", "eps": [0.1, 0.2], "steps": 5}],
+                       uap={"eps": [0.1], "seeds": 2, "iterations": 4, "batch_size": 32, "selection_size": 64})
+    reports = {}
+    for layout in (False, True):
+        raw["executor"]["channels_last"] = layout
+        reports[layout] = evaluate(ens, data, validate_config(raw), progress=False).scalars()
+    assert reports[True].keys() == reports[False].keys() and "uap_acc/0.1" in reports[True]
+    for key, value in reports[False].items():
+        assert reports[True][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key  # accuracies: the same images
+    for p in ens.parameters():
+        assert p.is_contiguous(), "a weight left the evaluation in the executor's layout"

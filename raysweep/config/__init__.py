@@ -9,11 +9,13 @@ from raysweep.config.io import (
                                 load_config,
                                 parse_override,
                                 read_yaml,
+                                run_identity,
+                                same_run,
                                 set_path,
                                 validate_config,
 )
 from raysweep.config.schema import RunBase, RunConfig, run_config_model
 
 __all__ = ["RunBase", "RunConfig", "absolute_paths", "apply_overrides", "checkpoint_config", "dump_config",
-           "format_validation_error", "load_config", "parse_override", "read_yaml", "run_config_model", "set_path",
-           "validate_config"]
+           "format_validation_error", "load_config", "parse_override", "read_yaml", "run_config_model", "run_identity",
+           "same_run", "set_path", "validate_config"]

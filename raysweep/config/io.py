@@ -115,6 +115,25 @@ def dump_config(cfg: RunBase) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+def run_identity(cfg: RunBase) -> str:
+    """What a run computes, as text: its config without `executor`. Every executor gives the same numbers
+    (to float rounding; tests hold them to 1e-5), so the run's identity leaves out where and how its
+    members are computed (local or Ray, loop or vmap, NCHW or NHWC, eager or compiled)."""
+    raw = cfg.model_dump(mode="json")
+    raw.pop("executor", None)
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def same_run(saved: str, cfg: RunBase) -> bool:
+    """Whether a config saved with earlier work (a finished run's config.yaml, saved epochs) describes the
+    run `cfg`, so that work is reused. The saved text is validated again first: a field added to the
+    schema since takes its default, and a change of executor settings alone keeps the work."""
+    try:
+        return run_identity(validate_config(yaml.safe_load(saved), "saved with earlier work")) == run_identity(cfg)
+    except (ConfigError, yaml.YAMLError):
+        return False  # a field since removed or renamed, or a damaged file: not this run
+
+
 def checkpoint_config(path: str | Path) -> RunBase:
     """The run config stored in a checkpoint's manifest."""
     return validate_config(read_manifest(path)["config"], f"stored in checkpoint {path}")

@@ -120,9 +120,11 @@ class ExecutorConfig(Section):
         "auto", description="auto: loop on CPU, vmap on CUDA (measured faster there), loop when members have BatchNorm")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="local executor; Ray workers use "
                                                     "executor.ray.gpus_per_worker")
-    channels_last: bool = Field(False, description="conv members' weights and inputs in channels_last (NHWC) "
-                                "layout, which CUDA tensor cores prefer; looped members only (vmap stacks the "
-                                "members' weights into one 5-D tensor, which has no such layout)")
+    channels_last: Literal["auto", True, False] = Field(
+        "auto", description="conv members' weights and inputs in channels_last (NHWC) layout: same numbers, other "
+        "kernels; looped members only (vmap stacks the members' weights into one 5-D tensor, which has no such "
+        "layout). auto: on for looped members without BatchNorm on the CPU, where it measured 1.2-2.6x faster "
+        "(docs/performance.md), off elsewhere")
     compile: bool = Field(False, description="torch.compile each member's forward (looped) or the vmapped "
                           "forward; compiled graphs cannot be differentiated twice, so not with train.deg or "
                           "train.jr's double_backward estimator")
@@ -134,7 +136,7 @@ class ExecutorConfig(Section):
         if self.kind == "ray" and self.device != "auto":
             raise ValueError(f"executor.device = {self.device!r} applies to the local executor; Ray workers get a "
                              f"GPU from executor.ray.gpus_per_worker")
-        if self.channels_last and self.vectorize == "vmap":
+        if self.channels_last is True and self.vectorize == "vmap":
             raise ValueError("executor.channels_last applies to looped members (vmap stacks the members' weights "
                              "into one 5-D tensor, which has no channels_last layout); use vectorize: loop or auto")
         if r.backend == "nccl" and not r.gpus_per_worker >= 1:

@@ -2,8 +2,8 @@
 stage of a 9-member LeNet-5 ensemble at the paper's protocol: ~50 min on one core), so a run cut off
 mid-evaluation (a killed process, a machine handed back) keeps what it finished: each evaluation stage's
 share of the report is saved as the stage ends, and a stage may keep parts of its own (the UAP stage,
-each eps). Everything is kept under a folder named after a digest of the config and the members'
-weights, so a saved part is only ever read back for the very ensemble and evaluation that made it;
+each eps). Everything is kept under a folder named after a digest of the run's identity (its config
+without `executor`: config.run_identity) and the members' weights, so a saved part is only ever read back for the very ensemble and evaluation that made it;
 the folders of other digests are removed when a new one is made.
 
 Files are torch.save'd dicts of tensors and plain values, read back with weights_only=True: a saved
@@ -22,8 +22,8 @@ from raysweep.core.files import atomic_write
 
 
 def folder_for(root: Path, ensemble, config_text: str) -> Path:
-    """root/<digest of the run's config (as dumped) and the ensemble's weights>, made or kept; the folders
-    of other digests are removed."""
+    """root/<digest of the run's identity (config.run_identity) and the ensemble's weights>, made or kept;
+    the folders of other digests are removed."""
     h = hashlib.sha256(config_text.encode())
     for tensor in [ensemble.weights] + [t for m in ensemble.members for _, t in sorted(m.state_dict().items())]:
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

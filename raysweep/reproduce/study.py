@@ -31,8 +31,8 @@ from pathlib import Path
 from raysweep.config import (
     RunConfig,
     absolute_paths,
-    dump_config,
     read_yaml,
+    same_run,
     set_path,
     validate_config,
 )
@@ -148,7 +148,7 @@ PARTIAL = ".partial"  # under a study's folder: runs cut off, by epoch and evalu
 def _cached(out: Path, cfg: RunConfig) -> dict | None:
     """The variant's metrics when `out` holds a finished run of exactly this config."""
     m, c = out / "metrics.json", out / "config.yaml"
-    if m.is_file() and c.is_file() and c.read_text() == dump_config(cfg):
+    if m.is_file() and c.is_file() and same_run(c.read_text(), cfg):
         return json.loads(m.read_text())
     return None
 

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from raysweep.attacks.adversarial import AdversarialTrainingConfig, ensemble_examples
-from raysweep.config import RunConfig, dump_config
+from raysweep.config import RunConfig, dump_config, same_run
 from raysweep.core.checkpoint import composite_members
 from raysweep.core.data import Dataset, member_batches, steps_per_epoch
 from raysweep.core.ensemble import Ensemble, uniform_weights
@@ -168,7 +168,9 @@ class Trainer:
         trained = [m.cpu() for m in self.ex.export_members()]
         members = []
         for weights in self.method.ensemble_state([m.state_dict() for m in trained]):
-            member = copy.deepcopy(trained[0])
+            # In the standard layout whatever the executor used (executor.channels_last): the same values,
+            # and then the same float results as these members loaded from their checkpoint.
+            member = copy.deepcopy(trained[0]).to(memory_format=torch.contiguous_format)
             member.load_state_dict(weights)
             members.append(member.eval())
         return TrainResult(Ensemble(members, self.weights, self.cfg.ensemble.combine), self.state, self.seconds)
@@ -203,7 +205,7 @@ def _saved_epochs(folder: Path, cfg: RunConfig) -> dict | None:
         print(f"raysweep: ignoring the unreadable training state {path} ({type(err).__name__}); training from "
               "the start", file=sys.stderr)
         return None
-    return saved if saved.get("config") == dump_config(cfg) else None
+    return saved if same_run(saved.get("config", ""), cfg) else None
 
 
 def _save_epochs(folder: Path, cfg: RunConfig, trainer: Trainer) -> None:
