@@ -15,7 +15,7 @@ from conftest import make_cfg
 from raysweep.config import validate_config
 from raysweep.core.data import load_dataset
 from raysweep.errors import ConfigError
-from raysweep.members import LoopedMembers
+from raysweep.members import make_local_executor
 from raysweep.run import train_and_evaluate
 from raysweep.training.ray import fit_on_ray, fit_pack_on_ray
 from raysweep.training.trainer import build_members, fit
@@ -55,12 +55,15 @@ def _assert_same_members(got, ref, init):
 def _local_reference(cfg, data):
     """All members looped in this process, at the workers' one thread: a different thread count changes
     float summation order in the convolutions, which ADP's near-singular log-det at initialisation
-    amplifies ~1e6-fold. At equal threads the two executors agree bit for bit."""
+    amplifies ~1e6-fold. At equal threads and layout the two executors agree bit for bit."""
     members = build_members(cfg, data, cfg.ensemble.k)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ref = fit(cfg, data, progress=False, executor=LoopedMembers(copy.deepcopy(members), torch.device("cpu")))
+        # The layout the workers resolve (executor.channels_last): the same values either way, but NHWC
+        # and NCHW kernels round differently, and ADP amplifies that as threads do.
+        ex = make_local_executor(copy.deepcopy(members), "loop", "cpu", cfg.executor.channels_last)
+        ref = fit(cfg, data, progress=False, executor=ex)
     finally:
         torch.set_num_threads(threads)
     return ref, members
