@@ -201,6 +201,12 @@ def connect(address: str | None = None) -> None:
         ray.init(address=address, logging_level="warning", runtime_env=WORKER_ENV)
     except (ConnectionError, ValueError, RuntimeError) as err:
         raise UserError(f"{where}: cannot join a Ray cluster there: {str(err).strip().splitlines()[0][:300]}") from None
+    except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception when its processes miss their 30 s start
+        what = f"{where}: cannot join a Ray cluster there" if address not in (None, "local") else \
+            "cannot start a local Ray instance"
+        raise UserError(f"{what}: {str(err).strip().splitlines()[0][:300]} A machine too busy for Ray's processes to "
+                        "start in time does this: run the command again, or start Ray yourself (`ray start --head`) "
+                        "and pass its address with --address") from None
 
 
 def _epoch_relay(to_metrics, queue):
