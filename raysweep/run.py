@@ -58,7 +58,7 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
                 continue
             t, mark = time.perf_counter(), report.mark()
             evaluation(getattr(cfg.eval, key)).run(ctx, report)
-            stages[key] = time.perf_counter() - t
+            stages[key] = time.perf_counter() - t + ctx.kept_seconds.get(key, 0.0)
             if log is not None:
                 log(f"evaluation: {key} done ({stages[key]:.0f} s)")
             if keep is not None:

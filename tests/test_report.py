@@ -165,6 +165,7 @@ def test_an_evaluation_killed_mid_uap_continues_from_its_finished_stages(trained
     assert (folder / "attacks.pt").is_file() and not (folder / "uap.pt").exists(), "the kill did not land mid-UAP"
     kept_eps = {p.name for p in (folder / "uap").glob("eps_*.pt")}
     assert 1 <= len(kept_eps) < 3
+    kept_seconds = sum(torch.load(folder / "uap" / name, weights_only=True)["seconds"] for name in kept_eps)
 
     resumed = evaluate_checkpoint(ckpt, None, tmp_path / "resumed", progress=False, resume_dir=keep)
     assert resumed["eval_resumed"] == ["attacks"]
@@ -172,6 +173,9 @@ def test_an_evaluation_killed_mid_uap_continues_from_its_finished_stages(trained
     assert resumed["results"] == whole["results"]
     assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["uap_acc"] == whole["uap_acc"]
     assert resumed["eval_stage_seconds"]["attacks"] == torch.load(folder / "attacks.pt", weights_only=True)["seconds"]
+    # The UAP stage's time counts the eps the killed process finished: the compute the evaluation took in all.
+    every_eps = sum(torch.load(p, weights_only=True)["seconds"] for p in (folder / "uap").glob("eps_*.pt"))
+    assert kept_seconds > 0 and resumed["eval_stage_seconds"]["uap"] >= every_eps
 
     other = make_cfg(**{**cfg.model_dump(), "eval": {**cfg.eval.model_dump(), "uap": {**uap, "seeds": 1}}})
     ckpt2 = save_checkpoint(tmp_path / "ckpt2", ensemble, other, data.image_shape, data.num_classes, data.mean,

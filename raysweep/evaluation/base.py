@@ -8,7 +8,7 @@ results: AUC reads the attacks' curves).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
@@ -36,6 +36,9 @@ class EvalContext:
                                  # a long stage may save finished parts there and skip them when run again
 
     log: Optional[Callable[[str], None]] = None  # a line per finished part, where no progress bar shows
+    # Seconds that earlier processes spent on the parts a stage loaded from `keep`, by stage key: the
+    # stage's time counts them, so a resumed evaluation states the compute it took in all.
+    kept_seconds: dict[str, float] = field(default_factory=dict)
 
     def kept(self, key: str) -> Optional[Path]:
         """The evaluation `key`'s own folder under `keep` (None: nothing outlives the process)."""

@@ -29,15 +29,19 @@ class UniversalPerturbations(Evaluation):
         craft = data.train if u.craft_on == "train" else data.test
         kept = ctx.kept(self.key)  # each eps takes up to an hour for a large ensemble: keep each as it ends
         part = lambda eps: kept / f"eps_{eps_key(eps)}.pt"  # noqa: E731
-        done = {} if kept is None else {e: (p["acc"], p["delta"]) for e in u.eps if (p := load_part(part(e)))}
+        parts = {} if kept is None else {e: p for e in u.eps if (p := load_part(part(e)))}
+        done = {e: (p["acc"], p["delta"]) for e, p in parts.items()}
+        ctx.kept_seconds[self.key] = sum(p.get("seconds", 0.0) for p in parts.values())  # older parts: not recorded
 
         def on_eps(eps, acc, delta):
+            now = time.perf_counter()
             if kept is not None:
-                save_part(part(eps), {"acc": acc, "delta": delta})
+                save_part(part(eps), {"acc": acc, "delta": delta, "seconds": now - last[0]})
             if ctx.log is not None:
-                ctx.log(f"evaluation: uap eps {eps}: accuracy {acc:.4f} ({time.perf_counter() - t0:.0f} s)")
+                ctx.log(f"evaluation: uap eps {eps}: accuracy {acc:.4f} ({now - last[0]:.0f} s)")
+            last[0] = now
 
-        t0 = time.perf_counter()
+        last = [time.perf_counter()]  # when the previous eps ended: each eps's own seconds
         with tqdm(total=u.iterations * len(u.eps), desc="UAP", unit="it", disable=not ctx.progress, leave=False,
                   mininterval=1.0) as bar:
             res = evaluate_uap(ctx.stacked_fn, craft, data.test, u, ctx.weights, ctx.how, ev.batch_size, ctx.device,
