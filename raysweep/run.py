@@ -35,37 +35,41 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
     start = time.perf_counter()
     e = cfg.executor  # evaluation runs in fp32 whatever train.precision says (docs/performance.md)
     ex = make_local_executor(list(ensemble.members), e.vectorize, e.device, e.channels_last, e.compile)
-    ex.train(False)
-    keep = None if resume_dir is None else resume.folder_for(Path(resume_dir), ensemble, run_identity(cfg))
-    ctx = EvalContext(cfg, ensemble, data, ex, progress=progress, keep=keep, log=log,
-                      train=lambda raw: fit(validate_config(raw, "of a transfer surrogate"), data, progress).ensemble)
-    report = EvalReport()
-    clean, members = accuracies(ctx.stacked_fn, data.test, ctx.weights, ctx.how, cfg.eval.batch_size, ctx.device)
-    report.add("clean_acc", clean, images=len(data.test))
-    report.details.update(clean_acc=clean, member_clean_acc=members)
-    stages, resumed = {"clean": time.perf_counter() - start}, []
-    enabled = [(key, e) for key, e in EVALUATIONS.items() if e.enabled(getattr(cfg.eval, key))]
-    with tqdm(enabled, desc="evaluation", unit="stage", disable=not progress, leave=False) as bar:
-        for key, evaluation in bar:  # one stage per evaluation; the long ones show their own bar inside
-            bar.set_postfix_str(key)
-            saved = None if keep is None else resume.load_part(keep / f"{key}.pt")
-            if saved is not None:
-                report.merge(saved["report"])
-                stages[key] = saved["seconds"]
-                resumed.append(key)
+    try:
+        ex.train(False)
+        keep = None if resume_dir is None else resume.folder_for(Path(resume_dir), ensemble, run_identity(cfg))
+        ctx = EvalContext(cfg, ensemble, data, ex, progress=progress, keep=keep, log=log,
+                          train=lambda raw: fit(validate_config(raw, "of a transfer surrogate"), data, progress).ensemble)
+        report = EvalReport()
+        clean, members = accuracies(ctx.stacked_fn, data.test, ctx.weights, ctx.how, cfg.eval.batch_size, ctx.device)
+        report.add("clean_acc", clean, images=len(data.test))
+        report.details.update(clean_acc=clean, member_clean_acc=members)
+        stages, resumed = {"clean": time.perf_counter() - start}, []
+        enabled = [(key, e) for key, e in EVALUATIONS.items() if e.enabled(getattr(cfg.eval, key))]
+        with tqdm(enabled, desc="evaluation", unit="stage", disable=not progress, leave=False) as bar:
+            for key, evaluation in bar:  # one stage per evaluation; the long ones show their own bar inside
+                bar.set_postfix_str(key)
+                saved = None if keep is None else resume.load_part(keep / f"{key}.pt")
+                if saved is not None:
+                    report.merge(saved["report"])
+                    stages[key] = saved["seconds"]
+                    resumed.append(key)
+                    if log is not None:
+                        log(f"evaluation: {key} kept from an earlier process ({saved['seconds']:.0f} s then)")
+                    continue
+                t, mark = time.perf_counter(), report.mark()
+                evaluation(getattr(cfg.eval, key)).run(ctx, report)
+                stages[key] = time.perf_counter() - t + ctx.kept_seconds.get(key, 0.0)
                 if log is not None:
-                    log(f"evaluation: {key} kept from an earlier process ({saved['seconds']:.0f} s then)")
-                continue
-            t, mark = time.perf_counter(), report.mark()
-            evaluation(getattr(cfg.eval, key)).run(ctx, report)
-            stages[key] = time.perf_counter() - t + ctx.kept_seconds.get(key, 0.0)
-            if log is not None:
-                log(f"evaluation: {key} done ({stages[key]:.0f} s)")
-            if keep is not None:
-                resume.save_part(keep / f"{key}.pt", {"report": report.since(mark), "seconds": stages[key]})
-    report.add_worst_case()
-    for member in ensemble.members:  # back from the executor's layout (executor.channels_last), values unchanged
-        member.to(memory_format=torch.contiguous_format)
+                    log(f"evaluation: {key} done ({stages[key]:.0f} s)")
+                if keep is not None:
+                    resume.save_part(keep / f"{key}.pt", {"report": report.since(mark), "seconds": stages[key]})
+        report.add_worst_case()
+    finally:
+        # The ensemble is the caller's: back from the executor's layout (executor.channels_last) however
+        # the evaluation ended, values unchanged.
+        for member in ensemble.members:
+            member.to(memory_format=torch.contiguous_format)
     report.details["eval_seconds"] = sum(stages.values())  # a resumed stage counts the time it took when it ran
     report.details["eval_stage_seconds"] = stages
     if resumed:

@@ -137,3 +137,11 @@ def test_an_nhwc_evaluation_equals_an_nchw_one_and_hands_the_members_back_as_the
         assert reports[True][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key  # accuracies: the same images
     for p in ens.parameters():
         assert p.is_contiguous(), "a weight left the evaluation in the executor's layout"
+
+    def stop(line):  # an evaluation that ends in an error (a stage failing, Ctrl-C) after its first stage
+        raise KeyboardInterrupt(line)
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(ens, data, validate_config(raw), progress=False, log=stop)
+    for p in ens.parameters():
+        assert p.is_contiguous(), "a weight left an evaluation that ended in an error in the executor's layout"
