@@ -19,10 +19,10 @@ demo: setup data
 		--register jacobian-ensemble
 
 # TEST_WORKERS=2: two pytest workers (pytest-xdist), a test file per worker at a time; --dist loadfile
-# keeps a file's module fixtures in one worker. On a clean clone of this 2-core machine it took 11.2 to
-# 14.4 min against ~15 in one process. The race it used to show (an ASHA-stopped Ray-executor trial
-# logging an epoch ASHA never saw) is fixed, but two workers have passed only once since, so one
-# process stays the default.
+# keeps a file's module fixtures in one worker. On a clean clone of this 2-core machine it once took
+# 11.2 to 14.4 min against ~15 in one process, but the suite has grown, and its last two-worker run
+# (beside a niced background study) took 30 min and failed 4 tests: two of Ray's node start-ups missed
+# their 30 s limit under the load. One process stays the default; more workers pay on more cores.
 TEST_WORKERS ?= 0
 test: setup data
 	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)

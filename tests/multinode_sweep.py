@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -138,7 +139,11 @@ def sweep_on_two_nodes(cluster, worker, workdir: Path, mode: str, out: dict) -> 
 def main(workdir: Path) -> None:
     """The three parts on one cluster, each in its own folder and MLflow store: plain and kill on a first
     worker node (kill removes it), isolated on a second one, added afterwards with its own temp dir."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head_node": 1}})
+    with socket.socket() as s:  # a free dashboard port: Ray's default 8265 may be another instance's
+        s.bind(("127.0.0.1", 0))
+        dashboard_port = s.getsockname()[1]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head_node": 1},
+                                                            "dashboard_port": dashboard_port})
     temps, results = [], {}
     try:
         ray.init(address=cluster.address, logging_level="warning")
