@@ -1,5 +1,6 @@
-"""GPU check: raysweep's executors, precision, trial packing proxy, UAP batching, memory and the
-gloo staged gather, all on one CUDA device. Rerun on any machine with a CUDA GPU:
+"""GPU check: raysweep's executors, precision, trial packing proxy, UAP batching, memory, the
+gloo staged gather and the members' memory layout, all on one CUDA device. Rerun on any machine
+with a CUDA GPU:
 
     python benchmarks/bench_gpu.py            # CUDA (fails if none is visible)
     python benchmarks/bench_gpu.py --smoke    # tiny sizes on the CPU: catches Python errors only
@@ -472,6 +473,31 @@ def section_gloo(vectorize: str = "auto"):
           f"{spawn_s:.1f} s.", rows)
 
 
+def section_layout():
+    """NHWC vs NCHW looped members on the device: executor.channels_last `auto` keeps NCHW on CUDA because
+    nothing had measured it there; this is that measurement."""
+    from bench_layout import layout_work  # benchmarks/: the CPU benchmark's workloads, run here on DEVICE
+
+    rows = []
+    cases = (("lenet5", 3, S["batch"]), ("lenet5", 9, S["batch"]), ("small_cnn", 3, S["batch"]),
+             ("resnet18", 3, S["resnet_batch"]))
+    for arch, k, bs in cases:
+        big = arch == "resnet18"
+        warm, timed = (S["warm_big"], S["timed_big"]) if big else (S["warm"], S["timed"])
+        nchw, nhwc = layout_work(arch, k, bs, False, DEVICE), layout_work(arch, k, bs, True, DEVICE)
+        for work in nchw:
+            t_nchw, t_nhwc = median_ms(nchw[work], warm, timed), median_ms(nhwc[work], warm, timed)
+            rows.append({"model": arch, "K": k, "B": bs, "work": work, "NCHW ms": t_nchw, "NHWC ms": t_nhwc,
+                         "NHWC/NCHW": t_nhwc / t_nchw})
+        del nchw, nhwc
+    table("layout", "8. executor.channels_last: NHWC vs NCHW, looped members",
+          "benchmarks/bench_layout.py's three workloads (training step: CE backward to the weights; attack step: the "
+          "input gradient with frozen weights, as every PGD and UAP iteration takes; inference) on looped members "
+          f"(vectorize: loop), fp32, default flags ({tf32_flags()}); median of {S['timed']} timed calls after "
+          f"{S['warm']} warm-up ({S['timed_big']} after {S['warm_big']} for ResNet-18). `auto` picks NCHW on CUDA.",
+          rows)
+
+
 _INIT_CACHE: dict = {}
 
 
@@ -486,7 +512,7 @@ def init_ref(cfg, data, k):
 # ----------------------------------------------------------------------------- main
 
 SECTIONS = {"executors": section_executors, "bf16": section_bf16, "packing": section_packing, "uap": section_uap,
-            "memory": section_memory, "gloo": section_gloo, "jr": section_jr}
+            "memory": section_memory, "gloo": section_gloo, "jr": section_jr, "layout": section_layout}
 
 
 def main():

@@ -17,14 +17,15 @@ from raysweep.training.trainer import build_members
 CASES = (("lenet5", 3, 128), ("small_cnn", 3, 128), ("resnet18", 1, 32))
 
 
-def _work(arch: str, k: int, batch: int, channels_last: bool):
+def layout_work(arch: str, k: int, batch: int, channels_last: bool, device: torch.device = DEVICE) -> dict:
+    """{work: a callable doing it once} for K looped members in the given layout (also bench_gpu.py's)."""
     cfg = validate_config({"data": {"dataset": "synthetic", "train_size": batch, "batch_size": batch},
                            "ensemble": {"k": k}, "model": {"arch": arch}})
     data = load_dataset(cfg.data, 0)
     x, y = data.train.batch(torch.arange(batch))
-    x, y = x.to(DEVICE), y.to(DEVICE)
+    x, y = x.to(device), y.to(device)
     torch.manual_seed(0)
-    ex = make_local_executor(copy.deepcopy(build_members(cfg, data, k)), "loop", DEVICE.type, channels_last)
+    ex = make_local_executor(copy.deepcopy(build_members(cfg, data, k)), "loop", device.type, channels_last)
 
     def train():
         ex.train(True)
@@ -50,7 +51,7 @@ def main():
     header("executor.channels_last: NHWC / NCHW looped members")
     print(f"{'members':<22} {'work':<12} {'NCHW ms':>8} {'NHWC ms':>8} {'NHWC/NCHW':>10}")
     for arch, k, batch in CASES:
-        nchw, nhwc = _work(arch, k, batch, False), _work(arch, k, batch, True)
+        nchw, nhwc = layout_work(arch, k, batch, False), layout_work(arch, k, batch, True)
         for work in nchw:
             t_nhwc, t_nchw = alternating_ms(nhwc[work], nchw[work])
             print(f"{f'{arch} K={k} B={batch}':<22} {work:<12} {t_nchw:8.1f} {t_nhwc:8.1f} {t_nhwc / t_nchw:10.2f}",
