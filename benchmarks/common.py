@@ -34,8 +34,10 @@ def lenet_setup(k: int, lambda_jr: float = 0.0, batch_size: int = 128):
     return cfg, data, build_members(cfg, data, k), x, y
 
 
-def step_fn(executor_cls, cfg, members, x, y):
-    ex = executor_cls(copy.deepcopy(members), DEVICE)
+def step_fn(executor_cls, cfg, members, x, y, channels_last: bool = False):
+    """One TrainStep of cfg on copies of members; channels_last: looped members in NHWC, what
+    executor.channels_last auto gives LeNet-5 on the CPU."""
+    ex = executor_cls(copy.deepcopy(members), DEVICE, *([True] if channels_last else []))
     opt = make_optimizer(ex.parameters(), cfg)
     step = TrainStep(cfg, ex, uniform_weights(len(members)), generator(0, "bench"))
     return lambda: step(opt, x, y)

@@ -14,7 +14,7 @@ from raysweep.core.data import load_dataset
 from raysweep.errors import ConfigError
 from raysweep.members import LoopedMembers, make_local_executor
 from raysweep.run import evaluate
-from raysweep.training.trainer import build_members, fit
+from raysweep.training.trainer import build_members, configured_executor, fit
 
 # One config per kind of step: plain, both JR estimators (double backward; forward-mode tangent),
 # Ensemble-Adv and Madry (attacks inside the step), DEG (input gradients), PDD (features), ADP.
@@ -119,6 +119,12 @@ def test_channels_last_auto_is_on_for_conv_members_without_batchnorm_on_the_cpu(
     assert not isinstance(make_local_executor(copy.deepcopy(lenet), "vmap", "cpu"), LoopedMembers)
     resnet = build_members(make_cfg(model={"arch": "resnet18"}), data, 1)  # BatchNorm: measured no faster
     assert not make_local_executor(resnet, "auto", "cpu").channels_last
+    # Training with forward-mode JR stays in NCHW (measured slower in NHWC); the double backward goes NHWC
+    forward = make_cfg(train={"jr": {"lambda_jr": 0.1, "estimator": "forward_mode"}})
+    assert not configured_executor(forward, copy.deepcopy(lenet)).channels_last
+    assert configured_executor(make_cfg(train={"jr": {"lambda_jr": 0.1}}), copy.deepcopy(lenet)).channels_last
+    assert configured_executor(make_cfg(executor={"channels_last": True}, train={"jr": {
+        "lambda_jr": 0.1, "estimator": "forward_mode"}}), copy.deepcopy(lenet)).channels_last  # asked for: kept
 
 
 def test_an_nhwc_evaluation_equals_an_nchw_one_and_hands_the_members_back_as_they_were(trained_synthetic):

@@ -18,7 +18,7 @@ from raysweep.errors import ConfigError
 from raysweep.members import make_local_executor
 from raysweep.run import train_and_evaluate
 from raysweep.training.ray import fit_on_ray, fit_pack_on_ray
-from raysweep.training.trainer import build_members, fit
+from raysweep.training.trainer import build_members, fit, training_layout
 
 RAY = {"kind": "ray", "ray": {"cpus_per_worker": 0.5}}
 
@@ -62,7 +62,7 @@ def _local_reference(cfg, data):
     try:
         # The layout the workers resolve (executor.channels_last): the same values either way, but NHWC
         # and NCHW kernels round differently, and ADP amplifies that as threads do.
-        ex = make_local_executor(copy.deepcopy(members), "loop", "cpu", cfg.executor.channels_last)
+        ex = make_local_executor(copy.deepcopy(members), "loop", "cpu", training_layout(cfg))
         ref = fit(cfg, data, progress=False, executor=ex)
     finally:
         torch.set_num_threads(threads)

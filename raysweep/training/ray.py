@@ -96,7 +96,7 @@ def _train_one(cfg: RunConfig, data: Dataset, index: int, checkpoint, config: di
     import ray.train
     import ray.train.torch
 
-    from raysweep.training.trainer import Trainer, build_members
+    from raysweep.training.trainer import Trainer, build_members, training_layout
 
     r = cfg.executor.ray
     rank = ray.train.get_context().get_world_rank()
@@ -108,8 +108,7 @@ def _train_one(cfg: RunConfig, data: Dataset, index: int, checkpoint, config: di
         with checkpoint.as_directory() as d:
             for i, member in enumerate(mine):
                 member.load_state_dict(load_file(os.path.join(d, _member_file(first + i))))
-    local = make_local_executor(mine, cfg.executor.vectorize, str(device), cfg.executor.channels_last,
-                                cfg.executor.compile)
+    local = make_local_executor(mine, cfg.executor.vectorize, str(device), training_layout(cfg), cfg.executor.compile)
     executor = DistributedMembers(local, cfg.trained_members)
     reporter = Reporter(rank, first)
     trainer = Trainer(cfg, data, executor, progress=False)

@@ -61,10 +61,21 @@ def build_members(cfg: RunConfig, data: Dataset, k: int) -> list[torch.nn.Module
             for _ in range(k)]
 
 
+def training_layout(cfg: RunConfig) -> bool | str:
+    """executor.channels_last for training: `auto` is left to make_local_executor (the members decide),
+    except with forward-mode JR. Its tangents through NHWC convolutions cost more than NHWC saves on the
+    CPU (benchmarks/bench_jr.py, LeNet-5: 3.2x a plain step in NHWC, 2.1x in NCHW), so it trains in NCHW.
+    Evaluation decides on its own: its attack steps gain from NHWC whatever trained the members."""
+    jr = cfg.train.jr
+    if cfg.executor.channels_last == "auto" and jr is not None and jr.lambda_jr > 0 and jr.estimator == "forward_mode":
+        return False
+    return cfg.executor.channels_last
+
+
 def configured_executor(cfg: RunConfig, members: list[torch.nn.Module]):
     """The local executor `cfg.executor` asks for, holding `members`."""
     e = cfg.executor
-    return make_local_executor(members, e.vectorize, e.device, e.channels_last, e.compile)
+    return make_local_executor(members, e.vectorize, e.device, training_layout(cfg), e.compile)
 
 
 def make_optimizer(params, cfg: RunConfig) -> torch.optim.Optimizer:
