@@ -22,7 +22,7 @@ demo: setup data
 # keeps a file's module fixtures in one worker. On a clean clone of this 2-core machine it once took
 # 11.2 to 14.4 min against ~15 in one process, but the suite has grown, and its last two-worker run
 # (beside a niced background study) took 30 min and failed 4 tests: two of Ray's node start-ups missed
-# their 30 s limit under the load. One process stays the default; more workers pay on more cores.
+# their 30 s limit under the load. One process stays the default (more cores were not measured).
 TEST_WORKERS ?= 0
 test: setup data
 	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
