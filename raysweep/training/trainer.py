@@ -31,6 +31,7 @@ from raysweep.core.files import atomic_write
 from raysweep.core.models import build_member
 from raysweep.core.seeding import generator
 from raysweep.members import make_local_executor
+from raysweep.regularisers.jacobian import JacobianRegularisation
 from raysweep.training.step import TrainStep
 
 
@@ -67,7 +68,7 @@ def training_layout(cfg: RunConfig) -> bool | str:
     CPU (benchmarks/bench_jr.py, LeNet-5: 3.2x a plain step in NHWC, 2.1x in NCHW), so it trains in NCHW.
     Evaluation decides on its own: its attack steps gain from NHWC whatever trained the members."""
     jr = cfg.train.jr
-    if cfg.executor.channels_last == "auto" and jr is not None and jr.lambda_jr > 0 and jr.estimator == "forward_mode":
+    if cfg.executor.channels_last == "auto" and JacobianRegularisation.enabled(jr) and jr.estimator == "forward_mode":
         return False
     return cfg.executor.channels_last
 
