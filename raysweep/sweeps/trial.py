@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,9 @@ def _trial(config: dict, ctx: TrialContext) -> None:
     its record) and checkpoint, so a pack retried after its process died starts at the first point it
     had not finished, and an interrupted pack keeps the points it finished."""
     quiet()  # also when Ray was started by the caller, without raysweep's setup hook
+    # A reused trial process (_reuse_actors) waits this long for a stopped trial's thread to end before
+    # the next trial starts in it; Tune's default, 2 s, can pass while a busy machine closes the run.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
     points = config["pack"]
     start = 0
     if (checkpoint := ray.tune.get_checkpoint()) is not None:

@@ -77,6 +77,15 @@ from raysweep.training.ray import (
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+def _reuse_actors(space: SearchSpace) -> bool:
+    """Whether one trial process runs the sweep's trials one after another, paying its imports (torch,
+    MLflow: ~5 CPU-s a process) once. A trial stopped early (ASHA) waits blocked in its report until the
+    next trial's reset ends it with SystemExit, which closes its run KILLED as the driver already did.
+    Not for Ray executor trials: a stopped one tears its Ray Train workers down past Tune's reset
+    timeout, and a reset that times out fails the next trial."""
+    return space.base_cfg.executor.kind == "local"
+
+
 def _max_concurrent(space: SearchSpace) -> int:
     """Trials at once: the cluster's CPUs (and GPUs) over what one trial holds, its Ray workers included."""
     s, cfg = space.search, space.base_cfg
@@ -253,8 +262,7 @@ def _tune(space: SearchSpace, state: dict, sweep_dir: Path, done: int, remaining
         tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                         num_samples=math.ceil(remaining / s.pack),
                                         max_concurrent_trials=_max_concurrent(space),
-                                        # Not reused (reuse_actors): a stopped trial's thread may go on for
-                                        # up to 2 s in the actor, logging past its stop (ASHA, Ctrl-C).
+                                        reuse_actors=_reuse_actors(space),
                                         trial_name_creator=lambda t: f"{space.name}-{t.trial_id}",
                                         trial_dirname_creator=lambda t: t.trial_id))
     if progress:
