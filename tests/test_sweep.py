@@ -102,10 +102,13 @@ def test_registry_champion_load_and_predict(sweep, monkeypatch):
         "strong_value"]
     run = MlflowClient(uri).get_run(candidates[0]["mlflow_run_id"])
     assert run.data.metrics["champion/protocol_acc/quick/0.1"] == candidates[0]["strong_value"]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # raysweep.load(models:/...) reads the default store
     import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    mlflow.set_tracking_uri(uri)
+    # raysweep.load(models:/...) and pyfunc read the default store: set it for this test only (a
+    # process-wide mlflow.set_tracking_uri would send later tests' runs here).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", uri)
     ensemble = load(summary["best"]["checkpoint"])
     x = torch.rand(6, 1, 28, 28)
     expected = ensemble.predict_proba(x).numpy()
