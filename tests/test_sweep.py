@@ -23,7 +23,7 @@ from raysweep.errors import ConfigError
 from raysweep.run import train_and_evaluate
 from raysweep.sweeps.space import load_search_space
 from raysweep.sweeps.tune import _SweepSearch, run_sweep
-from raysweep.tracking.registry import register
+from raysweep.tracking.registry import _using, register
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_optuna_drives_the_search(sweep):
         assert g["train.jr.lambda_jr"] == pytest.approx(e["train.jr.lambda_jr"], rel=1e-12)
 
 
-def test_registry_champion_load_and_predict(sweep, monkeypatch):
+def test_registry_champion_load_and_predict(sweep):
     summary, uri, tmp = sweep
     reg = summary["registered"]
     assert reg["version"] == 1 and reg["champion"]
@@ -103,33 +103,32 @@ def test_registry_champion_load_and_predict(sweep, monkeypatch):
     run = MlflowClient(uri).get_run(candidates[0]["mlflow_run_id"])
     assert run.data.metrics["champion/protocol_acc/quick/0.1"] == candidates[0]["strong_value"]
     import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    # raysweep.load(models:/...) and pyfunc read the default store: set it for this test only (a
+    # raysweep.load(models:/...) and pyfunc read MLflow's default store: set for this block only (a
     # process-wide mlflow.set_tracking_uri would send later tests' runs here).
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setattr(tracking_utils, "_tracking_uri", uri)
-    ensemble = load(summary["best"]["checkpoint"])
-    x = torch.rand(6, 1, 28, 28)
-    expected = ensemble.predict_proba(x).numpy()
-    pyfunc = mlflow.pyfunc.load_model("models:/synth-ens@champion")
-    assert np.allclose(pyfunc.predict(x.numpy()), expected, atol=1e-6)
-    assert np.allclose(pyfunc.predict(x.numpy().astype(np.float64)), expected, atol=1e-6)
-    as_bytes = (x.numpy() * 255).round().astype(np.uint8)
-    assert np.allclose(pyfunc.predict(as_bytes), ensemble.predict_proba(torch.from_numpy(as_bytes / 255.0).float()),
-                       atol=1e-6)
-    for bad, why in [(x.numpy()[:, 0], "got shape [6, 28, 28]"), (x.numpy() * 255, "got values in [0"),
-                     (as_bytes.astype(np.int64), "got dtype int64")]:
-        with pytest.raises(mlflow.exceptions.MlflowException) as err:
-            pyfunc.predict(bad)
-        message = str(err.value)
-        assert why in message and "expected [B, 1, 28, 28]" in message and len(message) < 300, message
-    # Logged as code: nothing pickled to run, and no bundled raysweep to shadow the installed one.
-    stored = {p.relative_to(local).as_posix() for local in
-              [Path(mlflow.artifacts.download_artifacts("models:/synth-ens@champion"))] for p in local.rglob("*")}
-    assert "code/pyfunc_model.py" in stored or "pyfunc_model.py" in stored, sorted(stored)
-    assert not any(p.endswith(".pkl") or "raysweep/" in p for p in stored), sorted(stored)
-    assert torch.allclose(load("models:/synth-ens@champion").predict_proba(x), torch.from_numpy(expected), atol=1e-6)
+    with _using(uri):
+        ensemble = load(summary["best"]["checkpoint"])
+        x = torch.rand(6, 1, 28, 28)
+        expected = ensemble.predict_proba(x).numpy()
+        pyfunc = mlflow.pyfunc.load_model("models:/synth-ens@champion")
+        assert np.allclose(pyfunc.predict(x.numpy()), expected, atol=1e-6)
+        assert np.allclose(pyfunc.predict(x.numpy().astype(np.float64)), expected, atol=1e-6)
+        as_bytes = (x.numpy() * 255).round().astype(np.uint8)
+        assert np.allclose(pyfunc.predict(as_bytes), ensemble.predict_proba(torch.from_numpy(as_bytes / 255.0).float()),
+                           atol=1e-6)
+        for bad, why in [(x.numpy()[:, 0], "got shape [6, 28, 28]"), (x.numpy() * 255, "got values in [0"),
+                         (as_bytes.astype(np.int64), "got dtype int64")]:
+            with pytest.raises(mlflow.exceptions.MlflowException) as err:
+                pyfunc.predict(bad)
+            message = str(err.value)
+            assert why in message and "expected [B, 1, 28, 28]" in message and len(message) < 300, message
+        # Logged as code: nothing pickled to run, and no bundled raysweep to shadow the installed one.
+        stored = {p.relative_to(local).as_posix() for local in
+                  [Path(mlflow.artifacts.download_artifacts("models:/synth-ens@champion"))] for p in local.rglob("*")}
+        assert "code/pyfunc_model.py" in stored or "pyfunc_model.py" in stored, sorted(stored)
+        assert not any(p.endswith(".pkl") or "raysweep/" in p for p in stored), sorted(stored)
+        champion = load("models:/synth-ens@champion")
+        assert torch.allclose(champion.predict_proba(x), torch.from_numpy(expected), atol=1e-6)
     # A worse later result gets a version but not the alias; a better one takes it.
     worse = register("synth-ens", summary["best"]["checkpoint"], summary["best"]["mlflow_run_id"], uri,
                      "weighted_acc", summary["best"]["weighted_acc"] - 0.1)
