@@ -22,7 +22,8 @@ demo: setup data
 # keeps a file's module fixtures in one worker. On this 2-core machine it is not faster: 1708 s against
 # 1638 s in one process (310 passed both ways), one run after the other beside the same niced background
 # study, with 3165 against 2432 CPU-seconds (cgroup cpuacct; the latter with its setup): the workers'
-# torch threads and Ray processes crowd two cores. One process stays the default; more cores were not measured.
+# torch threads and Ray processes crowd two cores. One process stays the default; more cores were not
+# measured.
 TEST_WORKERS ?= 0
 test: setup data
 	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
