@@ -18,13 +18,13 @@ demo: setup data
 	$(VENV)/bin/raysweep sweep search_spaces/jacobian_ensembles_sweep.yaml --out runs/demo-$$(date +%Y%m%d-%H%M%S) \
 		--register jacobian-ensemble
 
-# TEST_WORKERS=2: two pytest workers (pytest-xdist), a test file per worker at a time; --dist loadfile
-# keeps a file's module fixtures in one worker. On this 2-core machine it is not faster: 1708 s against
-# 1638 s in one process (310 passed both ways), one run after the other beside the same niced background
-# study, with 3165 against 2432 CPU-seconds (cgroup cpuacct; the latter with its setup): the workers'
-# torch threads and Ray processes crowd two cores. One process stays the default; more cores were not
-# measured.
-TEST_WORKERS ?= 0
+# Two pytest workers (pytest-xdist), a test file per worker at a time (--dist loadfile keeps a file's
+# module fixtures in one worker), each with one torch/OpenMP thread (tests/conftest.py): one process
+# leaves a core idle about 30% of the time while Ray and CLI processes start. Measured beside a niced
+# background study, one run after the other: 1488 s against 1725 s in one process, with 2635 against
+# 2440 CPU-seconds (cgroup cpuacct). Two workers with two threads each were slower (3165 CPU-seconds:
+# their OpenMP threads spun on each other). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: setup data
 	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 

@@ -7,7 +7,13 @@ import torch
 from raysweep.config import validate_config
 from raysweep.core.data import DEBIAN_ROOT, load_dataset
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist the workers share the cores: one thread each (and in the processes they start),
+# since OpenMP threads that outnumber the cores spin on each other's barriers and burn CPU for nothing.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 # Ray Train starts a spot-preemption watcher actor (one more process) with every run; no test
 # preempts nodes, and on 2 cores each process start is ~1 s. Inherited by the CLI subprocesses.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
