@@ -18,13 +18,14 @@ demo: setup data
 	$(VENV)/bin/raysweep sweep search_spaces/jacobian_ensembles_sweep.yaml --out runs/demo-$$(date +%Y%m%d-%H%M%S) \
 		--register jacobian-ensemble
 
-# Two pytest workers (pytest-xdist), a test file per worker at a time (--dist loadfile keeps a file's
-# module fixtures in one worker), each with one torch/OpenMP thread (tests/conftest.py): one process
-# leaves a core idle about 30% of the time while Ray and CLI processes start. Measured beside a niced
-# background study, one run after the other: 1488 s against 1725 s in one process, with 2635 against
-# 2440 CPU-seconds (cgroup cpuacct). Two workers with two threads each were slower (3165 CPU-seconds:
-# their OpenMP threads spun on each other). TEST_WORKERS=0 runs everything in one process.
-TEST_WORKERS ?= 2
+# TEST_WORKERS=2: two pytest workers (pytest-xdist), a test file per worker at a time (--dist loadfile
+# keeps a file's module fixtures in one worker), each with one torch/OpenMP thread (tests/conftest.py).
+# Not the default: on this 2-core machine it is not reliably faster and it overloads the machine.
+# Beside a niced background study, one run after the other: 1488 s against 1725 s in one process (2635
+# against 2440 CPU-seconds, cgroup cpuacct); a clean clone then took 1554 s of tests and failed 2 of 310,
+# both from load (a local Ray start timed out; a sweep finished before the test could interrupt it).
+# With two torch threads per worker: 3165 CPU-seconds (their OpenMP threads spun on each other).
+TEST_WORKERS ?= 0
 test: setup data
 	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
