@@ -79,10 +79,11 @@ def report(path, results, docs: Path) -> str:
         rows.append([n, m["mean_uap_acc"], c["mean_uap_acc"], m["weighted_acc"], c["weighted_acc"],
                      min(per.values()) if per else None, w, name])
     if rows:
-        p = study.spec["checks"]
+        p, uap = study.spec["checks"], study.variants[0].cfg.eval.uap  # a check keeps what it does not set
         lines += ["### Checks: the best of each group under a stronger evaluation", "",
-                  f"UAP with {p['eval.uap.seeds']} seeds x {p['eval.uap.iterations']} iterations (the table above: "
-                  f"{study.variants[0].cfg.eval.uap.seeds} x {study.variants[0].cfg.eval.uap.iterations}); per-image "
+                  f"UAP with {p.get('eval.uap.seeds', uap.seeds)} seeds x "
+                  f"{p.get('eval.uap.iterations', uap.iterations)} iterations (the table above: "
+                  f"{uap.seeds} x {uap.iterations}); per-image "
                   "l_inf PGD with steps doubled until accuracy stops falling, and AutoAttack (APGD-CE, APGD-DLR) on "
                   f"{p['eval.autoattack']['samples']} test images.", "",
                   md_table(["variant", "mean UAP", "mean UAP (strong)", "weighted", "weighted (strong)",
