@@ -78,11 +78,11 @@ def report(path, results, docs: Path) -> str:
         per = attack_results(c, 0.02)
         rows.append([n, m["mean_uap_acc"], c["mean_uap_acc"], m["weighted_acc"], c["weighted_acc"],
                      min(per.values()) if per else None, w, name])
+        strong = c["uap_protocol"]  # what the checks ran, as their evaluation recorded it
     if rows:
-        p, uap = study.spec["checks"], study.variants[0].cfg.eval.uap  # a check keeps what it does not set
+        p, uap = study.spec["checks"], study.variants[0].cfg.eval.uap
         lines += ["### Checks: the best of each group under a stronger evaluation", "",
-                  f"UAP with {p.get('eval.uap.seeds', uap.seeds)} seeds x "
-                  f"{p.get('eval.uap.iterations', uap.iterations)} iterations (the table above: "
+                  f"UAP with {strong['seeds']} seeds x {strong['iterations']} iterations (the table above: "
                   f"{uap.seeds} x {uap.iterations}); per-image "
                   "l_inf PGD with steps doubled until accuracy stops falling, and AutoAttack (APGD-CE, APGD-DLR) on "
                   f"{p['eval.autoattack']['samples']} test images.", "",
