@@ -68,7 +68,11 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def ray_local():
     """One real local Ray instance (2 CPUs) for every test that needs Ray, its workers set up as
-    raysweep's own (WORKER_ENV); fractional CPUs per worker let K=3 or 4 workers share it."""
+    raysweep's own (WORKER_ENV); fractional CPUs per worker let K=3 or 4 workers share it. With the
+    dashboard: Ray Train's placement-group cleaner asks the State API, which the dashboard serves, whether
+    a run's controller is gone, so without it a stopped trial's CPUs are never freed. Shut down as soon as
+    no test left needs it (pytest_runtest_teardown below), not at the session's end: the files that follow
+    start their own instances, and an idle one beside them costs ~7 CPU-seconds a minute (2 cores)."""
     import ray
 
     from raysweep.training.ray import WORKER_ENV
@@ -76,3 +80,14 @@ def ray_local():
     ray.init(address="local", num_cpus=2, logging_level="warning", configure_logging=False, runtime_env=WORKER_ENV)
     yield ray
     ray.shutdown()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    # Not under xdist: its workers run files in no fixed order, so "later in the collection" is not "later".
+    if nextitem is None or "ray_local" not in item.fixturenames or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    remaining = item.session.items[item.session.items.index(item) + 1:]
+    if not any("ray_local" in later.fixturenames for later in remaining):
+        import ray
+
+        ray.shutdown()

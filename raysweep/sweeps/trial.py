@@ -18,6 +18,7 @@ from raysweep.config import validate_config
 from raysweep.core.data import load_dataset
 from raysweep.errors import ConfigError
 from raysweep.run import train_and_evaluate
+from raysweep.sweeps.epochs import epoch_metrics
 from raysweep.sweeps.space import SearchSpace, describe
 from raysweep.terminal import quiet
 from raysweep.tracking.runs import (
@@ -159,15 +160,3 @@ def _point(values: dict, j: int, ctx: TrialContext, datasets: dict) -> bool:
         # two is recorded finished by the sweep, which closes its run FINISHED (ledger._close); one that
         # dies before its report reaches the sweep is retried, and its run closed FAILED.
         return _last_report(final, out, j)
-
-
-def epoch_metrics(row: dict, epochs: int, run_id: str) -> dict | None:
-    """What a trial reports to Tune as an epoch ends: ASHA's metric (the objectives exist only after
-    evaluation) and the row for MLflow, which the driver logs live. The last epoch is reported with the
-    objectives instead: ASHA stops a trial reaching max_t, which would cut its evaluation off."""
-    n = row["epoch"] + 1  # history rows count epochs from 0; Tune's `epoch` from 1 (ASHA's time attribute)
-    if n >= epochs:
-        return None
-    return {"epoch": n, "train_acc": row["train_acc"], "train_loss": row["loss"], "mlflow_run_id": run_id,
-            **({"probe_acc": row["probe_acc"]} if "probe_acc" in row else {}),
-            **{f"train/{k}": float(v) for k, v in row.items() if k != "epoch"}}
