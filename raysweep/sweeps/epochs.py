@@ -4,6 +4,8 @@ callbacks), so whatever its module imports each of those processes imports too. 
 Ray Tune, the evaluation stack) that was several CPU-seconds per process per trial."""
 from __future__ import annotations
 
+import functools
+
 
 def epoch_metrics(row: dict, epochs: int, run_id: str) -> dict | None:
     """What a trial reports to Tune as an epoch ends: ASHA's metric (the objectives exist only after
@@ -15,3 +17,8 @@ def epoch_metrics(row: dict, epochs: int, run_id: str) -> dict | None:
     return {"epoch": n, "train_acc": row["train_acc"], "train_loss": row["loss"], "mlflow_run_id": run_id,
             **({"probe_acc": row["probe_acc"]} if "probe_acc" in row else {}),
             **{f"train/{k}": float(v) for k, v in row.items() if k != "epoch"}}
+
+
+def relay(epochs: int, run_id: str):
+    """epoch_metrics of one run, as the Ray executor carries it to Ray Train's controller and workers."""
+    return functools.partial(epoch_metrics, epochs=epochs, run_id=run_id)

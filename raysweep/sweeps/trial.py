@@ -3,7 +3,6 @@ search.pack), its config from the sampled values, one training and evaluation ex
 train` does, its MLflow child run, its report to Tune."""
 from __future__ import annotations
 
-import functools
 import json
 import os
 import traceback
@@ -18,7 +17,7 @@ from raysweep.config import validate_config
 from raysweep.core.data import load_dataset
 from raysweep.errors import ConfigError
 from raysweep.run import train_and_evaluate
-from raysweep.sweeps.epochs import epoch_metrics
+from raysweep.sweeps import epochs
 from raysweep.sweeps.space import SearchSpace, describe
 from raysweep.terminal import quiet
 from raysweep.tracking.runs import (
@@ -122,7 +121,7 @@ def _point(values: dict, j: int, ctx: TrialContext, datasets: dict) -> bool:
                                  "infeasible_why": str(err).strip().splitlines()[-1].strip()[:300]}, out, j)
         log_resolved_params(client, run_id, raw, cfg)  # the defaults the YAML left out, as params too
 
-        relay = functools.partial(epoch_metrics, epochs=cfg.train.epochs, run_id=run_id)
+        relay = epochs.relay(cfg.train.epochs, run_id)
 
         def report_epoch(event, state):  # local executor; a Ray executor run relays from its rank 0
             if event == "epoch" and (m := relay(state.history[-1])) is not None:
