@@ -31,7 +31,7 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
     `resume_dir`: a folder that outlives the process; each stage's share of the report is saved there as
     it ends, and an evaluation of the same ensemble and config started again loads the stages it finds
     instead of running them (evaluation/resume.py). Their seconds are the ones measured when they ran.
-    `log(line)`: a line as each stage (and each UAP eps) ends, for logs where no progress bar shows."""
+    `log(line)`: a line as each stage (each UAP eps, each attack run) ends, for logs where no progress bar shows."""
     start = time.perf_counter()
     e = cfg.executor  # evaluation runs in fp32 whatever train.precision says (docs/performance.md)
     ex = make_local_executor(list(ensemble.members), e.vectorize, e.device, e.channels_last, e.compile)

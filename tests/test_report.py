@@ -1,4 +1,6 @@
 """The typed evaluation report: named results, the per-image worst case, metrics.json schemas."""
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_cfg
@@ -129,16 +131,34 @@ def test_masking_flags_become_mlflow_tags(tmp_path):
     assert client.get_run(clean).data.tags["raysweep.masking"] == "none"
 
 
+def _evaluate_until(ckpt, out, keep, pattern: str, poll: float = 0.02) -> Path:
+    """evaluate_checkpoint in its own process with resume_dir `keep`, SIGKILLed as soon as a file matching
+    `pattern` (under keep) appears; returns the kept folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys; from raysweep.run import evaluate_checkpoint; "
+            "evaluate_checkpoint(sys.argv[1], None, sys.argv[2], progress=False, resume_dir=sys.argv[3])")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ckpt), str(out), str(keep)])
+    try:
+        deadline = time.monotonic() + 240
+        while not list(keep.glob(pattern)) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(poll)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    (folder,) = keep.iterdir()
+    return folder
+
+
 def test_an_evaluation_killed_mid_uap_continues_from_its_finished_stages(trained_synthetic, tmp_path):
     """A fair study's evaluation takes an hour per variant. Killed (SIGKILL, in its own process) after the
     attacks stage and the first UAP eps, evaluation started again with the same resume_dir runs neither
     again and ends with exactly the uninterrupted evaluation's results. Another config over the same
     folder reuses nothing and removes what the first one kept."""
     import json
-    import signal
-    import subprocess
-    import sys
-    import time
 
     from raysweep.core.checkpoint import save_checkpoint
     from raysweep.run import evaluate_checkpoint
@@ -151,17 +171,7 @@ def test_an_evaluation_killed_mid_uap_continues_from_its_finished_stages(trained
     whole = evaluate_checkpoint(ckpt, None, tmp_path / "whole", progress=False)
 
     keep = tmp_path / "keep"
-    code = ("import sys; from raysweep.run import evaluate_checkpoint; "
-            "evaluate_checkpoint(sys.argv[1], None, sys.argv[2], progress=False, resume_dir=sys.argv[3])")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(ckpt), str(tmp_path / "cut"), str(keep)])
-    try:
-        deadline = time.monotonic() + 240
-        while not list(keep.glob("*/uap/eps_*.pt")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    (folder,) = keep.iterdir()
+    folder = _evaluate_until(ckpt, tmp_path / "cut", keep, "*/uap/eps_*.pt")
     assert (folder / "attacks.pt").is_file() and not (folder / "uap.pt").exists(), "the kill did not land mid-UAP"
     kept_eps = {p.name for p in (folder / "uap").glob("eps_*.pt")}
     assert 1 <= len(kept_eps) < 3
@@ -183,3 +193,39 @@ def test_an_evaluation_killed_mid_uap_continues_from_its_finished_stages(trained
     fresh = evaluate_checkpoint(ckpt2, None, tmp_path / "fresh", progress=False, resume_dir=keep)
     assert "eval_resumed" not in fresh and "resumed_eps" not in fresh["uap_protocol"]
     assert not folder.exists() and len(list(keep.iterdir())) == 1
+
+
+def test_an_evaluation_killed_mid_ladder_continues_from_its_finished_attack_runs(trained_synthetic, tmp_path):
+    """A step-doubling PGD ladder on a 9-member ensemble at 10 000 images runs for hours here. Killed
+    (SIGKILL, in its own process) after some of its runs, evaluation started again with the same resume_dir
+    runs only the ones that were not finished and ends with exactly the uninterrupted evaluation's results."""
+    from raysweep.core.checkpoint import save_checkpoint
+    from raysweep.run import evaluate_checkpoint
+
+    cfg0, data, ensemble = trained_synthetic
+    ladder = [{"name": "pgd_ladder", "eps": [0.05, 0.1, 0.2], "steps": 2, "double_steps": True, "max_steps": 64}]
+    cfg = make_cfg(**{**cfg0.model_dump(), "eval": {"attacks": ladder, "jacobian_samples": 0,
+                                                    "diversity_samples": 0}})
+    ckpt = save_checkpoint(tmp_path / "ckpt", ensemble, cfg, data.image_shape, data.num_classes, data.mean, data.std)
+    whole = evaluate_checkpoint(ckpt, None, tmp_path / "whole", progress=False)
+    rungs = sum(len(r["history"]) for r in whole["attacks"]["pgd_ladder"]["per_eps"].values())
+    assert rungs >= 4  # a ladder to cut: at least one eps doubled its steps
+
+    keep = tmp_path / "keep"
+    folder = _evaluate_until(ckpt, tmp_path / "cut", keep, "*/attacks/0_*.pt", poll=0.01)
+    assert not (folder / "attacks.pt").exists(), "the kill did not land mid-ladder"
+    kept = {p.stem: torch.load(p, weights_only=True) for p in (folder / "attacks").glob("0_*.pt")}
+    kept_rungs = sum(len(p["history"]) for p in kept.values())
+    assert 1 <= kept_rungs < rungs
+
+    lines = []
+    resumed = evaluate_checkpoint(ckpt, None, tmp_path / "resumed", progress=False, resume_dir=keep, log=lines.append)
+    assert resumed["results"] == whole["results"]
+    per_eps = resumed["attacks"]["pgd_ladder"]["per_eps"]
+    assert {e: r["history"] for e, r in per_eps.items()} == \
+        {e: r["history"] for e, r in whole["attacks"]["pgd_ladder"]["per_eps"].items()}
+    assert {f"0_{e}": r["resumed_rungs"] for e, r in per_eps.items() if "resumed_rungs" in r} == \
+        {name: len(p["history"]) for name, p in kept.items()}
+    ran = [line for line in lines if line.startswith("evaluation: pgd_ladder eps")]
+    assert len(ran) == rungs - kept_rungs  # the finished runs were not run again
+    assert resumed["eval_stage_seconds"]["attacks"] >= sum(p["seconds"] for p in kept.values())

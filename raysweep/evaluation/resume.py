@@ -1,10 +1,13 @@
 """Evaluation that outlives its process. An evaluation of a large ensemble takes hours here (the UAP
-stage of a 9-member LeNet-5 ensemble at the paper's protocol: ~50 min on one core), so a run cut off
-mid-evaluation (a killed process, a machine handed back) keeps what it finished: each evaluation stage's
-share of the report is saved as the stage ends, and a stage may keep parts of its own (the UAP stage,
-each eps). Everything is kept under a folder named after a digest of the run's identity (its config
-without `executor`: config.run_identity) and the members' weights, so a saved part is only ever read back for the very ensemble and evaluation that made it;
-the folders of other digests are removed when a new one is made.
+stage of a 9-member LeNet-5 ensemble at the paper's protocol with 20 starts: 71 min on one core; its
+PGD ladder at 10 000 images: a single model's 750 s per eps, nine times over), so a run cut off
+mid-evaluation (a killed process, a machine handed back) keeps what it finished: each evaluation
+stage's share of the report is saved as the stage ends, and a stage may keep parts of its own (the
+UAP stage, each eps; the attacks stage, each finished run of each eps's step-doubling ladder).
+Everything is kept under a folder named after a digest of the run's identity (its config without
+`executor`: config.run_identity) and the members' weights, so a saved part is only ever read back for
+the very ensemble and evaluation that made it; the folders of other digests are removed when a new
+one is made.
 
 Files are torch.save'd dicts of tensors and plain values, read back with weights_only=True: a saved
 part is data, never code.

@@ -3,6 +3,8 @@ with step doubling against false robustness, and (eval.attack_members) each memb
 Results robust_acc/<attack>/<eps>; every eps hands its per-image flags to the worst case."""
 from __future__ import annotations
 
+import time
+
 import torch
 from tqdm.auto import tqdm
 
@@ -11,6 +13,7 @@ from raysweep.core.data import Split, eval_batches
 from raysweep.core.ensemble import combine
 from raysweep.evaluation.base import Evaluation, register
 from raysweep.evaluation.report import eps_key
+from raysweep.evaluation.resume import load_part, save_part
 
 
 @torch.no_grad()
@@ -30,28 +33,40 @@ def member_fn(ex, m: int):
     return lambda x: ex.stacked_logits(x)[m:m + 1]
 
 
-def attack_until_converged(stacked_fn, split, a: AttackConfig, eps, weights, how, batch_size, device, seed, bar):
+def attack_until_converged(stacked_fn, split, a: AttackConfig, eps, weights, how, batch_size, device, seed, bar,
+                           kept: dict | None = None, on_rung=None):
     """(report, per-image robust flags) at eps; with a.double_steps, the steps double until accuracy
     stops falling (or max_steps), and the report says whether it converged. The flags are those of
-    every run together: an image is robust only if no run broke it."""
+    every run together: an image is robust only if no run broke it.
+
+    Each run (rung) depends only on its own step count, never on the runs before it, so a ladder may be
+    continued in another process: `kept` ({"history": [[steps, acc], ...], "flags"}) holds the rungs an
+    interrupted evaluation finished, and `on_rung(history, flags)` is called as each further one ends."""
     steps, step_size, start = attack_params(a, eps)
-    acc, flags = robust_accuracy(stacked_fn, split, a, eps, weights, how, batch_size, device, seed, bar)
-    report = {"steps": steps, "step_size": step_size, "random_start": start, "acc": acc}
-    if not a.double_steps or a.kind == "fgsm" or eps == 0:
-        return report, flags
-    history = [[steps, acc]]  # acc stays the lowest accuracy seen
-    converged = False
-    while steps * 2 <= a.max_steps:
-        steps *= 2
-        longer = a.model_copy(update={"steps": steps})
-        new, new_flags = robust_accuracy(stacked_fn, split, longer, eps, weights, how, batch_size, device, seed, bar)
-        flags &= new_flags
-        history.append([steps, new])
-        if new >= acc:
-            converged = True
-            break
-        acc = new
-    report.update(acc=acc, converged=converged, history=history)
+    ladder = a.double_steps and a.kind != "fgsm" and eps != 0
+    history = [list(h) for h in kept["history"]] if kept else []
+    flags = kept["flags"].clone() if kept else None
+
+    def finished() -> bool:
+        if not history or not ladder:
+            return bool(history)
+        if len(history) > 1 and history[-1][1] >= history[-2][1]:
+            return True  # converged: the last doubling did not lower the accuracy
+        return history[-1][0] * 2 > a.max_steps
+
+    while not finished():
+        n = history[-1][0] * 2 if history else steps
+        acc, new = robust_accuracy(stacked_fn, split, a.model_copy(update={"steps": n}), eps, weights, how,
+                                   batch_size, device, seed, bar)
+        flags = new if flags is None else flags & new
+        history.append([n, acc])
+        if on_rung is not None:
+            on_rung(history, flags)
+    report = {"steps": steps, "step_size": step_size, "random_start": start, "acc": min(h[1] for h in history)}
+    if ladder:
+        report.update(converged=len(history) > 1 and history[-1][1] >= history[-2][1], history=history)
+    if kept:
+        report["resumed_rungs"] = len(kept["history"])
     return report, flags
 
 
@@ -75,14 +90,34 @@ class RobustAccuracy(Evaluation):
 
     def run(self, ctx, report) -> None:
         ev, test = ctx.cfg.eval, ctx.data.test
+        # A step-doubling ladder on a large ensemble runs for hours here: each attack and eps keeps its
+        # finished rungs (attack i's at kept/<i>_<eps>.pt), so an interrupted evaluation continues its ladder.
+        kept = ctx.kept(self.key)
+        part = lambda i, e: kept / f"{i}_{eps_key(e)}.pt"  # noqa: E731 - names are free text; the index is not
+        parts = {} if kept is None else {(i, e): p for i, a in enumerate(self.cfg) for e in a.eps
+                                         if (p := load_part(part(i, e)))}
+        ctx.kept_seconds[self.key] = sum(p["seconds"] for p in parts.values())
         robust = {}
-        for a in self.cfg:
+        for i, a in enumerate(self.cfg):
             details = {"kind": a.kind, "norm": a.norm, "objectives": a.objectives, "restarts": a.restarts}
             with tqdm(desc=f"attack {a.name}", unit="img", disable=not ctx.progress, leave=False,
                       mininterval=1.0) as bar:
-                results = {eps_key(e): attack_until_converged(ctx.stacked_fn, test, a, e, ctx.weights, ctx.how,
-                                                              ev.batch_size, ctx.device, ctx.cfg.seed, bar)
-                           for e in a.eps}
+                results = {}
+                for e in a.eps:
+                    earlier = parts.get((i, e))
+                    start = time.perf_counter()
+
+                    def on_rung(history, flags, i=i, e=e, earlier=earlier, start=start):
+                        seconds = (earlier["seconds"] if earlier else 0.0) + time.perf_counter() - start
+                        if kept is not None:
+                            save_part(part(i, e), {"history": history, "flags": flags, "seconds": seconds})
+                        if ctx.log is not None:
+                            ctx.log(f"evaluation: {a.name} eps {e}: {history[-1][0]} steps, accuracy "
+                                    f"{history[-1][1]:.4f} ({seconds:.0f} s)")
+
+                    results[eps_key(e)] = attack_until_converged(
+                        ctx.stacked_fn, test, a, e, ctx.weights, ctx.how, ev.batch_size, ctx.device, ctx.cfg.seed,
+                        bar, earlier, on_rung)
             for e in a.eps:
                 r, flags = results[eps_key(e)]
                 report.add(f"robust_acc/{a.name}/{eps_key(e)}", r["acc"], attack=a.name,
