@@ -131,15 +131,15 @@ def test_masking_flags_become_mlflow_tags(tmp_path):
     assert client.get_run(clean).data.tags["raysweep.masking"] == "none"
 
 
-def _evaluate_until(ckpt, out, keep, pattern: str, poll: float = 0.02) -> Path:
-    """evaluate_checkpoint in its own process with resume_dir `keep`, SIGKILLed as soon as a file matching
-    `pattern` (under keep) appears; returns the kept folder."""
+def _evaluate_until(ckpt, out, keep, pattern: str, poll: float = 0.02, first: str = "") -> Path:
+    """evaluate_checkpoint in its own process with resume_dir `keep` (after the statements `first`),
+    SIGKILLed as soon as a file matching `pattern` (under keep) appears; returns the kept folder."""
     import signal
     import subprocess
     import sys
     import time
 
-    code = ("import sys; from raysweep.run import evaluate_checkpoint; "
+    code = (f"import sys; {first}\nfrom raysweep.run import evaluate_checkpoint; "
             "evaluate_checkpoint(sys.argv[1], None, sys.argv[2], progress=False, resume_dir=sys.argv[3])")
     proc = subprocess.Popen([sys.executable, "-c", code, str(ckpt), str(out), str(keep)])
     try:
@@ -229,3 +229,36 @@ def test_an_evaluation_killed_mid_ladder_continues_from_its_finished_attack_runs
     ran = [line for line in lines if line.startswith("evaluation: pgd_ladder eps")]
     assert len(ran) == rungs - kept_rungs  # the finished runs were not run again
     assert resumed["eval_stage_seconds"]["attacks"] >= sum(p["seconds"] for p in kept.values())
+
+
+def test_an_evaluation_killed_within_a_uap_eps_continues_from_its_last_saved_iteration(trained_synthetic, tmp_path):
+    """One eps of the paper's UAP protocol on a 9-member ensemble runs for over an hour here. Killed
+    within an eps, evaluation started again continues that eps from its last saved iteration (deltas,
+    crafting order, generator) and crafts exactly the UAP the uninterrupted evaluation crafts."""
+    from safetensors.torch import load_file
+
+    from raysweep.core.checkpoint import save_checkpoint
+    from raysweep.run import evaluate_checkpoint
+
+    cfg0, data, ensemble = trained_synthetic
+    uap = {"eps": [0.1, 0.2], "seeds": 3, "iterations": 150, "batch_size": 32, "selection_size": 200}
+    cfg = make_cfg(**{**cfg0.model_dump(), "eval": {"uap": uap, "jacobian_samples": 0, "diversity_samples": 0}})
+    ckpt = save_checkpoint(tmp_path / "ckpt", ensemble, cfg, data.image_shape, data.num_classes, data.mean, data.std)
+    whole = evaluate_checkpoint(ckpt, None, tmp_path / "whole", progress=False)
+
+    keep = tmp_path / "keep"
+    folder = _evaluate_until(ckpt, tmp_path / "cut", keep, "*/uap/eps_0.1.running.pt", poll=0.01,
+                             first="import raysweep.evaluation.uap as u; u.SAVE_EVERY_S = 0")
+    assert not list((folder / "uap").glob("eps_0.1.pt")), "the kill did not land within the first eps"
+    state = torch.load(folder / "uap" / "eps_0.1.running.pt", weights_only=True)
+    assert 0 < state["iteration"] < 150
+
+    resumed = evaluate_checkpoint(ckpt, None, tmp_path / "resumed", progress=False, resume_dir=keep)
+    went_on = resumed["uap_protocol"]["continued_eps"]["0.1"]
+    assert went_on >= state["iteration"]  # the file may have been saved again before the kill landed
+    assert resumed["results"] == whole["results"]
+    got, want = (load_file(tmp_path / run / "uap.safetensors") for run in ("resumed", "whole"))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert not list((folder / "uap").glob("*.running.pt"))  # each finished eps removes its running state

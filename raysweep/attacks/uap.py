@@ -47,16 +47,28 @@ def seeds_per_forward(seeds: int, batch_size: int, device, images: int | None = 
 def sgd_uap(stacked_fn, craft: Split, init: torch.Tensor, eps: float, iterations: int, batch_size: int,
             step_size: float, objective: str, weights, how: str, step_rule: str = "sign",
             generator: torch.Generator | None = None, device="cpu", progress=None,
-            chunk: int | None = None) -> torch.Tensor:
+            chunk: int | None = None, state: dict | None = None, on_state=None) -> torch.Tensor:
     """Deltas [S,C,H,W] maximising sum_i L(F(clip(x_i + delta_s, 0, 1)), y_i) for each seed s.
-    `chunk` seeds share a forward pass (default: seeds_per_forward)."""
+    `chunk` seeds share a forward pass (default: seeds_per_forward).
+
+    `on_state(state)` is called after each iteration with everything the loop carries (the deltas, the
+    crafting order and position, the generator's state); given back as `state`, the loop continues from
+    there exactly as if it had not stopped (init is then ignored)."""
+    if (state is not None or on_state is not None) and generator is None:
+        raise ValueError("sgd_uap: a run that saves or continues its state needs its own generator")
     loss_fn = get_objective(objective)
-    deltas = init.to(device).clone()
-    chunk = chunk or seeds_per_forward(deltas.shape[0], batch_size, device)
     ascent = Ascent(step_rule, "linf", step_size)
-    order = torch.randperm(len(craft), generator=generator)
-    pos = 0
-    for _ in range(iterations):
+    if state is None:
+        deltas, first = init.to(device).clone(), 0
+        order, pos = torch.randperm(len(craft), generator=generator), 0
+    else:
+        deltas, first = state["deltas"].to(device), state["iteration"]
+        order, pos = state["order"], state["pos"]
+        generator.set_state(state["generator"])
+        if progress is not None:
+            progress.update(first)
+    chunk = chunk or seeds_per_forward(deltas.shape[0], batch_size, device)
+    for it in range(first, iterations):
         if pos + batch_size > len(order):
             order, pos = torch.randperm(len(craft), generator=generator), 0
         x, y = craft.batch(order[pos:pos + batch_size], device)
@@ -71,6 +83,9 @@ def sgd_uap(stacked_fn, craft: Split, init: torch.Tensor, eps: float, iterations
             deltas = ascent(deltas.detach(), grad).clamp(-eps, eps)
         if progress is not None:
             progress.update(1)
+        if on_state is not None and it + 1 < iterations:
+            on_state({"iteration": it + 1, "deltas": deltas.cpu(), "order": order, "pos": pos,
+                      "generator": generator.get_state()})
     return deltas.detach()
 
 
@@ -88,12 +103,14 @@ def uap_accuracy(stacked_fn, split: Split, deltas: torch.Tensor, weights, how: s
 
 
 def evaluate_uap(stacked_fn, craft: Split, test: Split, cfg: UAPConfig, weights, how: str, batch_size: int,
-                 device, seed: int = 0, progress=None, done: dict | None = None, on_eps=None) -> dict:
+                 device, seed: int = 0, progress=None, done: dict | None = None, on_eps=None,
+                 started: dict | None = None, on_state=None) -> dict:
     """Per eps: craft cfg.seeds UAPs, keep the one with the highest attack success on
     cfg.selection_size crafting images, report its accuracy on the whole test split.
     Each eps draws from its own generator, so an eps may be computed apart from the others: `done`
     ({eps: (acc, delta)}) holds the ones an earlier, interrupted evaluation finished (skipped here), and
-    `on_eps(eps, acc, delta)` is called as each of the others ends."""
+    `on_eps(eps, acc, delta)` is called as each of the others ends. Within an eps, `on_state(eps, state)`
+    passes on sgd_uap's state after each iteration, and `started` ({eps: state}) continues from one."""
     acc, chosen = {}, {}
     select = craft.head(cfg.selection_size)
     for eps in cfg.eps:
@@ -105,7 +122,9 @@ def evaluate_uap(stacked_fn, craft: Split, test: Split, cfg: UAPConfig, weights,
         gen = generator(seed, "uap", str(eps))
         init = uap_init(cfg.seeds, craft.x.shape[1:], eps, gen)
         deltas = sgd_uap(stacked_fn, craft, init, eps, cfg.iterations, cfg.batch_size, cfg.step_size or eps / 20,
-                         cfg.objective, weights, how, cfg.step_rule, gen, device, progress)
+                         cfg.objective, weights, how, cfg.step_rule, gen, device, progress,
+                         state=(started or {}).get(eps),
+                         on_state=None if on_state is None else lambda state, eps=eps: on_state(eps, state))
         best = uap_accuracy(stacked_fn, select, deltas, weights, how, batch_size, device).argmin()
         chosen[eps] = deltas[best].cpu()
         acc[eps] = uap_accuracy(stacked_fn, test, deltas[best:best + 1], weights, how, batch_size, device).item()

@@ -3,7 +3,8 @@ stage of a 9-member LeNet-5 ensemble at the paper's protocol with 20 starts: 71 
 PGD ladder at 10 000 images: a single model's 750 s per eps, nine times over), so a run cut off
 mid-evaluation (a killed process, a machine handed back) keeps what it finished: each evaluation
 stage's share of the report is saved as the stage ends, and a stage may keep parts of its own (the
-UAP stage, each eps; the attacks stage, each finished run of each eps's step-doubling ladder).
+UAP stage, each eps, and every minute the eps under way; the attacks stage, each finished run of each
+eps's step-doubling ladder).
 Everything is kept under a folder named after a digest of the run's identity (its config without
 `executor`: config.run_identity) and the members' weights, so a saved part is only ever read back for
 the very ensemble and evaluation that made it; the folders of other digests are removed when a new

@@ -15,6 +15,8 @@ from raysweep.evaluation.metrics import mean, weighted_accuracy
 from raysweep.evaluation.report import eps_key
 from raysweep.evaluation.resume import load_part, save_part
 
+SAVE_EVERY_S = 60.0  # how often the eps under way is saved: a minute of work at most is lost to a kill
+
 
 @register
 class UniversalPerturbations(Evaluation):
@@ -27,25 +29,39 @@ class UniversalPerturbations(Evaluation):
     def run(self, ctx, report) -> None:
         u, ev, data = self.cfg, ctx.cfg.eval, ctx.data
         craft = data.train if u.craft_on == "train" else data.test
-        kept = ctx.kept(self.key)  # each eps takes up to an hour for a large ensemble: keep each as it ends
-        part = lambda eps: kept / f"eps_{eps_key(eps)}.pt"  # noqa: E731
+        # Each eps takes up to hours for a large ensemble: keep each as it ends (eps_<eps>.pt), and the
+        # one under way every SAVE_EVERY_S (eps_<eps>.running.pt: its iteration, deltas and generator).
+        kept = ctx.kept(self.key)
+        part = lambda eps, what="": kept / f"eps_{eps_key(eps)}{what}.pt"  # noqa: E731
         parts = {} if kept is None else {e: p for e in u.eps if (p := load_part(part(e)))}
+        running = {} if kept is None else {e: r for e in u.eps if e not in parts
+                                           and (r := load_part(part(e, ".running")))}
         done = {e: (p["acc"], p["delta"]) for e, p in parts.items()}
-        ctx.kept_seconds[self.key] = sum(p.get("seconds", 0.0) for p in parts.values())  # older parts: not recorded
+        # older parts recorded no seconds
+        ctx.kept_seconds[self.key] = sum(p.get("seconds", 0.0) for p in [*parts.values(), *running.values()])
+        last = {"start": time.perf_counter(), "saved": time.perf_counter()}  # when this eps began, last save
+        before = lambda eps: running[eps]["seconds"] if eps in running else 0.0  # noqa: E731 - earlier processes
+
+        def on_state(eps, state):
+            now = time.perf_counter()
+            if kept is not None and now - last["saved"] >= SAVE_EVERY_S:
+                save_part(part(eps, ".running"), {**state, "seconds": before(eps) + now - last["start"]})
+                last["saved"] = now
 
         def on_eps(eps, acc, delta):
             now = time.perf_counter()
+            seconds = before(eps) + now - last["start"]
             if kept is not None:
-                save_part(part(eps), {"acc": acc, "delta": delta, "seconds": now - last[0]})
+                save_part(part(eps), {"acc": acc, "delta": delta, "seconds": seconds})
+                part(eps, ".running").unlink(missing_ok=True)
             if ctx.log is not None:
-                ctx.log(f"evaluation: uap eps {eps}: accuracy {acc:.4f} ({now - last[0]:.0f} s)")
-            last[0] = now
+                ctx.log(f"evaluation: uap eps {eps}: accuracy {acc:.4f} ({seconds:.0f} s)")
+            last["start"] = now
 
-        last = [time.perf_counter()]  # when the previous eps ended: each eps's own seconds
         with tqdm(total=u.iterations * len(u.eps), desc="UAP", unit="it", disable=not ctx.progress, leave=False,
                   mininterval=1.0) as bar:
             res = evaluate_uap(ctx.stacked_fn, craft, data.test, u, ctx.weights, ctx.how, ev.batch_size, ctx.device,
-                               ctx.cfg.seed, bar, done, on_eps)
+                               ctx.cfg.seed, bar, done, on_eps, running, on_state)
         meta = {"attack": "uap", "objective": u.objective, "norm": "linf", "images": len(data.test),
                 "steps": u.iterations, "seeds": u.seeds}
         for e, acc in res["acc"].items():
@@ -59,6 +75,8 @@ class UniversalPerturbations(Evaluation):
             uap_protocol={"seeds": u.seeds, "iterations": u.iterations, "batch_size": u.batch_size,
                           "craft_on": u.craft_on, "selection_size": min(u.selection_size, len(craft)),
                           "objective": u.objective, "step_rule": u.step_rule,
-                          **({"resumed_eps": sorted(done)} if done else {})})  # computed by an interrupted process
+                          **({"resumed_eps": sorted(done)} if done else {}),  # computed by an interrupted process
+                          **({"continued_eps": {eps_key(e): r["iteration"] for e, r in running.items()}}
+                             if running else {})})  # begun by one: eps -> the iteration it went on from
         report.artifacts["uap_deltas"] = res["deltas"]
         report.artifacts["uap_example"] = data.test.batch(torch.tensor([0]))[0][0]  # for the picture
