@@ -2,8 +2,8 @@
 GPU share each, so a 2-core machine runs two at once and a cluster runs many), every run recorded
 in MLflow, results cached per variant so a re-run or an interrupted run only does what is missing; a
 variant interrupted while training continues from its last finished epoch, and one interrupted while
-evaluated from its last finished evaluation stage or UAP eps (`.partial/` in the study's folder holds
-them meanwhile).
+evaluated from its last saved evaluation part (evaluation/resume.py: a stage, an attack run, a UAP
+eps or its last minute; `.partial/` in the study's folder holds them meanwhile).
 
 Study file (search_spaces/reproduce/*.yaml):
     study: NAME
@@ -174,7 +174,7 @@ def _run_variant(raw: dict, uri: str | None, experiment: str, tags: dict,
 
     On the driver's node (`driver_node`; None: this process is the driver), the task works in
     `partial`, a folder of the driver's that outlives the task: the members and the trainer's state
-    are saved there after every epoch, and each evaluation stage (each UAP eps) as it ends, so a study
+    are saved there after every epoch, and the evaluation's parts as they end, so a study
     started again continues the variant from its last saved epoch or stage; the driver removes it once
     it holds the variant's files. On another node the task works in a scratch folder of its own."""
     import ray
