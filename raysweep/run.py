@@ -4,7 +4,10 @@ accuracy, then every registered evaluation whose eval section is on (evaluation/
 order), then the per-image worst case over the attacks at each eps."""
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,7 +18,7 @@ from tqdm.auto import tqdm
 
 from raysweep import plots
 from raysweep.config import RunConfig, checkpoint_config, dump_config, run_identity, validate_config
-from raysweep.core.checkpoint import load, save_checkpoint
+from raysweep.core.checkpoint import MANIFEST_FILE, load, save_checkpoint
 from raysweep.core.data import Dataset, load_dataset
 from raysweep.core.ensemble import Ensemble
 from raysweep.errors import UserError
@@ -25,13 +28,43 @@ from raysweep.members import make_local_executor
 from raysweep.training.trainer import fit
 
 
+def train_surrogate(raw: dict, data: Dataset, progress: bool = True, shared: str | Path | None = None,
+                    log=None) -> Ensemble:
+    """Trains a transfer surrogate (a raw run config, evaluation/transfer.py). With `shared`, a folder
+    the runs of a study share, a surrogate trained there before for the same training (name and eval
+    aside) is loaded instead: a type I surrogate drops every defence, so it is the same for every
+    variant at a seed, and on this CPU it costs more than the variant itself. One cut off while training
+    continues from its last epoch."""
+    cfg = validate_config(raw, "of a transfer surrogate")
+    if shared is None:
+        return fit(cfg, data, progress).ensemble
+    identity = run_identity(cfg.model_copy(update={"name": "surrogate"}), training=True)
+    folder = Path(shared) / hashlib.sha256(identity.encode()).hexdigest()[:20]
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a run that needs the same surrogate meanwhile waits, then loads it
+        done = folder / "checkpoint"
+        if (done / MANIFEST_FILE).is_file():
+            if log is not None:
+                log(f"evaluation: transfer surrogate {cfg.model.arch} (seed {cfg.seed}) loaded from {folder}")
+            return load(done)
+        ensemble = fit(cfg, data, progress, resume_dir=folder / "epochs").ensemble
+        tmp = folder / "checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_checkpoint(tmp, ensemble, cfg, data.image_shape, data.num_classes, data.mean, data.std)
+        tmp.rename(done)  # whole or absent: a kill mid-save leaves only checkpoint.tmp
+        shutil.rmtree(folder / "epochs", ignore_errors=True)
+        return ensemble
+
+
 def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool = True,
-             resume_dir: str | Path | None = None, log=None) -> EvalReport:
+             resume_dir: str | Path | None = None, log=None, surrogates: str | Path | None = None) -> EvalReport:
     """The EvalReport of the ensemble under cfg.eval (its metrics.json is report.to_json()).
     `resume_dir`: a folder that outlives the process; each stage's share of the report is saved there as
     it ends, and an evaluation of the same ensemble and config started again loads the stages it finds
     instead of running them (evaluation/resume.py). Their seconds are the ones measured when they ran.
-    `log(line)`: a line as each stage (each UAP eps, each attack run) ends, for logs where no progress bar shows."""
+    `log(line)`: a line as each stage (each UAP eps, each attack run) ends, for logs where no progress bar shows.
+    `surrogates`: a folder of transfer surrogates that runs share (train_surrogate)."""
     start = time.perf_counter()
     e = cfg.executor  # evaluation runs in fp32 whatever train.precision says (docs/performance.md)
     ex = make_local_executor(list(ensemble.members), e.vectorize, e.device, e.channels_last, e.compile)
@@ -39,7 +72,7 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
         ex.train(False)
         keep = None if resume_dir is None else resume.folder_for(Path(resume_dir), ensemble, run_identity(cfg))
         ctx = EvalContext(cfg, ensemble, data, ex, progress=progress, keep=keep, log=log,
-                          train=lambda raw: fit(validate_config(raw, "of a transfer surrogate"), data, progress).ensemble)
+                          train=lambda raw: train_surrogate(raw, data, progress, surrogates, log))
         report = EvalReport()
         clean, members = accuracies(ctx.stacked_fn, data.test, ctx.weights, ctx.how, cfg.eval.batch_size, ctx.device)
         report.add("clean_acc", clean, images=len(data.test))
@@ -100,12 +133,13 @@ def ensure_writable(out: Path, flag: str = "--out") -> None:
 
 def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, callbacks=(),
                        ray_storage: str | None = None, epoch_metrics=None, data: Dataset | None = None,
-                       resume_dir: str | Path | None = None, eval_log=None) -> dict:
+                       resume_dir: str | Path | None = None, eval_log=None,
+                       surrogates: str | Path | None = None) -> dict:
     """`data`: cfg's dataset when the caller loaded it already (a sweep's pack of trials loads it once).
     `resume_dir` (local executor only): a folder that outlives the process. Training saves each epoch
     there and continues from it after an interruption (fit), and evaluation each finished stage under
-    eval/ (evaluate). A Ray executor run keeps its own checkpoints in `ray_storage` and resumes from
-    them when its worker group restarts within the run, not across calls.
+    eval/ (evaluate). `surrogates`: see evaluate. A Ray executor run keeps its own checkpoints in
+    `ray_storage` and resumes from them when its worker group restarts within the run, not across calls.
     `callbacks` (train.fit hooks) run in this process, so with the local executor only. A Ray run
     inside a Tune trial relays `epoch_metrics(row)` of each epoch to Tune instead (see fit_on_ray).
     `ray_storage`: where a Ray executor run keeps its checkpoints when executor.ray.storage is unset
@@ -124,7 +158,8 @@ def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, c
     save_checkpoint(out / "checkpoint", result.ensemble, cfg, data.image_shape, data.num_classes, data.mean, data.std)
     try:
         report = evaluate(result.ensemble, data, cfg, progress=progress,
-                          resume_dir=None if resume_dir is None else Path(resume_dir) / "eval", log=eval_log)
+                          resume_dir=None if resume_dir is None else Path(resume_dir) / "eval", log=eval_log,
+                          surrogates=surrogates)
     except Exception:
         print(f"raysweep: evaluation failed; the trained ensemble is saved: re-evaluate it with "
               f"`raysweep evaluate {out / 'checkpoint'}`", file=sys.stderr)
@@ -138,12 +173,12 @@ def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, c
 
 
 def evaluate_checkpoint(path: str | Path, cfg: RunConfig | None, out: str | Path, progress: bool = True,
-                        resume_dir: str | Path | None = None, log=None) -> dict:
+                        resume_dir: str | Path | None = None, log=None, surrogates: str | Path | None = None) -> dict:
     cfg = cfg or checkpoint_config(path)
     ensure_writable(Path(out))
     ensemble = load(path)
     report = evaluate(ensemble, load_dataset(cfg.data, cfg.seed), cfg, progress=progress, resume_dir=resume_dir,
-                      log=log)
+                      log=log, surrogates=surrogates)
     metrics = report.to_json()
     _write_results(Path(out), cfg, metrics, report.artifacts)
     return metrics

@@ -120,6 +120,9 @@ def test_fit_continues_after_an_interruption_from_its_resume_dir(tmp_path, metho
             assert torch.equal(pa, pb)
     assert _saved_epochs(tmp_path, cfg)["trainer"]["train_state"]["step"] == whole.state.step
     assert _saved_epochs(tmp_path, make_cfg(**{**cfg.model_dump(), "seed": 1})) is None  # another config's
+    # Training never reads `eval`: a study whose evaluation changed keeps the epochs it trained.
+    other_eval = make_cfg(**{**cfg.model_dump(), "eval": {"uap": None, "jacobian_samples": 7}})
+    assert _saved_epochs(tmp_path, other_eval)["trainer"]["train_state"]["step"] == whole.state.step
 
 
 def test_an_unreadable_training_state_is_ignored_not_fatal(tmp_path, capsys):

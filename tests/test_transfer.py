@@ -39,3 +39,30 @@ def test_transfer_from_self_trained_surrogate(trained_synthetic):
     assert at0["target_acc"] == clean  # eps 0: the clean images
     assert at3["surrogate_acc"] < 0.2  # white-box on the surrogate
     assert at3["target_acc"] < clean - 0.2  # the examples transfer
+
+
+def test_runs_sharing_a_surrogate_folder_train_each_surrogate_once(trained_synthetic, tmp_path):
+    """A type I surrogate drops every defence, so the variants of a study at one seed need the same one
+    (on this CPU it costs more than a LeNet-5 variant): with a shared folder it is trained once and
+    loaded after, and the evaluation is exactly the one that trained its own. A type II surrogate that
+    keeps a defence is its own."""
+    from raysweep.run import evaluate
+
+    cfg, data, target = trained_synthetic
+    transfer = [{"name": n, "type": n, "arch": "small_cnn", "samples": 100, "attack": {**ATTACK, "eps": [0.3]}}
+                for n in ("I", "II")]
+    eval_cfg = {"uap": None, "jacobian_samples": 0, "diversity_samples": 0, "transfer": transfer}
+    joint = {**cfg.model_dump(), "ensemble": {"k": 3, "method": "joint"}, "eval": eval_cfg}  # as PDD + DEG's
+    baseline = make_cfg(**{**joint, "name": "baseline"})
+    deg = make_cfg(**{**joint, "name": "deg", "train": {**cfg.train.model_dump(), "deg": {}}})
+    shared, lines = tmp_path / "surrogates", []
+    first = evaluate(target, data, baseline, progress=False, surrogates=shared, log=lines.append)
+    assert sum("loaded" in line for line in lines) == 1  # the baseline's type II is its type I
+    lines.clear()
+    second = evaluate(target, data, deg, progress=False, surrogates=shared, log=lines.append)
+    assert sum("loaded" in line for line in lines) == 1  # type I loaded, type II (with DEG) trained
+    assert len([p for p in shared.iterdir() if (p / "checkpoint").is_dir()]) == 2
+
+    alone = evaluate(target, data, deg, progress=False)
+    assert second.results == alone.results
+    assert first.results["transfer_acc/I/0.3"] == second.results["transfer_acc/I/0.3"]

@@ -115,21 +115,26 @@ def dump_config(cfg: RunBase) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def run_identity(cfg: RunBase) -> str:
+def run_identity(cfg: RunBase, training: bool = False) -> str:
     """What a run computes, as text: its config without `executor`. Every executor gives the same numbers
     (to float rounding; tests hold them to 1e-5), so the run's identity leaves out where and how its
-    members are computed (local or Ray, loop or vmap, NCHW or NHWC, eager or compiled)."""
+    members are computed (local or Ray, loop or vmap, NCHW or NHWC, eager or compiled). `training`: what
+    its training computes, without `eval` too (training never reads it)."""
     raw = cfg.model_dump(mode="json")
     raw.pop("executor", None)
+    if training:
+        raw.pop("eval", None)
     return yaml.safe_dump(raw, sort_keys=False)
 
 
-def same_run(saved: str, cfg: RunBase) -> bool:
+def same_run(saved: str, cfg: RunBase, training: bool = False) -> bool:
     """Whether a config saved with earlier work (a finished run's config.yaml, saved epochs) describes the
     run `cfg`, so that work is reused. The saved text is validated again first: a field added to the
-    schema since takes its default, and a change of executor settings alone keeps the work."""
+    schema since takes its default, and a change of executor settings alone keeps the work. `training`:
+    the work is training alone (saved epochs), which a change of `eval` keeps too."""
     try:
-        return run_identity(validate_config(yaml.safe_load(saved), "saved with earlier work")) == run_identity(cfg)
+        earlier = validate_config(yaml.safe_load(saved), "saved with earlier work")
+        return run_identity(earlier, training) == run_identity(cfg, training)
     except (ConfigError, yaml.YAMLError):
         return False  # a field since removed or renamed, or a damaged file: not this run
 

@@ -143,6 +143,7 @@ def load_study(path: str | Path) -> Study:
 
 LOG_LINE = r": (epoch \d+/\d+  loss |evaluation: )"  # what a variant's epoch and evaluation lines have
 PARTIAL = ".partial"  # under a study's folder: runs cut off, by epoch and evaluation stage
+SURROGATES = "surrogates"  # under a study's folder: transfer surrogates its variants share (not in git: retrained)
 
 
 def _cached(out: Path, cfg: RunConfig) -> dict | None:
@@ -168,7 +169,7 @@ def _write_files(files: dict[str, bytes], root: Path) -> None:
 
 def _run_variant(raw: dict, uri: str | None, experiment: str, tags: dict,
                  checkpoint: dict[str, bytes] | None, partial: str | None,
-                 driver_node: str | None = None) -> tuple[dict, dict[str, bytes]]:
+                 driver_node: str | None = None, surrogates: str | None = None) -> tuple[dict, dict[str, bytes]]:
     """One Ray task: train + evaluate (or, given a checkpoint's files, evaluate that checkpoint under
     this config's eval), recorded as one MLflow run. Returns (metrics, the run directory's files).
 
@@ -176,7 +177,9 @@ def _run_variant(raw: dict, uri: str | None, experiment: str, tags: dict,
     `partial`, a folder of the driver's that outlives the task: the members and the trainer's state
     are saved there after every epoch, and the evaluation's parts as they end, so a study
     started again continues the variant from its last saved epoch or stage; the driver removes it once
-    it holds the variant's files. On another node the task works in a scratch folder of its own."""
+    it holds the variant's files. On another node the task works in a scratch folder of its own.
+    `surrogates`: the study's folder of transfer surrogates, shared by its variants on the driver's node
+    (run.train_surrogate): a type I surrogate is trained once per seed, not once per variant."""
     import ray
 
     from raysweep.run import evaluate_checkpoint, train_and_evaluate
@@ -186,6 +189,7 @@ def _run_variant(raw: dict, uri: str | None, experiment: str, tags: dict,
     here = driver_node is None or ray.get_runtime_context().get_node_id() == driver_node
     with tempfile.TemporaryDirectory(prefix="raysweep-") as tmp:
         work = Path(partial) if partial and here else Path(tmp)
+        shared = surrogates if here else None
         out = work / "run"
         shutil.rmtree(out, ignore_errors=True)  # an interrupted attempt's outputs; only epochs/ carries over
         if checkpoint:
@@ -203,9 +207,9 @@ def _run_variant(raw: dict, uri: str | None, experiment: str, tags: dict,
         def run():
             if checkpoint:
                 return evaluate_checkpoint(Path(tmp) / "checkpoint", cfg, out, progress=False, resume_dir=work / "eval",
-                                           log=line)
+                                           log=line, surrogates=shared)
             return train_and_evaluate(cfg, out, progress=False, callbacks=(epoch_line,), resume_dir=work / "epochs",
-                                      eval_log=line)
+                                      eval_log=line, surrogates=shared)
 
         if uri is None:
             metrics = run()
@@ -246,7 +250,8 @@ def run_jobs(jobs: list[Job], out: Path, study: str, *, uri: str | None, experim
                            {"raysweep.kind": "reproduce", "raysweep.study": study, "raysweep.variant": j.key},
                            _files(Path(j.checkpoint)) if j.checkpoint else None,
                            str((out / PARTIAL / j.key).resolve()),
-                           ray.get_runtime_context().get_node_id()): j for j in todo}
+                           ray.get_runtime_context().get_node_id(),
+                           str((out / SURROGATES).resolve())): j for j in todo}
     done_count = len(results)
     # SIGTERM stops a study as Ctrl-C does: a study started in the background with `&` ignores SIGINT
     with on_sigterm(_interrupt):

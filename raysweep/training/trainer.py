@@ -217,7 +217,7 @@ def _saved_epochs(folder: Path, cfg: RunConfig) -> dict | None:
         print(f"raysweep: ignoring the unreadable training state {path} ({type(err).__name__}); training from "
               "the start", file=sys.stderr)
         return None
-    return saved if same_run(saved.get("config", ""), cfg) else None
+    return saved if same_run(saved.get("config", ""), cfg, training=True) else None  # an eval change keeps them
 
 
 def _save_epochs(folder: Path, cfg: RunConfig, trainer: Trainer) -> None:
