@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,27 @@ def trained_synthetic():
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    """mlflow_store(folder) -> the URI of a real, empty MLflow store, folder/mlflow.db: a copy of one that
+    MLflow created and migrated once per session (a fresh SQLite store runs ~5 s of schema migrations).
+    The tests of a store's first use (test_tracking_store.py) create theirs from nothing."""
+    template = []
+
+    def make(folder) -> str:
+        if not template:
+            from mlflow import MlflowClient
+
+            db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+            MlflowClient(f"sqlite:///{db}").search_experiments()
+            template.append(db)
+        db = Path(folder) / "mlflow.db"
+        shutil.copyfile(template[0], db)
+        return f"sqlite:///{db}"
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -134,7 +134,7 @@ def test_a_masked_ensemble_is_flagged_and_the_ladder_sees_through_it(trained_syn
     assert all(p["forward"] > 0 for s, p in ladder["passes"].items() if per_eps["seconds"][s] > 0.01)
 
 
-def test_the_champion_is_the_best_candidate_under_the_strong_protocol(trained_synthetic, tmp_path):
+def test_the_champion_is_the_best_candidate_under_the_strong_protocol(trained_synthetic, tmp_path, mlflow_store):
     """The masked ensemble wins the cheap objective (PGD cannot move it) but is flagged under the
     strong protocol: the runner-up is registered and becomes champion; registering the masked one
     afterwards gives it a version, with its flags, but never the alias."""
@@ -151,7 +151,7 @@ def test_the_champion_is_the_best_candidate_under_the_strong_protocol(trained_sy
     table = strong_figures(rows, "cheap", champion, lambda params: raw, tmp_path / "champion", str, progress=False)
     assert [e["trial_id"] for e, _ in table] == ["plain", "masked"]
     assert table[1][0]["masking_flags"] and not table[0][0]["masking_flags"]
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     exp = client.create_experiment("champion")

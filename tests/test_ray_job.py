@@ -44,7 +44,7 @@ def _stop(head: subprocess.Popen) -> None:
             head.wait()
 
 
-def test_ray_job_submit_runs_a_sweep(tmp_path):
+def test_ray_job_submit_runs_a_sweep(tmp_path, mlflow_store):
     temp = Path(tempfile.mkdtemp(prefix="rsj", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     bin_dir = Path(sys.executable).parent
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "token",
@@ -73,7 +73,7 @@ def test_ray_job_submit_runs_a_sweep(tmp_path):
         else:
             pytest.fail("the head's dashboard never answered")
         (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        uri = mlflow_store(tmp_path)
         t0 = time.perf_counter()
         for _ in range(30):  # the dashboard can answer before the job agent is up: nothing ran, try again
             res = subprocess.run([str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir",

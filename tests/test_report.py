@@ -112,12 +112,12 @@ def test_masking_checks_flag_a_gradient_masked_ensemble_and_not_a_plain_one(trai
     assert set(curve_flags(details, 500)) == {"rises_with_eps:a", "not_converged:a/0.1"}
 
 
-def test_masking_flags_become_mlflow_tags(tmp_path):
+def test_masking_flags_become_mlflow_tags(tmp_path, mlflow_store):
     from mlflow import MlflowClient
 
     from raysweep.tracking.runs import experiment_id, log_results
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     metrics = {"schema": 2, "clean_acc": 0.9, "results": {"clean_acc": {"value": 0.9}}, "masking_checks": {},
                "masking_flags": {"vanishing_gradients": "90% of 200 images"}}

@@ -201,7 +201,7 @@ def test_shipped_studies_load():
     assert (repo_root() / "search_spaces" / "reproduce").is_dir()
 
 
-def test_sigterm_stops_a_study_as_ctrl_c_does_and_keeps_its_epochs(tmp_path):
+def test_sigterm_stops_a_study_as_ctrl_c_does_and_keeps_its_epochs(tmp_path, mlflow_store):
     """A fair study runs in the background for hours, where `&` makes it ignore SIGINT: `kill` (SIGTERM)
     is how it is stopped. It ends as interrupted (exit 130, no traceback, no fatal-signal dump), says how
     to continue, and the epochs its variants had finished are saved for that. Its log has every epoch's
@@ -222,7 +222,7 @@ def test_sigterm_stops_a_study_as_ctrl_c_does_and_keeps_its_epochs(tmp_path):
     path.write_text(yaml.safe_dump(spec))
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}  # its own Ray, not another test's
     proc = subprocess.Popen([sys.executable, "-m", "raysweep", "reproduce", "jacobian-ensembles", "--study", str(path),
-                             "--out", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
+                             "--out", str(tmp_path / "runs"), "--tracking-uri", mlflow_store(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     lines, q = [], queue.Queue()
     threading.Thread(target=lambda: [q.put(line) for line in proc.stdout] and None, daemon=True).start()

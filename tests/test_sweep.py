@@ -27,9 +27,9 @@ from raysweep.tracking.registry import _using, register
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_local, tmp_path_factory):
+def sweep(ray_local, tmp_path_factory, mlflow_store):
     tmp = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = mlflow_store(tmp)
     summary = run_sweep(str(write_space(tmp)), out=str(tmp / "out"), tracking=uri, register="synth-ens", progress=False)
     return summary, uri, tmp
 
@@ -177,13 +177,14 @@ def test_evaluate_cli_loads_from_the_registry(sweep, tmp_path):
     assert metrics["clean_acc"] == pytest.approx(summary["best"]["clean_acc"])
 
 
-def test_infeasible_points_are_reported_not_fatal(ray_local, tmp_path):
+def test_infeasible_points_are_reported_not_fatal(ray_local, tmp_path, mlflow_store):
     search = {"objective": "clean_acc", "samples": 4, "seed": 1, "color_by": None,
               "params": {"train.pdd.m": {"int": [2, 5]}}}
     path = write_space(tmp_path, search, ensemble={"k": 3, "method": "joint"},
                   train={"epochs": 1, "optimizer": "adam", "lr": 0.001, "pdd": {"m": 6}},
                   eval={"uap": None, "jacobian_samples": 0, "diversity_samples": 0})
-    summary = run_sweep(str(path), out=str(tmp_path / "out"), tracking=f"sqlite:///{tmp_path / 'm.db'}",
+    uri = mlflow_store(tmp_path)
+    summary = run_sweep(str(path), out=str(tmp_path / "out"), tracking=uri,
                         progress=False, storage=f"file://{tmp_path / 'store'}")  # a pyarrow URI
     assert list((tmp_path / "store" / "synth-1").glob("experiment_state-*.json"))
     best = summary["best"]  # the trial's results are in the storage, where the summary says
@@ -194,7 +195,7 @@ def test_infeasible_points_are_reported_not_fatal(ray_local, tmp_path):
     assert summary["trials"] == 4 and summary["infeasible"] >= 1 and summary["failed"] == 0
     assert summary["finished"] + summary["infeasible"] == 4
     assert summary["best"]["params"]["train.pdd.m"] > 3
-    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    client = MlflowClient(uri)
     _, children = child_runs(client, summary)
     flagged = [r for r in children if "raysweep.infeasible" in r.data.tags]
     assert len(flagged) == summary["infeasible"] and all(r.info.status == "FINISHED" for r in children)
@@ -270,12 +271,12 @@ def test_bad_sweep_input_fails_before_any_trial(tmp_path, capsys, args, message)
     assert "Traceback" not in err and not (tmp_path / "o" / "synth-1").exists()
 
 
-def test_train_cli_records_one_mlflow_run(tmp_path):
+def test_train_cli_records_one_mlflow_run(tmp_path, mlflow_store):
     cfg = {k: v for k, v in BASE.items()}
     cfg["train"] = {**cfg["train"], "epochs": 1}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     res = subprocess.run([sys.executable, "-m", "raysweep", "train", str(path), "--out", str(tmp_path / "r"),
                           "--tracking-uri", uri, "--quiet"], capture_output=True, text=True, timeout=600,
                          cwd=repo_root())
@@ -286,7 +287,7 @@ def test_train_cli_records_one_mlflow_run(tmp_path):
     assert run.data.metrics["clean_acc"] == json.loads((tmp_path / "r" / "metrics.json").read_text())["clean_acc"]
 
 
-def test_asha_stops_trials_and_their_runs_are_closed(ray_local, tmp_path):
+def test_asha_stops_trials_and_their_runs_are_closed(ray_local, tmp_path, mlflow_store):
     """Seed 10 draws learning rates good, bad, good, bad (Optuna's seeded start-up sampling): a trial at
     1e-5 has learnt nothing after one epoch, below the rung's median, and ASHA must stop it."""
     search = {"samples": 4, "max_concurrent": 1, "seed": 10, "color_by": None,
@@ -294,7 +295,7 @@ def test_asha_stops_trials_and_their_runs_are_closed(ray_local, tmp_path):
               "asha": {"metric": "probe_acc", "grace_period": 1, "reduction_factor": 2}}
     path = write_space(tmp_path, search, train={"epochs": 3, "optimizer": "adam", "lr": 0.001,
                                            "probe": {"eps": 0.02, "steps": 2, "samples": 64}})
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path)
     summary = run_sweep(str(path), out=str(tmp_path / "out"), tracking=uri, progress=False)
     assert summary["finished"] + summary["stopped_early"] == 4 and summary["finished"] >= 1
     assert summary["stopped_early"] >= 1, "ASHA stopped no trial: the test would not see a broken scheduler"
@@ -324,7 +325,7 @@ def test_the_epoch_relay_loads_without_the_sweep_stack():
     assert res.stdout.decode().split() == ["run-1", "[]"]
 
 
-def test_sweep_of_ray_executor_trials(ray_local, tmp_path):
+def test_sweep_of_ray_executor_trials(ray_local, tmp_path, mlflow_store):
     """Each trial trains with one Ray Train worker per member; a trial holds 0.5 + 2 x 0.5 CPUs, so the
     2-CPU cluster runs one trial at a time. Epochs reach Tune (ASHA) and MLflow as they end, relayed
     from the workers; Ray Train's checkpoints go to the sweep's storage. Seed 10 draws a good then a bad
@@ -340,7 +341,7 @@ def test_sweep_of_ray_executor_trials(ray_local, tmp_path):
     from raysweep.sweeps.tune import _max_concurrent
 
     assert _max_concurrent(load_search_space(path)) == 1
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path)
     other = subprocess.Popen([sys.executable, "-c", "import ray, time; ray.init(address='local', num_cpus=0, "
                               "include_dashboard=False); print('up', flush=True); time.sleep(600)"],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -390,7 +391,7 @@ def test_shipped_search_spaces_load_and_sample(name):
     assert feasible >= 1
 
 
-def test_failed_trials_are_recorded_failed_and_the_sweep_goes_on(ray_local, tmp_path):
+def test_failed_trials_are_recorded_failed_and_the_sweep_goes_on(ray_local, tmp_path, mlflow_store):
     """Seed 0 draws mnist, synthetic, mnist; MNIST is not on this machine and downloads are off, so two
     trials raise at data loading. Their MLflow runs end FAILED, keeping the params they had logged.
     Packed two to a Tune trial (search.pack): the failed first trial of a pack does not stop its second,
@@ -401,7 +402,7 @@ def test_failed_trials_are_recorded_failed_and_the_sweep_goes_on(ray_local, tmp_
     empty.mkdir()
     path = write_space(tmp_path, search, data={**BASE["data"], "download": False, "data_dir": str(empty)},
                   eval={"uap": None, "jacobian_samples": 0, "diversity_samples": 0})
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path)
     summary = run_sweep(str(path), out=str(tmp_path / "out"), tracking=uri, progress=False)
     assert (summary["failed"], summary["finished"]) == (2, 1)
     _, children = child_runs(MlflowClient(uri), summary)

@@ -44,12 +44,12 @@ def _trial_runs(client):
     return [r for r in client.search_runs([exp]) if r.data.tags.get("raysweep.kind") == "trial"]
 
 
-def test_killed_sweep_resumes_exactly_as_it_was_started(tmp_path):
+def test_killed_sweep_resumes_exactly_as_it_was_started(tmp_path, mlflow_store):
     """SIGKILL of the whole sweep after one trial; --resume with no --set keeps the original override
     (every trial's MLflow params say so), re-runs none of the finished trials, and the Optuna study
     on disk holds every trial."""
     path = write_space(tmp_path, {"samples": 3, "max_concurrent": 1})
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     cmd = [sys.executable, "-m", "raysweep", "sweep", str(path), "--out", str(tmp_path / "out"), "--tracking-uri",
            uri, "--quiet"]
     proc, env = _start_sweep(tmp_path, cmd + ["--set", "data.train_size=192"])
@@ -96,12 +96,12 @@ def test_killed_sweep_resumes_exactly_as_it_was_started(tmp_path):
                                            for t in reruns)
 
 
-def test_a_stopped_sweeps_open_runs_are_closed_as_what_they_are(tmp_path):
+def test_a_stopped_sweeps_open_runs_are_closed_as_what_they_are(tmp_path, mlflow_store):
     """A trial reports its result, then closes its run FINISHED: a sweep killed in between leaves a
     recorded trial with a RUNNING run, which resume closes FINISHED; a run cut off mid-trial, KILLED."""
     from raysweep.sweeps.ledger import TRIALS, _close_open_runs, _write_record
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     exp = client.create_experiment("raysweep")
     parent = client.create_run(exp).info.run_id
@@ -115,7 +115,7 @@ def test_a_stopped_sweeps_open_runs_are_closed_as_what_they_are(tmp_path):
         "recorded": "FINISHED", "cut": "KILLED", "failed": "KILLED"}
 
 
-def test_a_start_killed_before_ray_answers_leaves_nothing_in_the_way(tmp_path):
+def test_a_start_killed_before_ray_answers_leaves_nothing_in_the_way(tmp_path, mlflow_store):
     """SIGKILL of a sweep while it reaches Ray (a head that accepts the connection and never answers):
     the same command, run again against a working Ray, runs the whole sweep."""
     silent = socket.socket()
@@ -123,7 +123,7 @@ def test_a_start_killed_before_ray_answers_leaves_nothing_in_the_way(tmp_path):
     silent.listen(8)
     path = write_space(tmp_path, {"samples": 1})
     cmd = [sys.executable, "-m", "raysweep", "sweep", str(path), "--out", str(tmp_path / "out"), "--tracking-uri",
-           f"sqlite:///{tmp_path / 'mlflow.db'}", "--quiet"]
+           mlflow_store(tmp_path), "--quiet"]
     env = {**os.environ, "RAY_ADDRESS": "local"}
     proc = subprocess.Popen(cmd + ["--address", f"127.0.0.1:{silent.getsockname()[1]}"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -142,9 +142,9 @@ def test_a_start_killed_before_ray_answers_leaves_nothing_in_the_way(tmp_path):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["finished"] == 1
 
 
-def test_sigint_ends_the_sweep_as_interrupted(tmp_path):
+def test_sigint_ends_the_sweep_as_interrupted(tmp_path, mlflow_store):
     path = write_space(tmp_path, {"samples": 3, "max_concurrent": 1})
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     cmd = [sys.executable, "-m", "raysweep", "sweep", str(path), "--out", str(tmp_path / "out"), "--tracking-uri",
            uri, "--quiet"]
     proc, _ = _start_sweep(tmp_path, cmd)
