@@ -49,8 +49,8 @@ def test_runs_sharing_a_surrogate_folder_train_each_surrogate_once(trained_synth
     from raysweep.run import evaluate
 
     cfg, data, target = trained_synthetic
-    transfer = [{"name": n, "type": n, "arch": "small_cnn", "samples": 100, "attack": {**ATTACK, "eps": [0.3]}}
-                for n in ("I", "II")]
+    transfer = [{"name": n, "type": n, "arch": "small_cnn", "epochs": 1, "samples": 100,
+                 "attack": {**ATTACK, "eps": [0.3]}} for n in ("I", "II")]
     eval_cfg = {"uap": None, "jacobian_samples": 0, "diversity_samples": 0, "transfer": transfer}
     joint = {**cfg.model_dump(), "ensemble": {"k": 3, "method": "joint"}, "eval": eval_cfg}  # as PDD + DEG's
     baseline = make_cfg(**{**joint, "name": "baseline"})
