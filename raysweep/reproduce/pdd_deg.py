@@ -123,5 +123,6 @@ def _plot(vs, vr, eps_list, path):
                 title="Gradient dispersion vs robustness")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # none before a study's first run finishes
+            ax.legend(fontsize=7)
     save(fig, path)
