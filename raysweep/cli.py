@@ -187,11 +187,14 @@ def _cmd_reproduce(args) -> int:
             return 0
         print(f"study {p['file']} is valid; runs under {p['out']}")
         for v in p.get("variants", []):
-            print(f"  {v['name']:<24} {v['group']:<16} {'done (reused)' if v['done'] else 'to train'}")
+            state = "done (reused)" if v["done"] else f"to finish ({v['kept']})" if v["kept"] else "to train"
+            print(f"  {v['name']:<24} {v['group']:<16} {state}")
         for i, pt in enumerate(p.get("points", [])):
             print(f"  sweep point {i}: {describe(pt['params'])}" + (" (infeasible)" if pt["infeasible"] else ""))
         if p.get("checks"):
             print("then the study's checks re-evaluate the best variants under a stronger evaluation")
+        for check, kept in p.get("checks_kept", {}).items():
+            print(f"  check {check:<18} to finish ({kept})")
         print("dry run: nothing trained, nothing recorded")
         return 0
     reproduce(args.name, out=args.out, docs=args.docs, study_path=args.study, tracking=args.tracking_uri,

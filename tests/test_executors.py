@@ -95,7 +95,7 @@ class Interrupted(Exception):
 def test_fit_continues_after_an_interruption_from_its_resume_dir(tmp_path, method, train, vectorize):
     """A fair study's variant trains for an hour: killed in its second epoch, it continues from the
     first, saved in resume_dir, and ends where the uninterrupted run ends."""
-    from raysweep.training.trainer import _saved_epochs
+    from raysweep.training.trainer import saved_epochs
 
     cfg = make_cfg(ensemble={"k": 3, "method": method}, data={"train_size": 160, "batch_size": 32},
                    executor={"vectorize": vectorize},
@@ -118,11 +118,11 @@ def test_fit_continues_after_an_interruption_from_its_resume_dir(tmp_path, metho
     for ma, mb in zip(resumed.ensemble.members, whole.ensemble.members):
         for pa, pb in zip(ma.parameters(), mb.parameters()):
             assert torch.equal(pa, pb)
-    assert _saved_epochs(tmp_path, cfg)["trainer"]["train_state"]["step"] == whole.state.step
-    assert _saved_epochs(tmp_path, make_cfg(**{**cfg.model_dump(), "seed": 1})) is None  # another config's
+    assert saved_epochs(tmp_path, cfg)["trainer"]["train_state"]["step"] == whole.state.step
+    assert saved_epochs(tmp_path, make_cfg(**{**cfg.model_dump(), "seed": 1})) is None  # another config's
     # Training never reads `eval`: a study whose evaluation changed keeps the epochs it trained.
     other_eval = make_cfg(**{**cfg.model_dump(), "eval": {"uap": None, "jacobian_samples": 7}})
-    assert _saved_epochs(tmp_path, other_eval)["trainer"]["train_state"]["step"] == whole.state.step
+    assert saved_epochs(tmp_path, other_eval)["trainer"]["train_state"]["step"] == whole.state.step
 
 
 def test_an_unreadable_training_state_is_ignored_not_fatal(tmp_path, capsys):

@@ -161,6 +161,7 @@ def test_an_evaluation_killed_mid_uap_continues_from_its_finished_stages(trained
     import json
 
     from raysweep.core.checkpoint import save_checkpoint
+    from raysweep.reproduce.study import kept_progress
     from raysweep.run import evaluate_checkpoint
 
     cfg0, data, ensemble = trained_synthetic
@@ -170,11 +171,13 @@ def test_an_evaluation_killed_mid_uap_continues_from_its_finished_stages(trained
     ckpt = save_checkpoint(tmp_path / "ckpt", ensemble, cfg, data.image_shape, data.num_classes, data.mean, data.std)
     whole = evaluate_checkpoint(ckpt, None, tmp_path / "whole", progress=False)
 
-    keep = tmp_path / "keep"
+    keep = tmp_path / ".partial" / "checks" / "x" / "eval"  # where a study's check keeps its evaluation
     folder = _evaluate_until(ckpt, tmp_path / "cut", keep, "*/uap/eps_*.pt")
     assert (folder / "attacks.pt").is_file() and not (folder / "uap.pt").exists(), "the kill did not land mid-UAP"
     kept_eps = {p.name for p in (folder / "uap").glob("eps_*.pt")}
     assert 1 <= len(kept_eps) < 3
+    n = len(list((folder / "uap").glob("*.pt")))
+    assert kept_progress(tmp_path, "checks/x", None) == f"evaluation kept: attacks, uap ({n} part{'s' * (n > 1)})"
     kept_seconds = sum(torch.load(folder / "uap" / name, weights_only=True)["seconds"] for name in kept_eps)
 
     resumed = evaluate_checkpoint(ckpt, None, tmp_path / "resumed", progress=False, resume_dir=keep)

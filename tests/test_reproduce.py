@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from raysweep.core.data import load_dataset
 from raysweep.errors import ConfigError, UserError
-from raysweep.reproduce import STUDIES, reproduce, study_file
+from raysweep.reproduce import STUDIES, plan, reproduce, study_file
 from raysweep.reproduce.study import _run_variant, load_study
 from raysweep.run import train_and_evaluate
 from raysweep.training.trainer import EPOCH_STATE, fit
@@ -132,6 +132,10 @@ def test_an_interrupted_variant_continues_from_its_last_epoch(tmp_path, capsys):
     with pytest.raises(KeyboardInterrupt):
         fit(variant.cfg, data, progress=False, callbacks=(kill_in_epoch_two,), resume_dir=partial / "epochs")
     first_epoch = torch.load(partial / "epochs" / EPOCH_STATE, weights_only=True)["trainer"]["train_state"]["history"]
+    # --dry-run says what the study would go on from
+    (standard,) = [v for v in plan("jacobian-ensembles", str(path), str(tmp_path / "runs"))["variants"]
+                   if v["name"] == "standard"]
+    assert not standard["done"] and standard["kept"] == "1 of 2 epochs trained"
     capsys.readouterr()
     metrics, files = _run_variant(variant.raw, None, "unused", {"raysweep.variant": "variants/standard"}, None,
                                   str(partial))

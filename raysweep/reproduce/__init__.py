@@ -37,7 +37,7 @@ def plan(name: str, study_path: str | None = None, out: str | None = None) -> di
     """`--dry-run`: the study file validated (every variant's config) and what a run would do: each
     variant and whether `out` holds its finished run already (reused, not re-trained). The checks
     (stronger re-evaluations of the best variants) are chosen from the results, after training."""
-    from raysweep.reproduce.study import _cached, load_study
+    from raysweep.reproduce.study import PARTIAL, _cached, kept_progress, load_study
     from raysweep.sweeps.space import load_search_space
 
     path, out_dir = _where(name, study_path, out)
@@ -49,10 +49,14 @@ def plan(name: str, study_path: str | None = None, out: str | None = None) -> di
     runs = []
     for job in study.jobs():  # one per variant and seed
         run = job.key.removeprefix("variants/")
-        runs.append({"name": run, "group": study.variant(run.split("@")[0]).group,
-                     "done": _cached(out_dir / job.key, job.cfg) is not None})
+        done = _cached(out_dir / job.key, job.cfg) is not None
+        runs.append({"name": run, "group": study.variant(run.split("@")[0]).group, "done": done,
+                     "kept": None if done else kept_progress(out_dir, job.key, job.cfg)})
+    # checks cut off mid-evaluation (the checks themselves are chosen from the results, after training)
+    checks = {p.name: kept for p in sorted((out_dir / PARTIAL / "checks").glob("*"))
+              if (kept := kept_progress(out_dir, f"checks/{p.name}", None))}
     return {"study": name, "file": str(path), "out": str(out_dir), "checks": bool(study.spec.get("checks")),
-            "variants": runs}
+            "variants": runs, "checks_kept": checks}
 
 
 def reproduce(name: str, out: str | None = None, docs: str | None = None, study_path: str | None = None,

@@ -154,6 +154,26 @@ def _cached(out: Path, cfg: RunConfig) -> dict | None:
     return None
 
 
+def kept_progress(out: Path, key: str, cfg: RunConfig | None) -> str | None:
+    """What `out/.partial` keeps of run `key` that was cut off, in words (None: nothing): its trained
+    epochs (for this very config), and the evaluation parts saved so far. A study started again goes on
+    from there."""
+    work, said = out / PARTIAL / key, []
+    if cfg is not None and (work / "epochs").is_dir():
+        from raysweep.training.trainer import saved_epochs
+
+        if (saved := saved_epochs(work / "epochs", cfg)) is not None:
+            said.append(f"{len(saved['trainer']['train_state']['history'])} of {cfg.train.epochs} epochs trained")
+    # evaluation parts: under epochs/eval for a run that trains, eval/ for one that evaluates a checkpoint
+    found = [*(work / "epochs" / "eval").glob("*/*"), *(work / "eval").glob("*/*")]
+    done = sorted(p.stem for p in found if p.suffix == ".pt")  # whole stages
+    begun = [f"{p.name} ({n} part{'s' * (n > 1)})" for p in sorted(found)  # a stage's own parts: UAP eps, attack runs
+             if p.is_dir() and p.name not in done and (n := len(list(p.glob("*.pt"))))]
+    if done or begun:
+        said.append("evaluation kept: " + ", ".join(done + begun))
+    return "; ".join(said) or None
+
+
 def _files(root: Path) -> dict[str, bytes]:
     """A run directory's files (Ray Train's own checkpoint folder aside) as bytes, to travel back to
     the head: the node that ran a variant may be another machine, gone by the time the report is built."""

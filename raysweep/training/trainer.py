@@ -206,7 +206,7 @@ class Trainer:
 EPOCH_STATE = "training_state.pt"
 
 
-def _saved_epochs(folder: Path, cfg: RunConfig) -> dict | None:
+def saved_epochs(folder: Path, cfg: RunConfig) -> dict | None:
     """What `fit(resume_dir=folder)` saved after its last finished epoch, if it trained this config."""
     path = folder / EPOCH_STATE
     if not path.is_file():
@@ -250,7 +250,7 @@ def fit(cfg: RunConfig, data: Dataset, progress: bool = True, callbacks: tuple[C
         resume_dir = Path(resume_dir)
         if executor is not None:
             raise ValueError("fit: resume_dir builds its own executor; pass one or the other")
-        if (saved := _saved_epochs(resume_dir, cfg)) is not None:
+        if (saved := saved_epochs(resume_dir, cfg)) is not None:
             try:
                 trainer = _resumed(cfg, data, progress, saved)
             except (KeyError, ValueError, RuntimeError) as err:  # written by another version of raysweep
