@@ -10,6 +10,7 @@ import bench_methods  # noqa: E402
 import bench_precision  # noqa: E402
 import bench_members  # noqa: E402
 import bench_ray  # noqa: E402
+import bench_surrogates  # noqa: E402
 import bench_sweep  # noqa: E402
 import bench_uap  # noqa: E402
 
@@ -20,5 +21,6 @@ if __name__ == "__main__":
     bench_layout.main()
     bench_uap.main()
     bench_methods.main()
+    bench_surrogates.main()
     bench_ray.main()
     bench_sweep.main()
