@@ -34,7 +34,8 @@ def train_surrogate(raw: dict, data: Dataset, progress: bool = True, shared: str
     the runs of a study share, a surrogate trained there before for the same training (name and eval
     aside) is loaded instead: a type I surrogate drops every defence, so it is the same for every
     variant at a seed, and on this CPU it costs more than the variant itself. One cut off while training
-    continues from its last epoch."""
+    continues from its last epoch. The key leaves `executor` out, as a run's identity does: a surrogate
+    trained under other executor settings equals this one to float rounding, not bit for bit."""
     cfg = validate_config(raw, "of a transfer surrogate")
     if shared is None:
         return fit(cfg, data, progress).ensemble

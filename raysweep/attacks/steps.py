@@ -34,6 +34,14 @@ class Ascent:
             direction = grad / _per_sample_norm(grad)
         return delta + self.step * direction
 
+    def state_dict(self) -> dict:
+        """Adam's moments and step count (empty for 'sign'): what a continued run needs to step as before."""
+        return {} if self.m is None else {"m": self.m.cpu(), "v": self.v.cpu(), "t": self.t}
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        if state:
+            self.m, self.v, self.t = state["m"].to(device), state["v"].to(device), state["t"]
+
 
 def project(delta: torch.Tensor, x: torch.Tensor, eps, norm: str) -> torch.Tensor:
     """Into the eps ball, then so that x + delta stays in [0,1] (which only shrinks |delta|).

@@ -51,9 +51,10 @@ def sgd_uap(stacked_fn, craft: Split, init: torch.Tensor, eps: float, iterations
     """Deltas [S,C,H,W] maximising sum_i L(F(clip(x_i + delta_s, 0, 1)), y_i) for each seed s.
     `chunk` seeds share a forward pass (default: seeds_per_forward).
 
-    `on_state(state)` is called after each iteration with everything the loop carries (the deltas, the
-    crafting order and position, the generator's state); given back as `state`, the loop continues from
-    there exactly as if it had not stopped (init is then ignored)."""
+    `on_state(get_state)` is called after each iteration; get_state() returns everything the loop carries
+    (the deltas, the crafting order and position, the generator's state, Adam's moments), built only
+    when asked for (the caller saves now and then). Given back as `state`, the loop continues from there
+    exactly as if it had not stopped (init is then ignored)."""
     if (state is not None or on_state is not None) and generator is None:
         raise ValueError("sgd_uap: a run that saves or continues its state needs its own generator")
     loss_fn = get_objective(objective)
@@ -65,6 +66,7 @@ def sgd_uap(stacked_fn, craft: Split, init: torch.Tensor, eps: float, iterations
         deltas, first = state["deltas"].to(device), state["iteration"]
         order, pos = state["order"], state["pos"]
         generator.set_state(state["generator"])
+        ascent.load_state_dict(state.get("ascent", {}), device)
         if progress is not None:
             progress.update(first)
     chunk = chunk or seeds_per_forward(deltas.shape[0], batch_size, device)
@@ -84,8 +86,9 @@ def sgd_uap(stacked_fn, craft: Split, init: torch.Tensor, eps: float, iterations
         if progress is not None:
             progress.update(1)
         if on_state is not None and it + 1 < iterations:
-            on_state({"iteration": it + 1, "deltas": deltas.cpu(), "order": order, "pos": pos,
-                      "generator": generator.get_state()})
+            on_state(lambda it=it, deltas=deltas, order=order, pos=pos: {
+                "iteration": it + 1, "deltas": deltas.cpu(), "order": order, "pos": pos,
+                "generator": generator.get_state(), "ascent": ascent.state_dict()})
     return deltas.detach()
 
 
@@ -109,8 +112,8 @@ def evaluate_uap(stacked_fn, craft: Split, test: Split, cfg: UAPConfig, weights,
     cfg.selection_size crafting images, report its accuracy on the whole test split.
     Each eps draws from its own generator, so an eps may be computed apart from the others: `done`
     ({eps: (acc, delta)}) holds the ones an earlier, interrupted evaluation finished (skipped here), and
-    `on_eps(eps, acc, delta)` is called as each of the others ends. Within an eps, `on_state(eps, state)`
-    passes on sgd_uap's state after each iteration, and `started` ({eps: state}) continues from one."""
+    `on_eps(eps, acc, delta)` is called as each of the others ends. Within an eps, `on_state(eps, get_state)`
+    passes on sgd_uap's after each iteration, and `started` ({eps: state}) continues from one."""
     acc, chosen = {}, {}
     select = craft.head(cfg.selection_size)
     for eps in cfg.eps:
@@ -124,7 +127,7 @@ def evaluate_uap(stacked_fn, craft: Split, test: Split, cfg: UAPConfig, weights,
         deltas = sgd_uap(stacked_fn, craft, init, eps, cfg.iterations, cfg.batch_size, cfg.step_size or eps / 20,
                          cfg.objective, weights, how, cfg.step_rule, gen, device, progress,
                          state=(started or {}).get(eps),
-                         on_state=None if on_state is None else lambda state, eps=eps: on_state(eps, state))
+                         on_state=None if on_state is None else lambda get, eps=eps: on_state(eps, get))
         best = uap_accuracy(stacked_fn, select, deltas, weights, how, batch_size, device).argmin()
         chosen[eps] = deltas[best].cpu()
         acc[eps] = uap_accuracy(stacked_fn, test, deltas[best:best + 1], weights, how, batch_size, device).item()

@@ -25,13 +25,18 @@ import torch
 from raysweep.core.files import atomic_write
 
 
-def folder_for(root: Path, ensemble, config_text: str) -> Path:
-    """root/<digest of the run's identity (config.run_identity) and the ensemble's weights>, made or kept;
-    the folders of other digests are removed."""
+def digest(ensemble, config_text: str) -> str:
+    """The name of the folder an evaluation of this ensemble under this run identity keeps its parts in."""
     h = hashlib.sha256(config_text.encode())
     for tensor in [ensemble.weights] + [t for m in ensemble.members for _, t in sorted(m.state_dict().items())]:
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    folder = Path(root) / h.hexdigest()[:20]
+    return h.hexdigest()[:20]
+
+
+def folder_for(root: Path, ensemble, config_text: str) -> Path:
+    """root/<digest of the run's identity (config.run_identity) and the ensemble's weights>, made or kept;
+    the folders of other digests are removed."""
+    folder = Path(root) / digest(ensemble, config_text)
     if Path(root).is_dir():
         for other in Path(root).iterdir():
             if other.is_dir() and other != folder:

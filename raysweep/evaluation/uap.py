@@ -42,10 +42,10 @@ class UniversalPerturbations(Evaluation):
         last = {"start": time.perf_counter(), "saved": time.perf_counter()}  # when this eps began, last save
         before = lambda eps: running[eps]["seconds"] if eps in running else 0.0  # noqa: E731 - earlier processes
 
-        def on_state(eps, state):
+        def on_state(eps, get_state):
             now = time.perf_counter()
-            if kept is not None and now - last["saved"] >= SAVE_EVERY_S:
-                save_part(part(eps, ".running"), {**state, "seconds": before(eps) + now - last["start"]})
+            if kept is not None and now - last["saved"] >= SAVE_EVERY_S:  # the state is built only then
+                save_part(part(eps, ".running"), {**get_state(), "seconds": before(eps) + now - last["start"]})
                 last["saved"] = now
 
         def on_eps(eps, acc, delta):

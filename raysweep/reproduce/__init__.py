@@ -37,7 +37,7 @@ def plan(name: str, study_path: str | None = None, out: str | None = None) -> di
     """`--dry-run`: the study file validated (every variant's config) and what a run would do: each
     variant and whether `out` holds its finished run already (reused, not re-trained). The checks
     (stronger re-evaluations of the best variants) are chosen from the results, after training."""
-    from raysweep.reproduce.study import PARTIAL, _cached, kept_progress, load_study
+    from raysweep.reproduce.study import PARTIAL, _cached, check_job, kept_progress, load_study
     from raysweep.sweeps.space import load_search_space
 
     path, out_dir = _where(name, study_path, out)
@@ -53,8 +53,13 @@ def plan(name: str, study_path: str | None = None, out: str | None = None) -> di
         runs.append({"name": run, "group": study.variant(run.split("@")[0]).group, "done": done,
                      "kept": None if done else kept_progress(out_dir, job.key, job.cfg)})
     # checks cut off mid-evaluation (the checks themselves are chosen from the results, after training)
-    checks = {p.name: kept for p in sorted((out_dir / PARTIAL / "checks").glob("*"))
-              if (kept := kept_progress(out_dir, f"checks/{p.name}", None))}
+    checks, overrides = {}, study.spec.get("checks")
+    names = {v.name for v in study.variants}
+    for folder in sorted((out_dir / PARTIAL / "checks").glob("*")) if overrides else []:
+        if folder.name in names:
+            job = check_job(study, folder.name, folder.name, overrides, out_dir)
+            if kept := kept_progress(out_dir, job.key, job.cfg, Path(job.checkpoint)):
+                checks[folder.name] = kept
     return {"study": name, "file": str(path), "out": str(out_dir), "checks": bool(study.spec.get("checks")),
             "variants": runs, "checks_kept": checks}
 

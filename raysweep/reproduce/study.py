@@ -154,23 +154,36 @@ def _cached(out: Path, cfg: RunConfig) -> dict | None:
     return None
 
 
-def kept_progress(out: Path, key: str, cfg: RunConfig | None) -> str | None:
+def kept_progress(out: Path, key: str, cfg: RunConfig, checkpoint: Path | None = None) -> str | None:
     """What `out/.partial` keeps of run `key` that was cut off, in words (None: nothing): its trained
-    epochs (for this very config), and the evaluation parts saved so far. A study started again goes on
-    from there."""
-    work, said = out / PARTIAL / key, []
-    if cfg is not None and (work / "epochs").is_dir():
-        from raysweep.training.trainer import saved_epochs
+    epochs, and the evaluation parts saved so far, both only where they belong to this very config (and
+    for the evaluation, these trained weights: `checkpoint`, by default the cut-off run's own), since a
+    study started again goes on from those and discards the rest."""
+    from raysweep.config import run_identity
+    from raysweep.core.checkpoint import MANIFEST_FILE, load
+    from raysweep.evaluation.resume import digest
+    from raysweep.training.trainer import saved_epochs
 
-        if (saved := saved_epochs(work / "epochs", cfg)) is not None:
-            said.append(f"{len(saved['trainer']['train_state']['history'])} of {cfg.train.epochs} epochs trained")
-    # evaluation parts: under epochs/eval for a run that trains, eval/ for one that evaluates a checkpoint
-    found = [*(work / "epochs" / "eval").glob("*/*"), *(work / "eval").glob("*/*")]
-    done = sorted(p.stem for p in found if p.suffix == ".pt")  # whole stages
-    begun = [f"{p.name} ({n} part{'s' * (n > 1)})" for p in sorted(found)  # a stage's own parts: UAP eps, attack runs
-             if p.is_dir() and p.name not in done and (n := len(list(p.glob("*.pt"))))]
-    if done or begun:
-        said.append("evaluation kept: " + ", ".join(done + begun))
+    work, said = out / PARTIAL / key, []
+    saved = saved_epochs(work / "epochs", cfg) if (work / "epochs").is_dir() else None
+    if saved is not None:
+        history = saved.get("trainer", {}).get("train_state", {}).get("history", [])
+        said.append(f"{len(history)} of {cfg.train.epochs} epochs trained")
+    checkpoint = checkpoint or work / "run" / "checkpoint"
+    if (checkpoint / MANIFEST_FILE).is_file():
+        # under epochs/eval for a run that trains, eval/ for one that evaluates a checkpoint
+        name = digest(load(checkpoint), run_identity(cfg))
+        found = [*(work / "epochs" / "eval" / name).glob("*"), *(work / "eval" / name).glob("*")]
+        done = sorted(p.stem for p in found if p.suffix == ".pt")  # whole stages
+        begun = []
+        for stage in sorted(p for p in found if p.is_dir() and p.name not in done):  # a stage's own parts
+            finished = [p for p in stage.glob("*.pt") if not p.name.endswith(".running.pt")]
+            under_way = len(list(stage.glob("*.running.pt")))
+            if finished or under_way:
+                begun.append(f"{stage.name} ({len(finished)} part{'s' * (len(finished) != 1)}"
+                             + (f", {under_way} under way" if under_way else "") + ")")
+        if done or begun:
+            said.append("evaluation kept: " + ", ".join(done + begun))
     return "; ".join(said) or None
 
 
