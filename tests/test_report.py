@@ -208,7 +208,7 @@ def test_an_evaluation_killed_mid_ladder_continues_from_its_finished_attack_runs
 
     cfg0, data, ensemble = trained_synthetic
     # the first run is 2 steps and the rest of the ladder up to 128: the kill lands long before its end
-    ladder = [{"name": "pgd_ladder", "eps": [0.05, 0.1, 0.2], "steps": 2, "double_steps": True, "max_steps": 128}]
+    ladder = [{"name": "pgd_ladder", "eps": [0.05, 0.2], "steps": 2, "double_steps": True, "max_steps": 128}]
     cfg = make_cfg(**{**cfg0.model_dump(), "eval": {"attacks": ladder, "jacobian_samples": 0,
                                                     "diversity_samples": 0}})
     ckpt = save_checkpoint(tmp_path / "ckpt", ensemble, cfg, data.image_shape, data.num_classes, data.mean, data.std)
@@ -247,7 +247,7 @@ def test_an_evaluation_killed_within_a_uap_eps_continues_from_its_last_saved_ite
     from raysweep.run import evaluate_checkpoint
 
     cfg0, data, ensemble = trained_synthetic
-    uap = {"eps": [0.1, 0.2], "seeds": 3, "iterations": 150, "batch_size": 32, "selection_size": 200,
+    uap = {"eps": [0.1], "seeds": 3, "iterations": 150, "batch_size": 32, "selection_size": 200,
            "step_rule": "adam"}  # the most state to carry over
     cfg = make_cfg(**{**cfg0.model_dump(), "eval": {"uap": uap, "jacobian_samples": 0, "diversity_samples": 0}})
     ckpt = save_checkpoint(tmp_path / "ckpt", ensemble, cfg, data.image_shape, data.num_classes, data.mean, data.std)
