@@ -37,8 +37,15 @@ def train_surrogate(raw: dict, data: Dataset, progress: bool = True, shared: str
     continues from its last epoch. The key leaves `executor` out, as a run's identity does: a surrogate
     trained under other executor settings equals this one to float rounding, not bit for bit."""
     cfg = validate_config(raw, "of a transfer surrogate")
+    what = f"transfer surrogate {cfg.model.arch} (seed {cfg.seed})"
+
+    def epoch_line(event, state):  # it trains for most of an hour where no progress bar shows
+        if event == "epoch" and log is not None:
+            log(f"evaluation: {what}: epoch {len(state.history)}/{cfg.train.epochs} "
+                f"train acc {state.history[-1]['train_acc']:.4f} ({state.history[-1]['seconds']:.0f} s)")
+
     if shared is None:
-        return fit(cfg, data, progress).ensemble
+        return fit(cfg, data, progress, callbacks=(epoch_line,)).ensemble
     identity = run_identity(cfg.model_copy(update={"name": "surrogate"}), training=True)
     folder = Path(shared) / hashlib.sha256(identity.encode()).hexdigest()[:20]
     folder.mkdir(parents=True, exist_ok=True)
@@ -47,9 +54,9 @@ def train_surrogate(raw: dict, data: Dataset, progress: bool = True, shared: str
         done = folder / "checkpoint"
         if (done / MANIFEST_FILE).is_file():
             if log is not None:
-                log(f"evaluation: transfer surrogate {cfg.model.arch} (seed {cfg.seed}) loaded from {folder}")
+                log(f"evaluation: {what} loaded from {folder}")
             return load(done)
-        ensemble = fit(cfg, data, progress, resume_dir=folder / "epochs").ensemble
+        ensemble = fit(cfg, data, progress, callbacks=(epoch_line,), resume_dir=folder / "epochs").ensemble
         tmp = folder / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_checkpoint(tmp, ensemble, cfg, data.image_shape, data.num_classes, data.mean, data.std)

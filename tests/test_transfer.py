@@ -58,6 +58,7 @@ def test_runs_sharing_a_surrogate_folder_train_each_surrogate_once(trained_synth
     shared, lines = tmp_path / "surrogates", []
     first = evaluate(target, data, baseline, progress=False, surrogates=shared, log=lines.append)
     assert sum("loaded" in line for line in lines) == 1  # the baseline's type II is its type I
+    assert sum("surrogate small_cnn (seed 1000): epoch 1/1" in line for line in lines) == 1  # trained once, shown
     lines.clear()
     second = evaluate(target, data, deg, progress=False, surrogates=shared, log=lines.append)
     assert sum("loaded" in line for line in lines) == 1  # type I loaded, type II (with DEG) trained
