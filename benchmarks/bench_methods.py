@@ -2,7 +2,7 @@
 members, looped members), in both layouts: NCHW, and NHWC (what executor.channels_last auto picks for
 LeNet-5 on the CPU), each against the plain step in the same layout. Targets: DEG <= 3x (the paper's
 implementation: 13x), PDD <= 1.3x."""
-from common import alternating_ms, header, lenet_setup, step_fn
+from common import alternating_ms, header, joint_setup, step_fn
 
 from raysweep.config import validate_config
 from raysweep.members import LoopedMembers
@@ -19,10 +19,7 @@ METHODS = {
 
 def main():
     header("ensemble-level methods: step time / plain simultaneous step, K=3 LeNet-5, B=128")
-    base, _, members, x, y = lenet_setup(3)
-    x, y = x[:1].expand_as(x), y[:1].expand_as(y)  # joint: every member sees the same batch
-    raw = base.model_dump(mode="json")
-    raw["ensemble"]["method"] = "joint"
+    raw, _, members, x, y = joint_setup(3)
     plain_cfg = validate_config(raw)
     for layout, nhwc in (("NCHW", False), ("NHWC", True)):
         plain_fn = step_fn(LoopedMembers, plain_cfg, members, x, y, nhwc)

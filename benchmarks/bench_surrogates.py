@@ -3,7 +3,7 @@ small_cnn (the fair PDD+DEG study's surrogate), at width 1 and 0.5, plain and wi
 K=3 LeNet-5 step (joint, B=128, looped members in NHWC as `channels_last: auto` picks on the CPU).
 Why that study trains one type I surrogate per seed, shared by its variants, and no type II
 (search_spaces/reproduce/pdd_deg_fair.yaml)."""
-from common import alternating_ms, header, lenet_setup, step_fn
+from common import alternating_ms, header, joint_setup, step_fn
 
 from raysweep.config import validate_config
 from raysweep.members import LoopedMembers
@@ -19,10 +19,7 @@ SURROGATES = {
 
 def main():
     header("transfer surrogates: training step / plain LeNet-5 step, K=3, B=128, joint")
-    base, data, members, x, y = lenet_setup(3)
-    x, y = x[:1].expand_as(x), y[:1].expand_as(y)  # joint: every member sees the same batch
-    raw = base.model_dump(mode="json")
-    raw["ensemble"]["method"] = "joint"
+    raw, data, members, x, y = joint_setup(3)
     lenet = validate_config(raw)
     plain_fn = step_fn(LoopedMembers, lenet, members, x, y, True)
     for name, (arch, width, train) in SURROGATES.items():

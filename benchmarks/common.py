@@ -34,6 +34,15 @@ def lenet_setup(k: int, lambda_jr: float = 0.0, batch_size: int = 128):
     return cfg, data, build_members(cfg, data, k), x, y
 
 
+
+def joint_setup(k: int = 3):
+    """lenet_setup for a joint ensemble: (raw config dict, data, members, x, y), every member on the same batch."""
+    base, data, members, x, y = lenet_setup(k)
+    raw = base.model_dump(mode="json")
+    raw["ensemble"]["method"] = "joint"
+    return raw, data, members, x[:1].expand_as(x), y[:1].expand_as(y)
+
+
 def step_fn(executor_cls, cfg, members, x, y, channels_last: bool = False):
     """One TrainStep of cfg on copies of members; channels_last: looped members in NHWC, what
     executor.channels_last auto gives LeNet-5 on the CPU."""
