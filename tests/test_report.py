@@ -236,6 +236,35 @@ def test_an_evaluation_killed_mid_ladder_continues_from_its_finished_attack_runs
     assert all(p["seconds"] > 0 for p in kept.values())  # the killed process's time counts in the stage's
 
 
+def test_an_evaluation_interrupted_among_its_member_attacks_keeps_the_members_it_attacked(trained_synthetic, tmp_path):
+    """eval.attack_members attacks each member alone, K attacks of the whole test set per attack and eps.
+    Interrupted after the first eps's member attacks, evaluation started again with the same resume_dir
+    attacks the members only at the other eps and reports exactly what the uninterrupted one does."""
+    from raysweep.core.checkpoint import save_checkpoint
+    from raysweep.run import evaluate_checkpoint
+
+    cfg0, data, ensemble = trained_synthetic
+    attacks = [{"name": "pgd", "eps": [0.05, 0.1], "steps": 3}]
+    cfg = make_cfg(**{**cfg0.model_dump(), "eval": {"attacks": attacks, "attack_members": True,
+                                                    "jacobian_samples": 0, "diversity_samples": 0}})
+    ckpt = save_checkpoint(tmp_path / "ckpt", ensemble, cfg, data.image_shape, data.num_classes, data.mean, data.std)
+    whole = evaluate_checkpoint(ckpt, None, tmp_path / "whole", progress=False)
+
+    def stop_after_members(line):
+        if "each member attacked alone" in line:
+            raise KeyboardInterrupt  # as a Ctrl-C landing right after the first eps's members
+    keep = tmp_path / "keep"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_checkpoint(ckpt, None, tmp_path / "cut", progress=False, resume_dir=keep, log=stop_after_members)
+
+    lines = []
+    resumed = evaluate_checkpoint(ckpt, None, tmp_path / "resumed", progress=False, resume_dir=keep, log=lines.append)
+    assert [line for line in lines if "each member attacked alone" in line] == \
+        [next(line for line in lines if line.startswith("evaluation: pgd eps 0.1: each member"))]
+    assert resumed["attacks"]["pgd"]["member_robust_acc"] == whole["attacks"]["pgd"]["member_robust_acc"]
+    assert resumed["results"] == whole["results"]
+
+
 def test_an_evaluation_killed_within_a_uap_eps_continues_from_its_last_saved_iteration(trained_synthetic, tmp_path):
     """One eps of the paper's UAP protocol on a 9-member ensemble runs for over an hour here. Killed
     within an eps, evaluation started again continues that eps from its last saved iteration (deltas,

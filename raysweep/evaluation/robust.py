@@ -127,10 +127,25 @@ class RobustAccuracy(Evaluation):
             robust[a.name] = {e: r["acc"] for e, (r, _) in results.items()}
             details["per_eps"] = {e: {k: v for k, v in r.items() if k != "acc"} for e, (r, _) in results.items()}
             if ev.attack_members and ctx.ensemble.k > 1:
-                one = torch.ones(1, device=ctx.device)
                 details["member_robust_acc"] = {
-                    eps_key(e): [robust_accuracy(member_fn(ctx.executor, m), test, a, e, one, ctx.how, ev.batch_size,
-                                                 ctx.device, ctx.cfg.seed)[0] for m in range(ctx.ensemble.k)]
-                    for e in a.eps}
+                    eps_key(e): self._members(ctx, a, e, kept and kept / f"{i}_{eps_key(e)}_members.pt") for e in a.eps}
             report.details.setdefault("attacks", {})[a.name] = details
         report.details["robust_acc"] = robust
+
+    @staticmethod
+    def _members(ctx, a: AttackConfig, e: float, path) -> list[float]:
+        """Each member's robust accuracy under attack a at eps e, kept at `path` once computed (K attacks
+        of the whole test set: an interrupted evaluation does not run them again)."""
+        saved = load_part(path) if path else None
+        if saved is not None:
+            ctx.kept_seconds["attacks"] = ctx.kept_seconds.get("attacks", 0.0) + saved["seconds"]
+            return saved["accs"]
+        start, one = time.perf_counter(), torch.ones(1, device=ctx.device)
+        accs = [robust_accuracy(member_fn(ctx.executor, m), ctx.data.test, a, e, one, ctx.how, ctx.cfg.eval.batch_size,
+                                ctx.device, ctx.cfg.seed)[0] for m in range(ctx.ensemble.k)]
+        seconds = time.perf_counter() - start
+        if path:
+            save_part(path, {"accs": accs, "seconds": seconds})
+        if ctx.log is not None:
+            ctx.log(f"evaluation: {a.name} eps {e}: each member attacked alone ({seconds:.0f} s)")
+        return accs
