@@ -95,4 +95,5 @@ def test_bad_ray_address_fails_at_once(tmp_path, address, message):
                           str(tmp_path / "o"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--address",
                           address], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-3000:]
-    assert not (tmp_path / "o" / "sweep.json").exists()  # nothing written: a plain re-run works
+    # Checked before any side effect: no sweep folder and no MLflow store left behind (and no 5 s migration)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "m.db").exists()

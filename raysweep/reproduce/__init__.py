@@ -86,6 +86,9 @@ def reproduce(name: str, out: str | None = None, docs: str | None = None, study_
         _write_report(module, path, results, docs_dir)
         log(f"wrote {docs_dir / 'report.md'}")
         return results
+    from raysweep.training.ray import check_address
+
+    check_address(address)  # before the folders and the store: a mistyped address leaves nothing behind
     docs_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     experiment = experiment or f"reproduce-{name}"

@@ -68,6 +68,7 @@ from raysweep.tracking.runs import (
     tracking_uri,
 )
 from raysweep.training.ray import (
+    check_address,
     connect,
     num_workers,
     storage_path,
@@ -178,6 +179,7 @@ def _start(space_path: str, overrides: list[str], samples: int | None, sweep_dir
     if register is not None and not MODEL_NAME.match(register):
         raise UserError(f"--register {register!r}: a registered model name is letters, digits, '.', '_' and '-', "
                         "starting with a letter or digit (it becomes models:/NAME@champion)")
+    check_address(address)
     uri, experiment = tracking_uri(tracking), experiment or DEFAULT_EXPERIMENT
     check_tracking(uri)
     try:

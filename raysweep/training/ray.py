@@ -177,13 +177,10 @@ def check_resources(cfg: RunConfig) -> None:
 WORKER_ENV = {"worker_process_setup_hook": "raysweep.training.worker_setup.setup"}
 
 
-def connect(address: str | None = None) -> None:
-    """Join `address` or $RAY_ADDRESS when set, else start (or join) a local Ray; no-op if connected.
-    A HOST:PORT with nothing listening is an error at once (ray.init would wait for minutes)."""
-    import ray
-
-    if ray.is_initialized():
-        return
+def check_address(address: str | None = None) -> str | None:
+    """`address` or $RAY_ADDRESS (None: neither is set), checked: a malformed HOST:PORT, or one with nothing
+    listening, is an error at once (ray.init would wait for minutes). Commands call it before their first
+    side effect (an MLflow store, an output folder), so a typo costs seconds and leaves nothing behind."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     where = f"--address {address!r} (or $RAY_ADDRESS)"
     if address and "://" not in address and address not in ("auto", "local"):
@@ -196,6 +193,17 @@ def connect(address: str | None = None) -> None:
         except OSError as err:
             raise UserError(f"{where}: no Ray head answers there ({err.strerror or err}); start one with "
                             "`ray start --head` or fix the address") from None
+    return address
+
+
+def connect(address: str | None = None) -> None:
+    """Join `address` or $RAY_ADDRESS when set, else start (or join) a local Ray; no-op if connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = check_address(address)
+    where = f"--address {address!r} (or $RAY_ADDRESS)"
     try:
         ray.init(address=address, logging_level="warning", runtime_env=WORKER_ENV)
     except (ConnectionError, ValueError, RuntimeError) as err:
