@@ -108,6 +108,25 @@ def test_uap_seeds_batched_equal_one_at_a_time_and_stay_in_ball(trained_syntheti
         assert torch.allclose(alone[0], batched[s], atol=1e-6)
 
 
+def test_uap_step_fraction_steps_a_fraction_of_each_eps(trained_synthetic):
+    """step_fraction 0.8 (sgd-uap-torch's rule) over an eps grid crafts, at each eps, the UAP of a fixed
+    step of 0.8 eps at that eps alone; unset, the step stays eps / 20 exactly."""
+    from pydantic import ValidationError
+
+    _, data, ens = trained_synthetic
+    kw = dict(seeds=2, iterations=8, batch_size=64, selection_size=100)
+    run = lambda cfg: evaluate_uap(ens.stacked_logits, data.train, data.test, cfg, ens.weights,  # noqa: E731
+                                   "probability", 200, "cpu")
+    grid = run(UAPConfig(eps=[0.1, 0.3], step_fraction=0.8, **kw))
+    for eps in (0.1, 0.3):
+        alone = run(UAPConfig(eps=[eps], step_size=0.8 * eps, **kw))
+        assert torch.equal(grid["deltas"][eps], alone["deltas"][eps]) and grid["acc"][eps] == alone["acc"][eps]
+    assert not torch.equal(grid["deltas"][0.3], run(UAPConfig(eps=[0.3], **kw))["deltas"][0.3])
+    assert [UAPConfig().step(e) for e in (0.1, 0.15)] == [0.1 / 20, 0.15 / 20]
+    with pytest.raises(ValidationError, match="step_size .* or step_fraction"):
+        UAPConfig(step_size=0.01, step_fraction=0.5)
+
+
 def test_uap_accuracy_drops_and_worst_seed_is_kept(trained_synthetic):
     _, data, ens = trained_synthetic
     cfg = UAPConfig(eps=[0.1, 0.3], seeds=4, iterations=15, batch_size=64, selection_size=200)

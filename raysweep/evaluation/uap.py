@@ -75,6 +75,7 @@ class UniversalPerturbations(Evaluation):
             uap_protocol={"seeds": u.seeds, "iterations": u.iterations, "batch_size": u.batch_size,
                           "craft_on": u.craft_on, "selection_size": min(u.selection_size, len(craft)),
                           "objective": u.objective, "step_rule": u.step_rule,
+                          "step": {eps_key(e): u.step(e) for e in u.eps},
                           **({"resumed_eps": sorted(done)} if done else {}),  # computed by an interrupted process
                           **({"continued_eps": {eps_key(e): r["iteration"] for e, r in running.items()}}
                              if running else {})})  # begun by one: eps -> the iteration it went on from
