@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from raysweep import plots
-from raysweep.config import RunConfig, checkpoint_config, dump_config, run_identity, validate_config
+from raysweep.config import RunConfig, checkpoint_config, current_identity, dump_config, run_identity, validate_config
 from raysweep.core.checkpoint import MANIFEST_FILE, load, save_checkpoint
 from raysweep.core.data import Dataset, load_dataset
 from raysweep.core.ensemble import Ensemble
@@ -78,7 +78,8 @@ def evaluate(ensemble: Ensemble, data: Dataset, cfg: RunConfig, progress: bool =
     ex = make_local_executor(list(ensemble.members), e.vectorize, e.device, e.channels_last, e.compile)
     try:
         ex.train(False)
-        keep = None if resume_dir is None else resume.folder_for(Path(resume_dir), ensemble, run_identity(cfg))
+        keep = None if resume_dir is None else resume.folder_for(Path(resume_dir), ensemble, run_identity(cfg),
+                                                                   current_identity)
         ctx = EvalContext(cfg, ensemble, data, ex, progress=progress, keep=keep, log=log,
                           train=lambda raw: train_surrogate(raw, data, progress, surrogates, log))
         report = EvalReport()

@@ -236,6 +236,31 @@ def test_an_evaluation_killed_mid_ladder_continues_from_its_finished_attack_runs
     assert all(p["seconds"] > 0 for p in kept.values())  # the killed process's time counts in the stage's
 
 
+def test_an_evaluation_folder_kept_under_an_earlier_schema_is_taken_over(trained_synthetic, tmp_path):
+    """A field added to the schema since an evaluation was cut off (with its default) changes the run
+    identity's text, so its digest, but not what the evaluation computes: the folder it kept (hours of a
+    fair study's UAP) is taken over, not removed. A folder kept for another config is still removed."""
+    from raysweep.config import current_identity, run_identity
+    from raysweep.evaluation import resume
+
+    cfg, _, ensemble = trained_synthetic
+    text = run_identity(cfg)
+    older = "\n".join(line for line in text.splitlines() if "weighted_acc_w" not in line)  # before that field
+    assert older != text and resume.digest(ensemble, older) != resume.digest(ensemble, text)
+    root = tmp_path / "keep"
+    for name, identity in (("earlier", older), ("other", run_identity(make_cfg(**{**cfg.model_dump(), "seed": 1})))):
+        (root / name).mkdir(parents=True)
+        (root / name / resume.IDENTITY_FILE).write_text(identity)
+        (root / name / "attacks.pt").write_text(name)
+
+    assert resume.find(root, ensemble, text) is None  # without `current`, names alone: nothing matches
+    assert resume.find(root, ensemble, text, current_identity) == root / "earlier"  # what --dry-run reads
+    folder = resume.folder_for(root, ensemble, text, current_identity)
+    assert folder.name == resume.digest(ensemble, text) and (folder / "attacks.pt").read_text() == "earlier"
+    assert [p.name for p in root.iterdir()] == [folder.name]  # the other config's folder is gone
+    assert (folder / resume.IDENTITY_FILE).read_text() == text  # found by name from now on
+
+
 def test_an_evaluation_interrupted_among_its_member_attacks_keeps_the_members_it_attacked(trained_synthetic, tmp_path):
     """eval.attack_members attacks each member alone, K attacks of the whole test set per attack and eps.
     Interrupted after the first eps's member attacks, evaluation started again with the same resume_dir
@@ -251,7 +276,7 @@ def test_an_evaluation_interrupted_among_its_member_attacks_keeps_the_members_it
     whole = evaluate_checkpoint(ckpt, None, tmp_path / "whole", progress=False)
 
     def stop_after_members(line):
-        if "each member attacked alone" in line:
+        if " members eps " in line:
             raise KeyboardInterrupt  # as a Ctrl-C landing right after the first eps's members
     keep = tmp_path / "keep"
     with pytest.raises(KeyboardInterrupt):
@@ -259,8 +284,8 @@ def test_an_evaluation_interrupted_among_its_member_attacks_keeps_the_members_it
 
     lines = []
     resumed = evaluate_checkpoint(ckpt, None, tmp_path / "resumed", progress=False, resume_dir=keep, log=lines.append)
-    assert [line for line in lines if "each member attacked alone" in line] == \
-        [next(line for line in lines if line.startswith("evaluation: pgd eps 0.1: each member"))]
+    assert [line for line in lines if " members eps " in line] == \
+        [next(line for line in lines if line.startswith("evaluation: pgd members eps 0.1:"))]
     assert resumed["attacks"]["pgd"]["member_robust_acc"] == whole["attacks"]["pgd"]["member_robust_acc"]
     assert resumed["results"] == whole["results"]
 

@@ -24,11 +24,13 @@ class UAPConfig(Section):
     seeds: int = Field(50, ge=1)
     iterations: int = Field(100, ge=1)
     batch_size: int = Field(200, ge=1)
-    step_size: Optional[float] = Field(None, gt=0, description="the sign step, the same at every eps; null: "
-                                       "step_fraction * eps")
+    step_size: Optional[float] = Field(None, gt=0, description="the sign step (with step_rule adam: Adam's "
+                                       "learning rate), the same at every eps; null: step_fraction * eps, or eps/20 "
+                                       "if that is null too")
     # eps/20 crosses the ball in 20 of the 100 iterations. The SGD-UAP code of the Jacobian Ensembles
     # paper's first author (sgd-uap-torch) steps 0.8 eps, which docs/RESULTS.md measured as 0.02 stronger in
-    # mean UAP accuracy on this project's Fashion-MNIST LeNets: step_fraction 0.8 runs that rule.
+    # mean UAP accuracy on this project's Fashion-MNIST LeNets: step_fraction 0.8 takes that step (its
+    # start differs: zero there, random points of the ball here).
     step_fraction: Optional[float] = Field(None, gt=0, le=2, description="step = step_fraction * eps at each eps; "
                                            "null: eps / 20")
     step_rule: Literal["sign", "adam"] = "sign"

@@ -4,6 +4,7 @@ from raysweep.config.io import (
                                 absolute_paths,
                                 apply_overrides,
                                 checkpoint_config,
+                                current_identity,
                                 dump_config,
                                 format_validation_error,
                                 load_config,
@@ -16,6 +17,6 @@ from raysweep.config.io import (
 )
 from raysweep.config.schema import RunBase, RunConfig, run_config_model
 
-__all__ = ["RunBase", "RunConfig", "absolute_paths", "apply_overrides", "checkpoint_config", "dump_config",
-           "format_validation_error", "load_config", "parse_override", "read_yaml", "run_config_model", "run_identity",
-           "same_run", "set_path", "validate_config"]
+__all__ = ["RunBase", "RunConfig", "absolute_paths", "apply_overrides", "checkpoint_config", "current_identity",
+           "dump_config", "format_validation_error", "load_config", "parse_override", "read_yaml", "run_config_model",
+           "run_identity", "same_run", "set_path", "validate_config"]

@@ -127,16 +127,22 @@ def run_identity(cfg: RunBase, training: bool = False) -> str:
     return yaml.safe_dump(raw, sort_keys=False)
 
 
+def current_identity(saved: str, training: bool = False) -> str | None:
+    """The run identity of a config saved with earlier work (a config.yaml, or a run_identity text), read
+    under today's schema: a field added since takes its default, so the identity is today's text for the
+    same run. None when it no longer validates (a field since removed or renamed, or a damaged file)."""
+    try:
+        return run_identity(validate_config(yaml.safe_load(saved), "saved with earlier work"), training)
+    except (ConfigError, yaml.YAMLError):
+        return None
+
+
 def same_run(saved: str, cfg: RunBase, training: bool = False) -> bool:
     """Whether a config saved with earlier work (a finished run's config.yaml, saved epochs) describes the
-    run `cfg`, so that work is reused. The saved text is validated again first: a field added to the
-    schema since takes its default, and a change of executor settings alone keeps the work. `training`:
-    the work is training alone (saved epochs), which a change of `eval` keeps too."""
-    try:
-        earlier = validate_config(yaml.safe_load(saved), "saved with earlier work")
-        return run_identity(earlier, training) == run_identity(cfg, training)
-    except (ConfigError, yaml.YAMLError):
-        return False  # a field since removed or renamed, or a damaged file: not this run
+    run `cfg`, so that work is reused (current_identity: a change of executor settings alone keeps the
+    work). `training`: the work is training alone (saved epochs), which a change of `eval` keeps too."""
+    earlier = current_identity(saved, training)
+    return earlier is not None and earlier == run_identity(cfg, training)
 
 
 def checkpoint_config(path: str | Path) -> RunBase:

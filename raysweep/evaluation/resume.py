@@ -4,11 +4,13 @@ PGD ladder at 10 000 images: a single model's 750 s per eps, nine times over), s
 mid-evaluation (a killed process, a machine handed back) keeps what it finished: each evaluation
 stage's share of the report is saved as the stage ends, and a stage may keep parts of its own (the
 UAP stage, each eps, and every minute the eps under way; the attacks stage, each finished run of each
-eps's step-doubling ladder).
+eps's step-doubling ladder, and with eval.attack_members the members' accuracies at each eps).
 Everything is kept under a folder named after a digest of the run's identity (its config without
 `executor`: config.run_identity) and the members' weights, so a saved part is only ever read back for
 the very ensemble and evaluation that made it; the folders of other digests are removed when a new
-one is made.
+one is made. The folder also holds the identity's text: a field added to the schema since (with its
+default) changes the text but not what the evaluation computes, so a folder whose saved identity, read
+under today's schema, gives today's digest is taken over rather than removed.
 
 Files are torch.save'd dicts of tensors and plain values, read back with weights_only=True: a saved
 part is data, never code.
@@ -33,15 +35,38 @@ def digest(ensemble, config_text: str) -> str:
     return h.hexdigest()[:20]
 
 
-def folder_for(root: Path, ensemble, config_text: str) -> Path:
-    """root/<digest of the run's identity (config.run_identity) and the ensemble's weights>, made or kept;
-    the folders of other digests are removed."""
+IDENTITY_FILE = "identity.yaml"
+
+
+def find(root: Path, ensemble, config_text: str, current=None) -> Path | None:
+    """The folder under root that an evaluation of this ensemble under this run identity kept, if any:
+    root/<digest>, or one whose saved identity, read under today's schema by `current`
+    (config.current_identity), gives that digest."""
+    root, name = Path(root), digest(ensemble, config_text)
+    if (root / name).is_dir() or not root.is_dir():
+        return root / name if (root / name).is_dir() else None
+    for other in sorted(root.iterdir()):
+        saved = other / IDENTITY_FILE
+        text = current(saved.read_text()) if current is not None and saved.is_file() else None
+        if text is not None and digest(ensemble, text) == name:
+            return other
+    return None
+
+
+def folder_for(root: Path, ensemble, config_text: str, current=None) -> Path:
+    """root/<digest of the run's identity (config.run_identity) and the ensemble's weights>, made, kept, or
+    taken over from an earlier schema's name (find); the folders of other digests are removed."""
     folder = Path(root) / digest(ensemble, config_text)
+    found = find(root, ensemble, config_text, current)
+    if found is not None and found != folder:
+        found.rename(folder)
     if Path(root).is_dir():
         for other in Path(root).iterdir():
             if other.is_dir() and other != folder:
                 shutil.rmtree(other, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / IDENTITY_FILE).is_file() or (folder / IDENTITY_FILE).read_text() != config_text:
+        atomic_write(folder / IDENTITY_FILE, config_text)
     return folder
 
 

@@ -91,7 +91,8 @@ class RobustAccuracy(Evaluation):
     def run(self, ctx, report) -> None:
         ev, test = ctx.cfg.eval, ctx.data.test
         # A step-doubling ladder on a large ensemble runs for hours here: each attack and eps keeps its
-        # finished rungs (attack i's at kept/<i>_<eps>.pt), so an interrupted evaluation continues its ladder.
+        # finished rungs (attack i's at kept/<i>_<eps>.pt), so an interrupted evaluation continues its ladder;
+        # with attack_members, the members' accuracies too (kept/<i>_<eps>_members.pt).
         kept = ctx.kept(self.key)
         part = lambda i, e: kept / f"{i}_{eps_key(e)}.pt"  # noqa: E731 - names are free text; the index is not
         parts = {} if kept is None else {(i, e): p for i, a in enumerate(self.cfg) for e in a.eps
@@ -132,13 +133,12 @@ class RobustAccuracy(Evaluation):
             report.details.setdefault("attacks", {})[a.name] = details
         report.details["robust_acc"] = robust
 
-    @staticmethod
-    def _members(ctx, a: AttackConfig, e: float, path) -> list[float]:
+    def _members(self, ctx, a: AttackConfig, e: float, path) -> list[float]:
         """Each member's robust accuracy under attack a at eps e, kept at `path` once computed (K attacks
         of the whole test set: an interrupted evaluation does not run them again)."""
         saved = load_part(path) if path else None
         if saved is not None:
-            ctx.kept_seconds["attacks"] = ctx.kept_seconds.get("attacks", 0.0) + saved["seconds"]
+            ctx.kept_seconds[self.key] = ctx.kept_seconds.get(self.key, 0.0) + saved["seconds"]
             return saved["accs"]
         start, one = time.perf_counter(), torch.ones(1, device=ctx.device)
         accs = [robust_accuracy(member_fn(ctx.executor, m), ctx.data.test, a, e, one, ctx.how, ctx.cfg.eval.batch_size,
@@ -147,5 +147,5 @@ class RobustAccuracy(Evaluation):
         if path:
             save_part(path, {"accs": accs, "seconds": seconds})
         if ctx.log is not None:
-            ctx.log(f"evaluation: {a.name} eps {e}: each member attacked alone ({seconds:.0f} s)")
+            ctx.log(f"evaluation: {a.name} members eps {e}: each attacked alone ({seconds:.0f} s)")
         return accs

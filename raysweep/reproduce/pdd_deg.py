@@ -120,7 +120,7 @@ def _plot(vs, vr, eps_list, path):
         axes[1].scatter(d.get("mean_gradient_angle_deg"), worst_case(m, eps_list[0])[0], s=40, label=v.group)
     # ticks at the evaluated eps: matplotlib's own for [0, 0.02] print five decimals each and run together
     axes[0].set(xlabel="l_inf eps", ylabel="worst-case accuracy over the attacks", title="Robustness",
-                xticks=[0.0] + eps_list, xticklabels=[f"{e:g}" for e in [0.0] + eps_list])
+                xticks=sorted({0.0, *eps_list}), xticklabels=[f"{e:g}" for e in sorted({0.0, *eps_list})])
     axes[1].set(xlabel="mean pairwise gradient angle (deg)", ylabel=f"worst-case accuracy at eps {eps_list[0]:g}",
                 title="Gradient dispersion vs robustness")
     for ax in axes:

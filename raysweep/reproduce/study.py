@@ -159,9 +159,9 @@ def kept_progress(out: Path, key: str, cfg: RunConfig, checkpoint: Path | None =
     epochs, and the evaluation parts saved so far, both only where they belong to this very config (and
     for the evaluation, these trained weights: `checkpoint`, by default the cut-off run's own), since a
     study started again goes on from those and discards the rest."""
-    from raysweep.config import run_identity
+    from raysweep.config import current_identity, run_identity
     from raysweep.core.checkpoint import MANIFEST_FILE, load
-    from raysweep.evaluation.resume import digest
+    from raysweep.evaluation.resume import find
     from raysweep.training.trainer import saved_epochs
 
     work, said = out / PARTIAL / key, []
@@ -172,8 +172,9 @@ def kept_progress(out: Path, key: str, cfg: RunConfig, checkpoint: Path | None =
     checkpoint = checkpoint or work / "run" / "checkpoint"
     if (checkpoint / MANIFEST_FILE).is_file():
         # under epochs/eval for a run that trains, eval/ for one that evaluates a checkpoint
-        name = digest(load(checkpoint), run_identity(cfg))
-        found = [*(work / "epochs" / "eval" / name).glob("*"), *(work / "eval" / name).glob("*")]
+        ensemble, text = load(checkpoint), run_identity(cfg)
+        found = [p for root in (work / "epochs" / "eval", work / "eval")
+                 if (kept := find(root, ensemble, text, current_identity)) for p in kept.glob("*")]
         done = sorted(p.stem for p in found if p.suffix == ".pt")  # whole stages
         begun = []
         for stage in sorted(p for p in found if p.is_dir() and p.name not in done):  # a stage's own parts
