@@ -252,3 +252,22 @@ def test_sigterm_stops_a_study_as_ctrl_c_does_and_keeps_its_epochs(tmp_path, mlf
     assert "interrupted; 0 of 2 runs are done" in out and "run the same command again" in out
     for name in names:
         assert (tmp_path / "runs" / ".partial" / "variants" / name / "epochs" / EPOCH_STATE).is_file()
+
+
+def test_pdd_findings_use_the_kept_unit_choice_nearest_the_baseline_clean_accuracy(tmp_path):
+    """The paper's PDD+DEG is as accurate as its baseline, so the fair report decides the findings with
+    the choice of kept units (rescaled by 1/p or not) whose clean accuracy is nearest the baseline's,
+    whether above or below it, and judges PDD alone with the same choice. The runs are the fair study's
+    three baselines, their clean accuracies shifted for the two PDD+DEG choices."""
+    from raysweep.reproduce import pdd_deg
+
+    runs = repo_root() / "docs" / "results" / "pdd_deg_fair" / "runs" / "variants"
+    base = {s: json.loads((runs / f"baseline{s}" / "metrics.json").read_text()) for s in ("", "@seed1", "@seed2")}
+    results = {f"variants/{name}{s}": {**copy.deepcopy(m), "clean_acc": m["clean_acc"] + shift}
+               for name, shift in (("baseline", 0.0), ("pdd", 0.03), ("pdd_deg", 0.03), ("pdd_rescaled", -0.01),
+                                   ("pdd_deg_rescaled", -0.01)) for s, m in base.items()}
+    report = pdd_deg.report(study_file("pdd_deg_fair"), results, tmp_path)
+    assert "findings below use pdd_deg_rescaled (and pdd_rescaled for PDD alone)" in report, report
+    for line in ("- pdd_deg: +0.030", "- pdd_deg_rescaled: -0.010", "- pdd_rescaled: -0.010"):
+        assert line in report
+    assert "| pdd_rescaled vs baseline |" in report and "| pdd_deg_rescaled vs adp |" not in report  # no ADP runs

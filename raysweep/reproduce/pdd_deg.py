@@ -88,23 +88,28 @@ def _over_seeds(study, results, eps: float) -> list[str]:
     lines = [f"### Over seeds {study.seeds}: mean ± 95% interval", "", seed_table(study, results, metrics), ""]
     per_seed, names = seed_results(study, results), {v.name for v in study.variants}
     clean = {n: [m["clean_acc"] for m in per_seed[n]] for n in names}
-    pdd = [n for n in ("pdd_deg", "pdd_deg_rescaled") if n in names and clean[n]]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    alone = {"pdd_deg": "pdd", "pdd_deg_rescaled": "pdd_rescaled"}  # each choice's PDD without DEG
+    pdd = [n for n in alone if n in names and clean[n]]
     if not pdd or not clean.get("baseline"):
         return lines
     lines += ["PDD's kept units, rescaled by 1/p or not: clean accuracy against the baseline's (A - B, Welch's 95% "
               "interval):", ""]
-    for n in pdd:
+    for n in [m for n in pdd for m in (alone[n], n) if m in names and clean[m]]:
         c = compare(clean[n], clean["baseline"])
         interval = "(one seed)" if math.isnan(c.low) else f"[{c.low:+.3f}, {c.high:+.3f}]"
         lines.append(f"- {n}: {c.diff:+.3f} {interval}")
-    choice = max(pdd, key=lambda n: sum(clean[n]) / len(clean[n]))
-    lines += ["", f"The robustness findings below use {choice}, the choice closer to the baseline's clean accuracy.",
-              ""]
-    claims = [(f"PDD+DEG more robust than the baseline (PGD-10, eps {eps:g})", choice, "baseline",
-               f"PGD-10 {eps:g}", 1),
-              (f"PDD+DEG more robust than ADP (PGD-10, eps {eps:g})", choice, "adp", f"PGD-10 {eps:g}", 1),
+    # The paper's PDD+DEG is as accurate as its baseline: the choice whose mean is nearest the baseline's
+    choice = min(pdd, key=lambda n: abs(mean(clean[n]) - mean(clean["baseline"])))
+    lines += ["", f"The robustness findings below use {choice} (and {alone[choice]} for PDD alone), the choice "
+              "nearer the baseline's clean accuracy.", ""]
+    pgd = f"PGD-10 {eps:g}"
+    claims = [(f"PDD+DEG more robust than the baseline (PGD-10, eps {eps:g})", choice, "baseline", pgd, 1),
+              (f"PDD+DEG more robust than ADP (PGD-10, eps {eps:g})", choice, "adp", pgd, 1),
               (f"PDD+DEG more robust than the baseline, worst case over the attacks at {eps:g}", choice, "baseline",
                f"worst {eps:g}", 1),
+              (f"PDD alone more robust than the baseline (PGD-10, eps {eps:g})", alone[choice], "baseline", pgd, 1),
+              (f"DEG alone more robust than the baseline (PGD-10, eps {eps:g})", "deg", "baseline", pgd, 1),
               ("PDD+DEG members more diverse than the baseline's", choice, "baseline", "discrimination score", 1)]
     table = claims_table(study, results, claims, metrics)
     return lines + (["### The paper's findings, decided over seeds", "", table, ""] if table else [])
