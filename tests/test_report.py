@@ -263,8 +263,9 @@ def test_an_evaluation_folder_kept_under_an_earlier_schema_is_taken_over(trained
 
 def test_an_evaluation_interrupted_among_its_member_attacks_keeps_the_members_it_attacked(trained_synthetic, tmp_path):
     """eval.attack_members attacks each member alone, K attacks of the whole test set per attack and eps.
-    Interrupted after the first eps's member attacks, evaluation started again with the same resume_dir
-    attacks the members only at the other eps and reports exactly what the uninterrupted one does."""
+    Interrupted after the first member at the first eps, evaluation started again with the same
+    resume_dir attacks only the other members there and at the next eps, and reports exactly what the
+    uninterrupted one does."""
     from raysweep.core.checkpoint import save_checkpoint
     from raysweep.run import evaluate_checkpoint
 
@@ -275,17 +276,19 @@ def test_an_evaluation_interrupted_among_its_member_attacks_keeps_the_members_it
     ckpt = save_checkpoint(tmp_path / "ckpt", ensemble, cfg, data.image_shape, data.num_classes, data.mean, data.std)
     whole = evaluate_checkpoint(ckpt, None, tmp_path / "whole", progress=False)
 
-    def stop_after_members(line):
+    def stop_after_a_member(line):
         if " members eps " in line:
-            raise KeyboardInterrupt  # as a Ctrl-C landing right after the first eps's members
+            raise KeyboardInterrupt  # as a Ctrl-C landing right after the first member's attack
     keep = tmp_path / "keep"
     with pytest.raises(KeyboardInterrupt):
-        evaluate_checkpoint(ckpt, None, tmp_path / "cut", progress=False, resume_dir=keep, log=stop_after_members)
+        evaluate_checkpoint(ckpt, None, tmp_path / "cut", progress=False, resume_dir=keep, log=stop_after_a_member)
 
     lines = []
     resumed = evaluate_checkpoint(ckpt, None, tmp_path / "resumed", progress=False, resume_dir=keep, log=lines.append)
-    assert [line for line in lines if " members eps " in line] == \
-        [next(line for line in lines if line.startswith("evaluation: pgd members eps 0.1:"))]
+    k = ensemble.k
+    attacked = [line.split(" attacked")[0] for line in lines if " members eps " in line]
+    assert attacked == [f"evaluation: pgd members eps {e}: member {m}/{k}"
+                        for e, first in ((0.05, 2), (0.1, 1)) for m in range(first, k + 1)]
     assert resumed["attacks"]["pgd"]["member_robust_acc"] == whole["attacks"]["pgd"]["member_robust_acc"]
     assert resumed["results"] == whole["results"]
 

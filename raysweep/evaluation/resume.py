@@ -4,7 +4,7 @@ PGD ladder at 10 000 images: a single model's 750 s per eps, nine times over), s
 mid-evaluation (a killed process, a machine handed back) keeps what it finished: each evaluation
 stage's share of the report is saved as the stage ends, and a stage may keep parts of its own (the
 UAP stage, each eps, and every minute the eps under way; the attacks stage, each finished run of each
-eps's step-doubling ladder, and with eval.attack_members the members' accuracies at each eps).
+eps's step-doubling ladder, and with eval.attack_members each member's accuracy at each eps).
 Everything is kept under a folder named after a digest of the run's identity (its config without
 `executor`: config.run_identity) and the members' weights, so a saved part is only ever read back for
 the very ensemble and evaluation that made it; the folders of other digests are removed when a new

@@ -134,18 +134,20 @@ class RobustAccuracy(Evaluation):
         report.details["robust_acc"] = robust
 
     def _members(self, ctx, a: AttackConfig, e: float, path) -> list[float]:
-        """Each member's robust accuracy under attack a at eps e, kept at `path` once computed (K attacks
-        of the whole test set: an interrupted evaluation does not run them again)."""
+        """Each member's robust accuracy under attack a at eps e, each saved at `path` as it ends (K attacks
+        of the whole test set: an interrupted evaluation attacks only the members it had not finished)."""
         saved = load_part(path) if path else None
-        if saved is not None:
-            ctx.kept_seconds[self.key] = ctx.kept_seconds.get(self.key, 0.0) + saved["seconds"]
-            return saved["accs"]
-        start, one = time.perf_counter(), torch.ones(1, device=ctx.device)
-        accs = [robust_accuracy(member_fn(ctx.executor, m), ctx.data.test, a, e, one, ctx.how, ctx.cfg.eval.batch_size,
-                                ctx.device, ctx.cfg.seed)[0] for m in range(ctx.ensemble.k)]
-        seconds = time.perf_counter() - start
-        if path:
-            save_part(path, {"accs": accs, "seconds": seconds})
-        if ctx.log is not None:
-            ctx.log(f"evaluation: {a.name} members eps {e}: each attacked alone ({seconds:.0f} s)")
+        accs, seconds = (list(saved["accs"]), saved["seconds"]) if saved else ([], 0.0)
+        ctx.kept_seconds[self.key] = ctx.kept_seconds.get(self.key, 0.0) + seconds  # the earlier process's time
+        one = torch.ones(1, device=ctx.device)
+        for m in range(len(accs), ctx.ensemble.k):
+            start = time.perf_counter()
+            accs.append(robust_accuracy(member_fn(ctx.executor, m), ctx.data.test, a, e, one, ctx.how,
+                                        ctx.cfg.eval.batch_size, ctx.device, ctx.cfg.seed)[0])
+            seconds += time.perf_counter() - start
+            if path:
+                save_part(path, {"accs": accs, "seconds": seconds})
+            if ctx.log is not None:
+                ctx.log(f"evaluation: {a.name} members eps {e}: member {m + 1}/{ctx.ensemble.k} attacked alone "
+                        f"({seconds:.0f} s)")
         return accs
