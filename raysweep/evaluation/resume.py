@@ -42,13 +42,17 @@ def find(root: Path, ensemble, config_text: str, current=None) -> Path | None:
     """The folder under root that an evaluation of this ensemble under this run identity kept, if any:
     root/<digest>, or one whose saved identity, read under today's schema by `current`
     (config.current_identity), gives that digest."""
-    root, name = Path(root), digest(ensemble, config_text)
-    if (root / name).is_dir() or not root.is_dir():
-        return root / name if (root / name).is_dir() else None
+    return _find(Path(root), digest(ensemble, config_text), ensemble, current)
+
+
+def _find(root: Path, name: str, ensemble, current) -> Path | None:
+    if (root / name).is_dir():
+        return root / name
+    if current is None or not root.is_dir():
+        return None
     for other in sorted(root.iterdir()):
         saved = other / IDENTITY_FILE
-        text = current(saved.read_text()) if current is not None and saved.is_file() else None
-        if text is not None and digest(ensemble, text) == name:
+        if saved.is_file() and (text := current(saved.read_text())) is not None and digest(ensemble, text) == name:
             return other
     return None
 
@@ -56,12 +60,13 @@ def find(root: Path, ensemble, config_text: str, current=None) -> Path | None:
 def folder_for(root: Path, ensemble, config_text: str, current=None) -> Path:
     """root/<digest of the run's identity (config.run_identity) and the ensemble's weights>, made, kept, or
     taken over from an earlier schema's name (find); the folders of other digests are removed."""
-    folder = Path(root) / digest(ensemble, config_text)
-    found = find(root, ensemble, config_text, current)
+    root = Path(root)
+    folder = root / digest(ensemble, config_text)
+    found = _find(root, folder.name, ensemble, current)
     if found is not None and found != folder:
         found.rename(folder)
-    if Path(root).is_dir():
-        for other in Path(root).iterdir():
+    if root.is_dir():
+        for other in root.iterdir():
             if other.is_dir() and other != folder:
                 shutil.rmtree(other, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
