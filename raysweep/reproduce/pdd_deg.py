@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from statistics import mean
 
 from raysweep.plots import plt, save  # plots selects the Agg backend
 from raysweep.reproduce.common import run_variants_then_checks, seed_results, variant_results
@@ -88,7 +89,6 @@ def _over_seeds(study, results, eps: float) -> list[str]:
     lines = [f"### Over seeds {study.seeds}: mean ± 95% interval", "", seed_table(study, results, metrics), ""]
     per_seed, names = seed_results(study, results), {v.name for v in study.variants}
     clean = {n: [m["clean_acc"] for m in per_seed[n]] for n in names}
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     alone = {"pdd_deg": "pdd", "pdd_deg_rescaled": "pdd_rescaled"}  # each choice's PDD without DEG
     pdd = [n for n in alone if n in names and clean[n]]
     if not pdd or not clean.get("baseline"):
