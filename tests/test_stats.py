@@ -116,8 +116,11 @@ def test_the_fair_pdd_study_picks_the_pdd_choice_that_keeps_clean_accuracy(tmp_p
     results = {key: run(*table[v.name], i) for v in study.variants for i, (key, _) in enumerate(study.seed_runs(v))}
     text = "\n".join(_over_seeds(study, results, 0.01))
     assert "use pdd_deg_rescaled" in text
-    (row,) = [line for line in text.splitlines() if "more robust than the baseline (PGD-10" in line]
-    assert "pdd_deg_rescaled vs baseline" in row and row.endswith("| reproduced |")
+    rows = {line.split(" more robust")[0]: line for line in text.splitlines()
+            if "more robust than the baseline (PGD-10" in line}
+    assert set(rows) == {"| PDD+DEG", "| PDD alone", "| DEG alone"}
+    assert "pdd_deg_rescaled vs baseline" in rows["| PDD+DEG"] and rows["| PDD+DEG"].endswith("| reproduced |")
+    assert "pdd_rescaled vs baseline" in rows["| PDD alone"] and "deg vs baseline" in rows["| DEG alone"]
 
 
 def test_the_fair_ensemble_adv_study_has_every_claimed_variant():
