@@ -177,12 +177,16 @@ def check_resources(cfg: RunConfig) -> None:
 WORKER_ENV = {"worker_process_setup_hook": "raysweep.training.worker_setup.setup"}
 
 
+def _where(address: str | None) -> str:
+    return f"--address {address!r} (or $RAY_ADDRESS)"
+
+
 def check_address(address: str | None = None) -> str | None:
     """`address` or $RAY_ADDRESS (None: neither is set), checked: a malformed HOST:PORT, or one with nothing
     listening, is an error at once (ray.init would wait for minutes). Commands call it before their first
     side effect (an MLflow store, an output folder), so a typo costs seconds and leaves nothing behind."""
     address = address or os.environ.get("RAY_ADDRESS") or None
-    where = f"--address {address!r} (or $RAY_ADDRESS)"
+    where = _where(address)
     if address and "://" not in address and address not in ("auto", "local"):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
@@ -203,7 +207,7 @@ def connect(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = check_address(address)
-    where = f"--address {address!r} (or $RAY_ADDRESS)"
+    where = _where(address)
     try:
         ray.init(address=address, logging_level="warning", runtime_env=WORKER_ENV)
     except (ConnectionError, ValueError, RuntimeError) as err:
