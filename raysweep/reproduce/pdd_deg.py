@@ -97,19 +97,20 @@ def _over_seeds(study, results, eps: float) -> list[str]:
                   f"some seed): {', '.join(weak)}. Their accuracy is mostly their other members'.", ""]
     alone = {"pdd_deg": "pdd", "pdd_deg_rescaled": "pdd_rescaled"}  # each choice's PDD without DEG
     pdd = [n for n in alone if n in names and clean[n]]
-    if not pdd or not clean.get("baseline"):
+    if not clean.get("baseline"):
         return lines
-    lines += ["PDD's kept units, rescaled by 1/p or not: clean accuracy against the baseline's (A - B, Welch's 95% "
-              "interval):", ""]
-    for n in [m for n in pdd for m in (alone[n], n) if m in names and clean[m]]:
-        c = compare(clean[n], clean["baseline"])
-        interval = "(one seed)" if math.isnan(c.low) else f"[{c.low:+.3f}, {c.high:+.3f}]"
-        lines.append(f"- {n}: {c.diff:+.3f} {interval}")
     # The paper's PDD+DEG is as accurate as its baseline: the choice whose mean is nearest the baseline's
     # comes first; the findings are decided for the other choice too, so that no choice is hidden.
     choices = sorted(pdd, key=lambda n: abs(mean(clean[n]) - mean(clean["baseline"])))
-    lines += ["", f"{choices[0]} is the choice nearer the baseline's clean accuracy, as the paper's PDD+DEG is; the "
-              "findings below are decided for each choice, that one first.", ""]
+    if choices:
+        lines += ["PDD's kept units, rescaled by 1/p or not: clean accuracy against the baseline's (A - B, Welch's "
+                  "95% interval):", ""]
+        for n in [m for n in pdd for m in (alone[n], n) if m in names and clean[m]]:
+            c = compare(clean[n], clean["baseline"])
+            interval = "(one seed)" if math.isnan(c.low) else f"[{c.low:+.3f}, {c.high:+.3f}]"
+            lines.append(f"- {n}: {c.diff:+.3f} {interval}")
+        lines += ["", f"{choices[0]} is the choice nearer the baseline's clean accuracy, as the paper's PDD+DEG is; "
+                  "the findings below are decided for each choice, that one first.", ""]
     pgd = f"PGD-10 {eps:g}"
     claims = []
     for n in choices:
