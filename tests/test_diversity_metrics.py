@@ -43,3 +43,34 @@ def test_gradient_angles_by_hand():
 
     angles = gradient_angles(fn, torch.randn(4, 2), torch.zeros(4, dtype=torch.long), 2)
     assert torch.allclose(angles, torch.full((1, 4), 90.0))  # orthogonal input gradients
+
+
+def test_member_activity_finds_a_silenced_member(tmp_path):
+    """tools/member_activity.py on a run folder whose member 2 has its last hidden layer silenced (every
+    unit's pre-activation negative): member 2 has fewer than two activated units on every image, the
+    healthy member on none."""
+    import sys
+
+    from conftest import make_cfg, repo_root
+
+    from raysweep.config.io import dump_config
+    from raysweep.core.checkpoint import save_checkpoint
+    from raysweep.core.ensemble import Ensemble
+    from raysweep.core.models import build_member
+
+    sys.path.insert(0, str(repo_root() / "tools"))
+    from member_activity import activity
+
+    cfg = make_cfg()
+    torch.manual_seed(0)
+    members = [build_member("lenet5", (1, 28, 28), 4, [0.5], [0.5]) for _ in range(2)]
+    last = members[1].body[-2]  # the last hidden Linear, before its ReLU
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(-1.0)
+    save_checkpoint(tmp_path / "checkpoint", Ensemble(members, None, "probability"), cfg, (1, 28, 28), 4, [0.5], [0.5])
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    lines = activity(tmp_path, 64)
+    assert "64 images, 84 last hidden units per member" in lines[0]
+    assert "member 1:" in lines[1] and "fewer than two activated units on 0.0% of the images" in lines[1]
+    assert "member 2:" in lines[2] and "on 100.0% of the images; activated units fewest 0, median 0" in lines[2]

@@ -1,0 +1,60 @@
+"""How alive each member's last hidden layer is, for runs whose ensemble accuracy may be one member's
+(PDD's dropout can silence a member: docs/RESULTS.md). For each run: every member's clean accuracy on
+the first test images, on how many of them it has fewer than two activated (> 0) last hidden units
+(where a variance of its activated values, and so the discrimination score, is undefined), its
+fewest and median activated units, and the discrimination score's mean and median over the images.
+
+usage: .venv/bin/python tools/member_activity.py RUN [RUN ...] [--images 1000]
+RUN: a run folder (its config.yaml and checkpoint/), e.g. docs/results/pdd_deg_fair/runs/variants/pdd
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from raysweep.config import load_config
+from raysweep.core.checkpoint import load
+from raysweep.core.data import load_dataset
+from raysweep.evaluation.diversity import discrimination_score
+from raysweep.members.local import make_local_executor
+
+
+def activity(run: Path, images: int) -> list[str]:
+    cfg = load_config(run / "config.yaml")
+    ensemble = load(run / "checkpoint")
+    test = load_dataset(cfg.data, cfg.seed).test
+    x, y = test.batch(torch.arange(min(images, len(test))), "cpu")
+    ex = make_local_executor(ensemble.members, device="cpu")
+    ex.train(False)
+    with torch.no_grad():
+        feats = ex.stacked_logits(x, part="features")  # [K,B,D]
+        logits = ex.stacked_logits(feats, per_member=True, part="head")
+    active = (feats > 0).sum(-1)  # [K,B]
+    score = discrimination_score(feats)
+    lines = [f"{run}: {x.shape[0]} images, {feats.shape[-1]} last hidden units per member; discrimination score "
+             f"mean {score.mean().item():.4g}, median {score.median().item():.4g}"]
+    for k in range(ensemble.k):
+        acc = (logits[k].argmax(-1) == y).float().mean().item()
+        few = (active[k] < 2).float().mean().item()
+        lines.append(f"  member {k + 1}: clean {acc:.3f}; fewer than two activated units on {few:.1%} of the images; "
+                     f"activated units fewest {active[k].min().item()}, median {active[k].float().median().item():.0f}")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--images", type=int, default=1000, help="the first N test images (default 1000)")
+    args = parser.parse_args()
+    for run in args.runs:
+        if not (run / "config.yaml").is_file() or not (run / "checkpoint").is_dir():
+            parser.error(f"{run}: not a run folder (expected its config.yaml and checkpoint/)")
+    for run in args.runs:
+        print("\n".join(activity(run, args.images)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
