@@ -8,7 +8,7 @@ from statistics import mean
 
 from raysweep.plots import plt, save  # plots selects the Agg backend
 from raysweep.reproduce.common import run_variants_then_checks, seed_results, variant_results
-from raysweep.reproduce.stats import compare
+from raysweep.reproduce.stats import compare, estimate
 from raysweep.reproduce.study import load_study
 from raysweep.reproduce.tables import claims_table, failed_cell, md_table, seed_table, worst_case
 
@@ -74,7 +74,9 @@ def report(path, results, docs: Path) -> str:
               "`benchmarks/bench_methods.py` measures the step-time ratios side by side on an idle machine.", ""]
     if study.seeds:
         lines += _over_seeds(study, results, eps_list[0])
-    _plot(ok, vr, eps_list, docs / "robustness.png")
+    # Over seeds where the study has them: each point a mean with its 95% interval, so a reader sees the noise
+    runs = seed_results(study, results) if study.seeds else {v.name: [vr[v.name]] for v in ok}
+    _plot([v for v in study.variants if runs.get(v.name)], runs, eps_list, docs / "robustness.png")
     lines += ["![robust accuracy per method](robustness.png)", ""]
     return "\n".join(lines)
 
@@ -128,16 +130,27 @@ def _over_seeds(study, results, eps: float) -> list[str]:
     return lines + (["### The paper's findings, decided over seeds", "", table, ""] if table else [])
 
 
-def _plot(vs, vr, eps_list, path):
+def _plot(vs, runs, eps_list, path):
+    """Robustness per variant, and gradient dispersion against it: means over each variant's runs (its seeds)
+    with 95% intervals as error bars (none with one run)."""
+    def point(values):
+        e = estimate(values)
+        return e.mean, 0.0 if math.isnan(e.half_width) else e.half_width
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    n = {len(runs[v.name]) for v in vs}
     for v in vs:
-        m = vr[v.name]
-        axes[0].plot([0.0] + eps_list, [m["clean_acc"]] + [worst_case(m, e)[0] for e in eps_list], marker="o",
-                     label=v.group)
-        d = m.get("diversity", {})
-        axes[1].scatter(d.get("mean_gradient_angle_deg"), worst_case(m, eps_list[0])[0], s=40, label=v.group)
+        ms = runs[v.name]
+        acc = [point([m["clean_acc"] for m in ms])] + [point([worst_case(m, e)[0] for m in ms]) for e in eps_list]
+        axes[0].errorbar([0.0] + eps_list, [a for a, _ in acc], yerr=[h for _, h in acc], marker="o", capsize=3,
+                         label=v.group)
+        if all("mean_gradient_angle_deg" in m.get("diversity", {}) for m in ms):
+            angle = point([m["diversity"]["mean_gradient_angle_deg"] for m in ms])
+            axes[1].errorbar(angle[0], acc[1][0], xerr=angle[1], yerr=acc[1][1], marker="o", capsize=3, label=v.group)
+    over = f"mean ± 95% interval over {n.pop()} seeds" if len(n) == 1 and max(n, default=1) > 1 else \
+        "one run each" if n == {1} else "mean ± 95% interval over each variant's seeds"
     # ticks at the evaluated eps: matplotlib's own for [0, 0.02] print five decimals each and run together
-    axes[0].set(xlabel="l_inf eps", ylabel="worst-case accuracy over the attacks", title="Robustness",
+    axes[0].set(xlabel="l_inf eps", ylabel="worst-case accuracy over the attacks", title=f"Robustness ({over})",
                 xticks=sorted({0.0, *eps_list}), xticklabels=[f"{e:g}" for e in sorted({0.0, *eps_list})])
     axes[1].set(xlabel="mean pairwise gradient angle (deg)", ylabel=f"worst-case accuracy at eps {eps_list[0]:g}",
                 title="Gradient dispersion vs robustness")
