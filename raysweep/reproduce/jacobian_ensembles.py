@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from raysweep.plots import plt, save  # plots selects the Agg backend
-from raysweep.reproduce.common import best_by, run_variants_then_checks, variant_results
+from raysweep.reproduce.common import best_by, run_variants_then_checks, seed_results, variant_results
+from raysweep.reproduce.stats import estimate
 from raysweep.reproduce.study import load_study
 from raysweep.reproduce.tables import attack_results, claims_table, failed_cell, md_table, seed_table, worst_case
 
@@ -89,7 +90,10 @@ def report(path, results, docs: Path) -> str:
                   md_table(["variant", "mean UAP", "mean UAP (strong)", "weighted", "weighted (strong)",
                             "worst per-image acc, eps 0.02", "worst per-image acc, eps 0.05", "worst attack at 0.05"],
                            rows), ""]
-    _scatter(study, vr, docs / "tradeoff.png")
+    # Over seeds where the study has them: each point a mean with its 95% intervals as error bars
+    runs = seed_results(study, results) if study.seeds else {v.name: [vr[v.name]] for v in study.variants
+                                                             if "error" not in vr[v.name]}
+    _scatter(study, runs, docs / "tradeoff.png")
     _jacobian_vs_k(study, vr, docs / "jacobian_vs_k.png")
     lines += ["![accuracy vs robustness](tradeoff.png)", "", "![mean ||J||_F^2 vs K](jacobian_vs_k.png)", ""]
     return "\n".join(lines)
@@ -120,21 +124,29 @@ def _seed_noise(study, vr) -> list[str]:
                       "weighted spread"], rows), ""]
 
 
-def _scatter(study, vr, path):
+def _scatter(study, runs, path):
+    """Clean accuracy against mean UAP accuracy: each variant's mean over its runs (seeds), 95% intervals as
+    error bars (none with one run)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    seeds = set()
     for g, marker in zip(GROUPS, "s^oD"):
-        vs = [v for v in study.variants if v.group == g and "error" not in vr[v.name]]
+        vs = [v for v in study.variants if v.group == g and runs.get(v.name)]
         if not vs:
             continue
-        xs, ys = [vr[v.name]["clean_acc"] for v in vs], [vr[v.name]["mean_uap_acc"] for v in vs]
-        ax.scatter(xs, ys, marker=marker, s=40, label=g, edgecolors="k", linewidths=0.4, zorder=3)
+        xs = [estimate([m["clean_acc"] for m in runs[v.name]]) for v in vs]
+        ys = [estimate([m["mean_uap_acc"] for m in runs[v.name]]) for v in vs]
+        seeds |= {len(runs[v.name]) for v in vs}
+        ax.errorbar([x.mean for x in xs], [y.mean for y in ys], xerr=[x.bar for x in xs], yerr=[y.bar for y in ys],
+                    fmt=marker, ms=6, capsize=3, label=g, mec="k", mew=0.4, zorder=3)
         for v, x, y in zip(vs, xs, ys):
-            ax.annotate(f"λ={v.cfg.train.jr.lambda_jr:g}, K={v.cfg.ensemble.k}", (x, y), fontsize=6,
+            ax.annotate(f"λ={v.cfg.train.jr.lambda_jr:g}, K={v.cfg.ensemble.k}", (x.mean, y.mean), fontsize=6,
                         xytext=(3, 2), textcoords="offset points")
+    over = f"; mean ± 95% interval over {seeds.pop()} seeds" if len(seeds) == 1 and max(seeds, default=1) > 1 else ""
     ax.set(xlabel="clean accuracy", ylabel="mean UAP accuracy (eps 0.10-0.25)",
-           title="Jacobian Ensembles: accuracy vs robustness (labels: λ_JR, K)")
+           title=f"Jacobian Ensembles: accuracy vs robustness\n(labels: λ_JR, K{over})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     save(fig, path)
 
 

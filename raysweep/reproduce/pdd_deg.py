@@ -135,7 +135,7 @@ def _plot(vs, runs, eps_list, path):
     with 95% intervals as error bars (none with one run)."""
     def point(values):
         e = estimate(values)
-        return e.mean, 0.0 if math.isnan(e.half_width) else e.half_width
+        return e.mean, e.bar
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     n = {len(runs[v.name]) for v in vs}

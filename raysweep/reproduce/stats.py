@@ -29,6 +29,11 @@ class Estimate:
     half_width: float  # of the 95% interval; nan with one value
     n: int
 
+    @property
+    def bar(self) -> float:
+        """The half-width as a plot's error bar: none (0) with one value."""
+        return 0.0 if math.isnan(self.half_width) else self.half_width
+
     def __str__(self) -> str:
         if self.n < 2:
             return f"{self.mean:.3f} (1 seed)"
