@@ -14,7 +14,7 @@ from raysweep.terminal import quiet
 
 def _summary(metrics: dict, out: Path) -> str:
     """Every named result, one line per group: `robust_acc/pgd  0.1: 0.5120  0.2: 0.3010`."""
-    from raysweep.evaluation.report import masking_flags_of, scalars_of
+    from raysweep.evaluation.report import masking_flags_of, scalars_of, weak_members
 
     groups: dict[str, list[tuple[str, float]]] = {}
     for name, value in scalars_of(metrics).items():
@@ -31,6 +31,11 @@ def _summary(metrics: dict, out: Path) -> str:
         lines.append(f"  {ladder['level']} protocol at {eps}: images broken by " + ", ".join(
             f"{s} {n}" for s, n in r["broken"].items() if n) + f" in {sum(r['seconds'].values()):.0f} s")
     lines += [f"MASKING FLAG {name}: {why}" for name, why in masking_flags_of(metrics).items()]
+    if weak := weak_members(metrics):
+        accs = ", ".join(f"{metrics['member_clean_acc'][k - 1]:.3f}" for k in weak)
+        lines.append(f"WEAK MEMBERS {', '.join(map(str, weak))} of {len(metrics['member_clean_acc'])}: clean accuracy "
+                     f"{accs}, under half the ensemble's {metrics['clean_acc']:.3f}; its accuracy is mostly the "
+                     "other members'")
     seconds = [f"training {metrics['train']['seconds']:.0f}"] if "train" in metrics else []
     if "eval_seconds" in metrics:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in metrics.get("eval_stage_seconds", {}).items())

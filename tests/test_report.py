@@ -120,15 +120,39 @@ def test_masking_flags_become_mlflow_tags(tmp_path, mlflow_store):
     uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     metrics = {"schema": 2, "clean_acc": 0.9, "results": {"clean_acc": {"value": 0.9}}, "masking_checks": {},
-               "masking_flags": {"vanishing_gradients": "90% of 200 images"}}
+               "masking_flags": {"vanishing_gradients": "90% of 200 images"}, "member_clean_acc": [0.9, 0.2, 0.5]}
     flagged = client.create_run(experiment_id("t", uri)).info.run_id
     log_results(client, flagged, tmp_path, metrics)
     clean = client.create_run(experiment_id("t", uri)).info.run_id
-    log_results(client, clean, tmp_path, {**metrics, "masking_flags": {}})
+    log_results(client, clean, tmp_path, {**metrics, "masking_flags": {}, "member_clean_acc": [0.9, 0.46, 0.5]})
     tags = client.get_run(flagged).data.tags
     assert tags["raysweep.masking"] == "vanishing_gradients"
     assert tags["raysweep.masking.vanishing_gradients"] == "90% of 200 images"
+    assert tags["raysweep.weak_members"] == "2"  # 0.2 is under half of 0.9; 0.5 is not
     assert client.get_run(clean).data.tags["raysweep.masking"] == "none"
+    assert "raysweep.weak_members" not in client.get_run(clean).data.tags
+
+
+def test_a_member_that_learned_nothing_is_named(trained_synthetic, tmp_path):
+    """Member 2's head silenced (constant logits): the ensemble stays accurate through the other two, and
+    the evaluation's summary names member 2 as weak; the trained ensemble has no weak member."""
+    import copy
+
+    from raysweep.cli import _summary
+    from raysweep.core.ensemble import Ensemble
+    from raysweep.evaluation.report import weak_members
+
+    _, data, ensemble = trained_synthetic
+    cfg = make_cfg(ensemble={"k": 3}, data={"train_size": 768, "test_size": 200},
+                   eval={"uap": None, "jacobian_samples": 0, "diversity_samples": 0})
+    assert weak_members(evaluate(ensemble, data, cfg, progress=False).to_json()) == []
+    members = [copy.deepcopy(m) for m in ensemble.members]
+    with torch.no_grad():
+        members[1].head.weight.zero_()
+        members[1].head.bias.zero_()
+    metrics = evaluate(Ensemble(members, ensemble.weights), data, cfg, progress=False).to_json()
+    assert metrics["clean_acc"] > 0.8 and weak_members(metrics) == [2]
+    assert "WEAK MEMBERS 2 of 3: clean accuracy " in _summary(metrics, tmp_path)
 
 
 def _evaluate_until(ckpt, out, keep, pattern: str, poll: float = 0.02, first: str = "") -> Path:

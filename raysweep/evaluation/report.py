@@ -129,6 +129,16 @@ def masking_flags_of(metrics: dict) -> dict[str, str]:
     return dict(metrics.get("masking_flags") or {})
 
 
+def weak_members(metrics: dict) -> list[int]:
+    """Members (numbered from 1) whose clean accuracy is under half the ensemble's: they learned little,
+    and the ensemble's accuracy is mostly the other members' (PDD's dropout, rescaled, silences members:
+    docs/RESULTS.md). Not a masking flag: nothing is overestimated, but the ensemble is not what it seems."""
+    clean, members = metrics.get("clean_acc"), metrics.get("member_clean_acc") or []
+    if clean is None or len(members) < 2:
+        return []
+    return [k + 1 for k, a in enumerate(members) if a < clean / 2]
+
+
 def _schema1_scalars(metrics: dict) -> dict[str, float]:
     """Schema 1 named its scalars by where they sat in the details."""
     out = {k: float(metrics[k]) for k in ("clean_acc", "mean_uap_acc", "weighted_acc") if k in metrics}

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from statistics import mean
 
+from raysweep.evaluation.report import weak_members
 from raysweep.plots import plt, save  # plots selects the Agg backend
 from raysweep.reproduce.common import run_variants_then_checks, seed_results, variant_results
 from raysweep.reproduce.stats import compare, estimate
@@ -93,7 +94,7 @@ def _over_seeds(study, results, eps: float) -> list[str]:
     per_seed, names = seed_results(study, results), {v.name for v in study.variants}
     clean = {n: [m["clean_acc"] for m in per_seed[n]] for n in names}
     # A member far below its ensemble learned little; the ensemble's accuracy is then mostly another member's.
-    weak = sorted(n for n in names if any(min(m["member_clean_acc"]) < m["clean_acc"] / 2 for m in per_seed[n]))
+    weak = sorted(n for n in names if any(weak_members(m) for m in per_seed[n]))
     if weak:
         lines += [f"Ensembles with a member that learned little (its clean accuracy under half the ensemble's, at "
                   f"some seed): {', '.join(weak)}. Their accuracy is mostly their other members'.", ""]

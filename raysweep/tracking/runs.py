@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 
 from raysweep.config import RunConfig
 from raysweep.errors import UserError
-from raysweep.evaluation.report import masking_flags_of, scalars_of
+from raysweep.evaluation.report import masking_flags_of, scalars_of, weak_members
 
 DEFAULT_EXPERIMENT = "raysweep"
 
@@ -152,6 +152,8 @@ def log_results(client, run_id: str, out: Path, metrics: dict, logged_epochs: in
     flags = masking_flags_of(metrics)  # shown in the runs table: a flagged number is not to be trusted
     tags = [RunTag("raysweep.masking", ", ".join(sorted(flags)) or "none")] if "masking_checks" in metrics else []
     tags += [RunTag(f"raysweep.masking.{name}"[:250], why[:5000]) for name, why in flags.items()]
+    if weak := weak_members(metrics):  # the runs table shows it: a clean accuracy that is mostly one member's
+        tags.append(RunTag("raysweep.weak_members", ", ".join(map(str, weak))))
     client.log_batch(run_id, metrics=history + final, tags=tags)
     for name in ("metrics.json", "config.yaml", "acc_vs_eps.png", "uap.png"):
         if (out / name).is_file():
