@@ -150,6 +150,9 @@ def _print_sweep(s: dict) -> None:
         print(f"best params: {b['params']}")
         if b.get("masking_flags"):
             print(f"MASKING FLAGS on the best trial: {', '.join(b['masking_flags'])} (see its metrics.json)")
+        if b.get("weak_members"):
+            print(f"WEAK MEMBERS of the best trial: {', '.join(map(str, b['weak_members']))} (clean accuracy under half "
+                  "the ensemble's; see member_clean_acc in its metrics.json)")
     for c in s.get("champion_candidates", []):
         print(f"candidate trial {c['trial_id']}: {c['objective']} {c['objective_value']:.4f}, {c['strong_objective']} "
               f"{c['strong_value']:.4f}" + (f", MASKING FLAGS: {', '.join(c['masking_flags'])}" if c['masking_flags']

@@ -50,6 +50,10 @@ def test_sweep_records_every_trial_in_mlflow(sweep):
     assert {"tradeoff.png", "pareto.csv"} <= {a.path for a in client.list_artifacts(parent)}
     pareto = pd.read_csv(sweep_dir(summary) / "pareto.csv", dtype={"trial_id": str})
     assert 1 <= len(pareto) and set(pareto.trial_id) <= {r["trial_id"] for r in summary["finished_trials"]}
+    # members under half their ensemble's clean accuracy (evaluation/report.weak_members), in the summary and
+    # as the trials' MLflow tags alike (2 epochs on 256 images: a member can end below chance)
+    assert sorted(", ".join(map(str, t["weak_members"])) for t in summary["finished_trials"]) == sorted(
+        run.data.tags.get("raysweep.weak_members", "") for run in children)
     # What the MLflow UI shows: runs named by their sampled values and id, the whole config as params
     # (defaults too), a description on each run page
     for run in children:

@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 from raysweep import plots
 from raysweep.config import dump_config, validate_config
 from raysweep.errors import UserError
-from raysweep.evaluation.report import masking_flags_of, scalars_of
+from raysweep.evaluation.report import masking_flags_of, scalars_of, weak_members
 from raysweep.sweeps.champion import strong_figures
 from raysweep.sweeps.ledger import STATE_FILE, _records
 from raysweep.sweeps.space import describe
@@ -37,7 +37,8 @@ def _summarise(space, state, records, sweep_dir, client, keys, seconds, interrup
                "study_name": state["study_name"], "mlflow_parent_run_id": parent_id, "dir": str(sweep_dir),
                "finished_trials": [{**{k: r[k] for k in (*keys, "clean_acc", "trial_id", "params", "checkpoint")},
                                     "storage": r.get("storage"), "seconds": r["metrics"].get("total_seconds"),
-                                    "masking_flags": sorted(masking_flags_of(r["metrics"]))}
+                                    "masking_flags": sorted(masking_flags_of(r["metrics"])),
+                                    "weak_members": weak_members(r["metrics"])}
                                    for r in rows]}
     if rows:
         if s.multi:
@@ -49,7 +50,8 @@ def _summarise(space, state, records, sweep_dir, client, keys, seconds, interrup
         best_cfg = validate_config({**space.trial_config(best["params"]), "name": f"{space.name}-best"})
         summary["best"] = {**{k: best[k] for k in (*keys, "clean_acc", "trial_id", "mlflow_run_id", "params",
                                                    "checkpoint")}, "storage": best.get("storage"),
-                           "masking_flags": sorted(masking_flags_of(best["metrics"]))}
+                           "masking_flags": sorted(masking_flags_of(best["metrics"])),
+                           "weak_members": weak_members(best["metrics"])}
         (sweep_dir / "best.yaml").write_text(
             f"# best trial {best['trial_id']}: checkpoint {best['checkpoint']}"
             + (f", also at {best['storage']}" if best.get("storage") else "") + "\n" + dump_config(best_cfg))
