@@ -45,12 +45,10 @@ def test_gradient_angles_by_hand():
     assert torch.allclose(angles, torch.full((1, 4), 90.0))  # orthogonal input gradients
 
 
-def test_member_activity_finds_a_silenced_member(tmp_path):
+def test_member_activity_finds_a_silenced_member(tmp_path, monkeypatch):
     """tools/member_activity.py on a run folder whose member 2 has its last hidden layer silenced (every
     unit's pre-activation negative): member 2 has fewer than two activated units on every image, the
     healthy member on none."""
-    import sys
-
     from conftest import make_cfg, repo_root
 
     from raysweep.config.io import dump_config
@@ -58,7 +56,7 @@ def test_member_activity_finds_a_silenced_member(tmp_path):
     from raysweep.core.ensemble import Ensemble
     from raysweep.core.models import build_member
 
-    sys.path.insert(0, str(repo_root() / "tools"))
+    monkeypatch.syspath_prepend(str(repo_root() / "tools"))
     from member_activity import activity
 
     cfg = make_cfg()

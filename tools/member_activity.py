@@ -48,6 +48,8 @@ def main() -> int:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--images", type=int, default=1000, help="the first N test images (default 1000)")
     args = parser.parse_args()
+    if args.images < 1:
+        parser.error(f"--images {args.images}: expected at least 1 test image")
     for run in args.runs:
         if not (run / "config.yaml").is_file() or not (run / "checkpoint").is_dir():
             parser.error(f"{run}: not a run folder (expected its config.yaml and checkpoint/)")

@@ -130,9 +130,10 @@ def masking_flags_of(metrics: dict) -> dict[str, str]:
 
 
 def weak_members(metrics: dict) -> list[int]:
-    """Members (numbered from 1) whose clean accuracy is under half the ensemble's: they learned little,
-    and the ensemble's accuracy is mostly the other members' (PDD's dropout, rescaled, silences members:
-    docs/RESULTS.md). Not a masking flag: nothing is overestimated, but the ensemble is not what it seems."""
+    """Members (numbered from 1) whose clean accuracy is under half the ensemble's: they learned little, and
+    the ensemble's accuracy is mostly the other members'. Causes seen: PDD's dropout with rescaled kept
+    units silences members (docs/RESULTS.md); a short snapshot ensemble's first snapshots come early in
+    training. Not a masking flag: nothing is overestimated, but the ensemble is not what it seems."""
     clean, members = metrics.get("clean_acc"), metrics.get("member_clean_acc") or []
     if clean is None or len(members) < 2:
         return []

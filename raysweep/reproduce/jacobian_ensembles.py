@@ -90,10 +90,8 @@ def report(path, results, docs: Path) -> str:
                   md_table(["variant", "mean UAP", "mean UAP (strong)", "weighted", "weighted (strong)",
                             "worst per-image acc, eps 0.02", "worst per-image acc, eps 0.05", "worst attack at 0.05"],
                            rows), ""]
-    # Over seeds where the study has them: each point a mean with its 95% intervals as error bars
-    runs = seed_results(study, results) if study.seeds else {v.name: [vr[v.name]] for v in study.variants
-                                                             if "error" not in vr[v.name]}
-    _scatter(study, runs, docs / "tradeoff.png")
+    # Over seeds where the study has them (one run each without): means with 95% intervals as error bars
+    _scatter(study, seed_results(study, results), docs / "tradeoff.png")
     _jacobian_vs_k(study, vr, docs / "jacobian_vs_k.png")
     lines += ["![accuracy vs robustness](tradeoff.png)", "", "![mean ||J||_F^2 vs K](jacobian_vs_k.png)", ""]
     return "\n".join(lines)
