@@ -72,3 +72,11 @@ def test_member_activity_finds_a_silenced_member(tmp_path, monkeypatch):
     assert "64 images, 84 last hidden units per member" in lines[0]
     assert "member 1:" in lines[1] and "fewer than two activated units on 0.0% of the images" in lines[1]
     assert "member 2:" in lines[2] and "on 100.0% of the images; activated units fewest 0, median 0" in lines[2]
+    assert len(lines) == 3  # no PDD: nothing about its dropout
+
+    # A PDD run: what its dropout would keep of each member's activated units; the silenced member has none
+    pdd = make_cfg(ensemble={"k": 2, "method": "joint"}, train={"epochs": 1, "pdd": {"m": 4}})
+    (tmp_path / "config.yaml").write_text(dump_config(pdd))
+    lines = activity(tmp_path, 64)
+    assert lines[3].startswith("  PDD on the first 64 training images: intervals over [0, ")
+    assert "member 1: keeps " in lines[4] and lines[5] == "    member 2: no activated unit"

@@ -27,6 +27,14 @@ def _epoch_seconds(m):
     return sum(r["seconds"] for r in rows) / len(rows)
 
 
+def _loss_course(m) -> str:
+    """The training loss's lowest value (its epoch, from 1) and its last: in the fair study PDD's rose
+    again after epoch 7-13, which a final number alone would hide."""
+    h = m["train"]["history"]
+    low = min(h, key=lambda r: r["loss"])
+    return f"{low['loss']:.3f} ({low['epoch'] + 1}) / {h[-1]['loss']:.3f}"
+
+
 def report(path, results, docs: Path) -> str:
     study = load_study(path)
     vr = variant_results(study, results)
@@ -66,10 +74,11 @@ def report(path, results, docs: Path) -> str:
         d = m.get("diversity", {})
         e = _epoch_seconds(m)
         d_rows.append([v.group, d.get("output_ambiguity"), d.get("discrimination_score"),
-                       d.get("mean_gradient_angle_deg"), e, e / base_epoch if base_epoch else None])
+                       d.get("mean_gradient_angle_deg"), _loss_course(m), e, e / base_epoch if base_epoch else None])
     lines += ["### Diversity and cost", "",
               md_table(["method", "output ambiguity", "discrimination score", "gradient angle (deg)",
-                        "epoch s", "epoch time / baseline"], d_rows), "",
+                        "training loss: lowest (epoch) / last", "epoch s", "epoch time / baseline"], d_rows), "",
+              "The training loss is the one the members were trained on, PDD's dropout on.", "",
               "Epoch times come from runs that shared the machine's cores with other runs (a study runs its "
               "variants as concurrent Ray tasks), so their ratios are rough; "
               "`benchmarks/bench_methods.py` measures the step-time ratios side by side on an idle machine.", ""]
