@@ -8,7 +8,7 @@ from scipy import stats as scipy_stats
 from raysweep.errors import ConfigError
 from raysweep.reproduce import plan
 from raysweep.reproduce.jacobian_ensembles import CLAIMS, SEED_METRICS
-from raysweep.reproduce.stats import compare, estimate
+from raysweep.reproduce.stats import compare, estimate, paired
 from raysweep.reproduce.study import load_study
 from raysweep.reproduce.tables import claims_table, seed_table
 
@@ -26,6 +26,16 @@ def test_difference_interval_is_welchs():
     c = compare(a, b)
     ci = scipy_stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
     assert (c.low, c.high) == pytest.approx((ci.low, ci.high)) and c.diff == pytest.approx(0.04)
+
+
+def test_paired_interval_is_the_paired_t_test_over_images():
+    a = [True] * 80 + [False] * 20
+    b = [True] * 70 + [False] * 10 + [True] * 5 + [False] * 15  # A right where B is wrong on 10, the reverse on 5
+    c = paired(a, b)
+    ci = scipy_stats.ttest_rel([float(x) for x in a], [float(x) for x in b]).confidence_interval(0.95)
+    assert c.diff == pytest.approx(0.05) and (c.low, c.high) == pytest.approx((ci.low, ci.high))
+    assert c.verdict == "same direction, not established" and paired(a * 10, b * 10).verdict == "reproduced"
+    assert paired(b * 10, a * 10).verdict == "contradicted"
 
 
 @pytest.mark.parametrize("a, b, sign, verdict", [
@@ -151,6 +161,32 @@ def test_the_fair_pdd_study_decides_both_pdd_choices_and_names_weak_members(tmp_
     # neither variant of the rescaled choice run yet: one choice, said so
     text = "\n".join(_over_seeds(study, results_of(drop=("pdd_deg_rescaled", "pdd_rescaled")), 0.01))
     assert "Only pdd_deg's choice has runs so far (pdd_deg_rescaled has none)." in text
+
+
+def test_the_fair_pdd_checks_decide_the_findings_image_by_image():
+    """The checks table of the fair PDD report: each checked variant's strong-protocol accuracy beside its
+    PGD-10, its masking flags, and the paper's robustness findings re-decided on the same images."""
+    from raysweep.reproduce.common import variant_results
+    from raysweep.reproduce.pdd_deg import _checks
+
+    study = load_study(plan("pdd-deg", "search_spaces/reproduce/pdd_deg_fair.yaml")["file"])
+
+    def check(robust: int, flags=None):  # 1000 images, the first `robust` ones robust, the rest broken by stage 0
+        broken = [-1] * robust + [0] * (1000 - robust)
+        return {"protocol": {"images": 1000, "stages": ["pgd", "apgd-ce"],
+                             "per_eps": {"0.01": {"acc": robust / 1000, "image_broken_by": broken}}},
+                "masking_flags": flags or {}}
+    results = {"variants/baseline": {"clean_acc": 0.92, "robust_acc": {"pgd10": {"0.01": 0.80, "0.02": 0.65}}},
+               "variants/pdd": {"clean_acc": 0.89, "robust_acc": {"pgd10": {"0.01": 0.82, "0.02": 0.75}}},
+               "checks/baseline": check(774), "checks/pdd": check(813, {"vanishing_gradients": "19% of 200"})}
+    text = "\n".join(_checks(study, variant_results(study, results), results, [0.01, 0.02]))
+    assert "| baseline | baseline | 0.920 | 0.800 | 0.774 | none |" in text
+    assert "| pdd | PDD | 0.890 | 0.820 | 0.813 | vanishing_gradients: 19% of 200 |" in text
+    # PDD is right on every image the baseline is, and on 39 more: a paired interval well above zero
+    row = "| PDD more robust than baseline | pdd vs baseline | strong 0.01 | +0.039 | [+0.027, +0.051] | reproduced |"
+    assert row in text
+    assert "pdd_deg vs" not in text  # no check of it yet
+    assert _checks(study, variant_results(study, {}), {}, [0.01]) == []
 
 
 def test_the_fair_ensemble_adv_study_has_every_claimed_variant():

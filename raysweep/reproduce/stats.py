@@ -10,7 +10,9 @@ two variants are independent trainings, not pairs. The verdict is read off the i
   not reproduced                  the mean difference has the other sign (or is zero), the interval holds zero
   contradicted                    the interval lies on the other side of zero
 
-With one seed per arm there is no interval, and the verdict says so.
+With one seed per arm there is no interval, and the verdict says so. A study's checks re-evaluate one
+seed's models under a stronger attack on the same images; `paired` compares two of them image by image
+(its interval covers the choice of images, not of training seed).
 """
 from __future__ import annotations
 
@@ -83,17 +85,33 @@ def compare(a: list[float], b: list[float], paper_sign: int = 1) -> Comparison:
     else:
         df = (va + vb) ** 2 / (va ** 2 / (ea.n - 1) + vb ** 2 / (eb.n - 1))
         half = stats.t.ppf(0.5 + LEVEL / 2, df) * se
-    low, high = diff - half, diff + half
+    return Comparison(diff, diff - half, diff + half, df, _verdict(diff, diff - half, diff + half, paper_sign))
+
+
+PAIRED_TEST = "paired t-interval over images, 95%"
+
+
+def paired(a: list[bool], b: list[bool], paper_sign: int = 1) -> Comparison:
+    """Accuracy of A minus B on the same images (a[i], b[i]: image i classified correctly), with the 95%
+    paired t-interval of the mean per-image difference. Its noise is which images were drawn, not which
+    training seed: a verdict from it holds for these trained models only."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired needs two equal-length lists of at least 2 images, got {len(a)} and {len(b)}")
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    diff, n = sum(d) / len(d), len(d)
+    half = stats.t.ppf(0.5 + LEVEL / 2, n - 1) * math.sqrt(_var(d) / n)
+    return Comparison(diff, diff - half, diff + half, n - 1, _verdict(diff, diff - half, diff + half, paper_sign))
+
+
+def _verdict(diff: float, low: float, high: float, paper_sign: int) -> str:
+    if paper_sign not in (1, -1):
+        raise ValueError(f"paper_sign must be +1 or -1, got {paper_sign}")
     near, far = (low, high) if paper_sign > 0 else (-high, -low)  # the interval, turned so the paper's side is +
     if near > 0:
-        verdict = "reproduced"
-    elif far < 0:
-        verdict = "contradicted"
-    elif diff * paper_sign > 0:
-        verdict = "same direction, not established"
-    else:
-        verdict = "not reproduced"
-    return Comparison(diff, low, high, df, verdict)
+        return "reproduced"
+    if far < 0:
+        return "contradicted"
+    return "same direction, not established" if diff * paper_sign > 0 else "not reproduced"
 
 
 def _var(values: list[float]) -> float:
