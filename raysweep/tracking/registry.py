@@ -108,7 +108,13 @@ def _settle_champion(client: MlflowClient, name: str, tags: dict, rounds: int = 
         champ = _champion(client, name)
         if champ is not None and int(champ.version) == best:
             return best
-        client.set_registered_model_alias(name, CHAMPION, str(best))
+        try:
+            client.set_registered_model_alias(name, CHAMPION, str(best))
+        except MlflowException as err:
+            # MLflow's SQL store creates an alias by reading, then inserting: two writers creating it at once
+            # both read "none" and the second insert breaks the unique key. The first write stands; re-read.
+            if not any(s in str(err) for s in ("UNIQUE", "unique", "Duplicate entry")):  # SQLite, Postgres, MySQL
+                raise
         time.sleep(0.2)  # let a concurrent writer's move land before re-reading
     return best
 
