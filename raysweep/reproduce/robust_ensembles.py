@@ -95,7 +95,8 @@ def _curves(study, vr, attack, path):
                 label=f"{v.name} (K={v.cfg.ensemble.k}, eps {_train_eps(v)})")
     ax.set(xlabel="l_inf eps (PGD, steps doubled to convergence)", ylabel="accuracy", title="Robust ensembles")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # none before a study's first run finishes
+        ax.legend(fontsize=7)
     save(fig, path)
 
 
