@@ -178,6 +178,45 @@ def test_champion_settles_on_the_best_version_when_registrations_race(sweep, tmp
     assert champ.tags["objective_value"] == "0.7"
 
 
+def test_a_champion_alias_another_writer_creates_meanwhile_is_no_error(sweep):
+    """MLflow's SQL store sets an alias by reading, then inserting, so two writers creating the champion alias
+    at once break its unique key. Played out here in the real store: another connection holds the write lock
+    and commits the alias (on the worse version) only once the registration has read that there is none;
+    the registration's insert then fails, and it must re-read and move the alias to the best version."""
+    import sqlite3
+    import threading
+
+    from raysweep.tracking.registry import _settle_champion
+
+    summary, uri, _ = sweep
+    best = summary["best"]
+    client = MlflowClient(uri)
+    worse = register("lock-ens", best["checkpoint"], best["mlflow_run_id"], uri, "weighted_acc", 0.3)
+    better = register("lock-ens", best["checkpoint"], best["mlflow_run_id"], uri, "weighted_acc", 0.7)
+    client.delete_registered_model_alias("lock-ens", "champion")
+    other = sqlite3.connect(uri.removeprefix("sqlite:///"), isolation_level=None, timeout=60)
+    (workspace,) = other.execute("SELECT workspace FROM registered_models WHERE name = 'lock-ens'").fetchone()
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO registered_model_aliases (workspace, name, alias, version) VALUES (?, ?, ?, ?)",
+                  (workspace, "lock-ens", "champion", worse["version"]))
+    out = {}
+
+    def settle():
+        try:
+            out["final"] = _settle_champion(MlflowClient(uri), "lock-ens", {"objective": "weighted_acc"})
+        except Exception as err:  # noqa: BLE001 - reported below
+            out["error"] = err
+    thread = threading.Thread(target=settle)
+    thread.start()
+    time.sleep(3)  # it has read that there is no alias, and waits for the write lock to insert one
+    other.execute("COMMIT")
+    other.close()
+    thread.join(120)
+    assert "error" not in out, out.get("error")
+    assert out["final"] == better["version"]
+    assert int(client.get_model_version_by_alias("lock-ens", "champion").version) == better["version"]
+
+
 def test_evaluate_cli_loads_from_the_registry(sweep, tmp_path):
     summary, uri, _ = sweep
     res = subprocess.run([sys.executable, "-m", "raysweep", "evaluate", "models:/synth-ens/1", "--tracking-uri", uri,

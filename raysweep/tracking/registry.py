@@ -99,6 +99,7 @@ def _settle_champion(client: MlflowClient, name: str, tags: dict, rounds: int = 
     at once each settle after registering, so whichever writes last sees both versions: the alias
     never rests on the worse one."""
     key, value = _ranking(tags)
+    clash = None
     for _ in range(rounds):
         scored = [(float(v.tags[value]), -int(v.version)) for v in client.search_model_versions(f"name = '{name}'")
                   if v.tags.get(key) == tags[key] and value in v.tags and not v.tags.get("masking_flags")]
@@ -110,12 +111,16 @@ def _settle_champion(client: MlflowClient, name: str, tags: dict, rounds: int = 
             return best
         try:
             client.set_registered_model_alias(name, CHAMPION, str(best))
+            clash = None
         except MlflowException as err:
             # MLflow's SQL store creates an alias by reading, then inserting: two writers creating it at once
             # both read "none" and the second insert breaks the unique key. The first write stands; re-read.
             if not any(s in str(err) for s in ("UNIQUE", "unique", "Duplicate entry")):  # SQLite, Postgres, MySQL
                 raise
+            clash = err
         time.sleep(0.2)  # let a concurrent writer's move land before re-reading
+    if clash is not None:  # still clashing in the last round: not a race that settles
+        raise clash
     return best
 
 
