@@ -87,7 +87,8 @@ def report(path, results, docs: Path) -> str:
     lines += _checks(study, vr, results, eps_list)
     # Over seeds where the study has them (one run each without): means with 95% intervals, so a reader sees the noise
     runs = seed_results(study, results)
-    _plot([v for v in study.variants if runs[v.name]], runs, eps_list, docs / "robustness.png")
+    checks = {v.name: c for v in study.variants if "protocol" in (c := results.get(f"checks/{v.name}", {}))}
+    _plot([v for v in study.variants if runs[v.name]], runs, eps_list, docs / "robustness.png", checks)
     lines += ["![robust accuracy per method](robustness.png)", ""]
     return "\n".join(lines)
 
@@ -199,9 +200,10 @@ def _checks(study, vr, results, eps_list) -> list[str]:
     return lines
 
 
-def _plot(vs, runs, eps_list, path):
+def _plot(vs, runs, eps_list, path, checks=None):
     """Robustness per variant, and gradient dispersion against it: means over each variant's runs (its seeds)
-    with 95% intervals as error bars (none with one run)."""
+    with 95% intervals as error bars (none with one run). `checks` {variant: its check's metrics}: the
+    strong protocol's accuracy of its seed-0 models, dotted in the variant's colour."""
     def point(values):
         e = estimate(values)
         return e.mean, e.bar
@@ -212,8 +214,13 @@ def _plot(vs, runs, eps_list, path):
         ms = runs[v.name]
         label = v.group if len(n) == 1 else f"{v.group} ({len(ms)} seed{'s' if len(ms) > 1 else ''})"
         acc = [point([m["clean_acc"] for m in ms])] + [point([worst_case(m, e)[0] for m in ms]) for e in eps_list]
-        axes[0].errorbar([0.0] + eps_list, [a for a, _ in acc], yerr=[h for _, h in acc], marker="o", capsize=3,
-                         label=label)
+        bars = axes[0].errorbar([0.0] + eps_list, [a for a, _ in acc], yerr=[h for _, h in acc], marker="o",
+                                capsize=3, label=label)
+        if v.name in (checks or {}):
+            strong = checks[v.name]["protocol"]["per_eps"]
+            es = [e for e in eps_list if str(e) in strong]
+            axes[0].plot(es, [strong[str(e)]["acc"] for e in es], linestyle=":", marker="o", mfc="none",
+                         color=bars[0].get_color())
         if all("mean_gradient_angle_deg" in m.get("diversity", {}) for m in ms):
             angle = point([m["diversity"]["mean_gradient_angle_deg"] for m in ms])
             axes[1].errorbar(angle[0], acc[1][0], xerr=angle[1], yerr=acc[1][1], marker="o", capsize=3, label=label)
@@ -224,6 +231,9 @@ def _plot(vs, runs, eps_list, path):
                 xticks=sorted({0.0, *eps_list}), xticklabels=[f"{e:g}" for e in sorted({0.0, *eps_list})])
     axes[1].set(xlabel="mean pairwise gradient angle (deg)", ylabel=f"worst-case accuracy at eps {eps_list[0]:g}",
                 title="Gradient dispersion vs robustness")
+    if checks:
+        axes[0].plot([], [], linestyle=":", marker="o", mfc="none", color="grey",
+                     label=f"strong protocol, seed 0, first {next(iter(checks.values()))['protocol']['images']} images")
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # none before a study's first run finishes
