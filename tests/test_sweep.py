@@ -203,12 +203,13 @@ def test_a_champion_alias_another_writer_creates_meanwhile_is_no_error(sweep):
 
     def settle():
         try:
-            out["final"] = _settle_champion(MlflowClient(uri), "lock-ens", {"objective": "weighted_acc"})
+            out["final"] = _settle_champion(client, "lock-ens", {"objective": "weighted_acc"})
         except Exception as err:  # noqa: BLE001 - reported below
             out["error"] = err
     thread = threading.Thread(target=settle)
     thread.start()
     time.sleep(3)  # it has read that there is no alias, and waits for the write lock to insert one
+    assert thread.is_alive(), out  # still waiting: the alias it read as missing is committed under it next
     other.execute("COMMIT")
     other.close()
     thread.join(120)
