@@ -167,26 +167,29 @@ def test_the_fair_pdd_checks_decide_the_findings_image_by_image():
     """The checks table of the fair PDD report: each checked variant's strong-protocol accuracy beside its
     PGD-10, its masking flags, and the paper's robustness findings re-decided on the same images."""
     from raysweep.reproduce.common import variant_results
-    from raysweep.reproduce.pdd_deg import _checks
+    from raysweep.reproduce.pdd_deg import _checks, strong_checks
 
     study = load_study(plan("pdd-deg", "search_spaces/reproduce/pdd_deg_fair.yaml")["file"])
 
     def check(robust: int, flags=None):  # 1000 images, the first `robust` ones robust, the rest broken by stage 0
         broken = [-1] * robust + [0] * (1000 - robust)
-        return {"protocol": {"images": 1000, "stages": ["pgd", "apgd-ce"],
+        return {"protocol": {"level": "strong", "images": 1000, "stages": ["pgd", "apgd-ce"],
                              "per_eps": {"0.01": {"acc": robust / 1000, "image_broken_by": broken}}},
                 "masking_flags": flags or {}}
     results = {"variants/baseline": {"clean_acc": 0.92, "robust_acc": {"pgd10": {"0.01": 0.80, "0.02": 0.65}}},
                "variants/pdd": {"clean_acc": 0.89, "robust_acc": {"pgd10": {"0.01": 0.82, "0.02": 0.75}}},
-               "checks/baseline": check(774), "checks/pdd": check(813, {"vanishing_gradients": "19% of 200"})}
-    text = "\n".join(_checks(study, variant_results(study, results), results, [0.01, 0.02]))
+               "checks/baseline": check(774), "checks/pdd": check(813, {"vanishing_gradients": "19% of 200"}),
+               "checks/adp": check(777)}  # no finished run of adp: its check is left out
+    vr = variant_results(study, results)
+    text = "\n".join(_checks(study, vr, strong_checks(study, vr, results), [0.01, 0.02]))
+    assert "### Checks: is it real? Seed 0 under raysweep's strong protocol" in text
     assert "| baseline | baseline | 0.920 | 0.800 | 0.774 | none |" in text
     assert "| pdd | PDD | 0.890 | 0.820 | 0.813 | vanishing_gradients: 19% of 200 |" in text
-    # PDD is right on every image the baseline is, and on 39 more: a paired interval well above zero
-    row = "| PDD more robust than baseline | pdd vs baseline | strong 0.01 | +0.039 | [+0.027, +0.051] | reproduced |"
-    assert row in text
-    assert "pdd_deg vs" not in text  # no check of it yet
-    assert _checks(study, variant_results(study, {}), {}, [0.01]) == []
+    # PDD survives on every image the baseline does, and on 39 more: a paired interval well above zero
+    row = "| PDD more robust than baseline | pdd vs baseline | strong 0.01 | 39 / 0 | +0.039 | [+0.027, +0.051] |"
+    assert row + " reproduced |" in text
+    assert "pdd_deg vs" not in text and "| adp |" not in text  # no check of pdd_deg; adp's run has not finished
+    assert _checks(study, vr, {}, [0.01]) == []
 
 
 def test_the_fair_ensemble_adv_study_has_every_claimed_variant():

@@ -208,11 +208,14 @@ def test_a_champion_alias_another_writer_creates_meanwhile_is_no_error(sweep):
             out["error"] = err
     thread = threading.Thread(target=settle)
     thread.start()
-    time.sleep(3)  # it has read that there is no alias, and waits for the write lock to insert one
-    assert thread.is_alive(), out  # still waiting: the alias it read as missing is committed under it next
-    other.execute("COMMIT")
-    other.close()
-    thread.join(120)
+    try:
+        time.sleep(3)  # it has read that there is no alias, and waits for the write lock to insert one
+        waiting = thread.is_alive()  # then the alias it read as missing is committed under it
+    finally:  # the lock is let go whatever happens: the module's later tests share this store
+        other.execute("COMMIT")
+        other.close()
+        thread.join(120)
+    assert waiting, out
     assert "error" not in out, out.get("error")
     assert out["final"] == better["version"]
     assert int(client.get_model_version_by_alias("lock-ens", "champion").version) == better["version"]

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from statistics import mean
 
-from raysweep.evaluation.report import weak_members
+from raysweep.evaluation.report import masking_flags_of, weak_members
 from raysweep.plots import plt, save  # plots selects the Agg backend
 from raysweep.reproduce.common import run_variants_then_checks, seed_results, variant_results
 from raysweep.reproduce.stats import PAIRED_TEST, compare, estimate, paired
@@ -84,10 +84,10 @@ def report(path, results, docs: Path) -> str:
               "`benchmarks/bench_methods.py` measures the step-time ratios side by side on an idle machine.", ""]
     if study.seeds:
         lines += _over_seeds(study, results, eps_list[0])
-    lines += _checks(study, vr, results, eps_list)
+    checks = strong_checks(study, vr, results)
+    lines += _checks(study, vr, checks, eps_list)
     # Over seeds where the study has them (one run each without): means with 95% intervals, so a reader sees the noise
     runs = seed_results(study, results)
-    checks = {v.name: c for v in study.variants if "protocol" in (c := results.get(f"checks/{v.name}", {}))}
     _plot([v for v in study.variants if runs[v.name]], runs, eps_list, docs / "robustness.png", checks)
     lines += ["![robust accuracy per method](robustness.png)", ""]
     return "\n".join(lines)
@@ -158,30 +158,38 @@ CHECKED = [("pdd_deg", "baseline"), ("pdd_deg", "adp"), ("pdd", "baseline"), ("p
            ("pdd_deg_rescaled", "adp"), ("pdd_rescaled", "baseline"), ("deg", "baseline")]
 
 
-def _checks(study, vr, results, eps_list) -> list[str]:
-    """The checks: each variant's seed-0 models under raysweep's strong protocol beside the paper's PGD-10,
-    with the masking checks' flags; then the paper's robustness findings re-decided on the same images."""
-    checks = {v.name: c for v in study.variants if "error" not in (c := results.get(f"checks/{v.name}", {"error": 1}))
-              and "protocol" in c}
+def strong_checks(study, vr, results) -> dict[str, dict]:
+    """Each variant's check that ran the evaluation protocol (its first seed's models, whose run finished)."""
+    return {v.name: c for v in study.variants if "error" not in vr[v.name]
+            and "protocol" in (c := results.get(f"checks/{v.name}", {}))}
+
+
+def _checks(study, vr, checks, eps_list) -> list[str]:
+    """The checks: each variant's first-seed models under raysweep's strong protocol beside the paper's PGD-10,
+    with the flags its evaluation raised; then the paper's robustness findings re-decided on the same images."""
     if not checks:
         return []
-    any_c = next(iter(checks.values()))
-    eps = [e for e in eps_list if str(e) in any_c["protocol"]["per_eps"]]
+    first = next(iter(checks.values()))["protocol"]
+    # checks of one study share their protocol; one run with another (an older evaluation) is left out
+    checks = {n: c for n, c in checks.items()
+              if (c["protocol"]["images"], c["protocol"]["stages"]) == (first["images"], first["stages"])}
+    eps = [e for e in eps_list if all(str(e) in c["protocol"]["per_eps"] for c in checks.values())]
+    level, seed = first["level"], f"seed {study.seeds[0]}" if study.seeds else "one seed"
     rows = []
     for n, c in checks.items():
         m = vr[n]
-        flags = c.get("masking_flags") or {}
         rows.append([n, study.variant(n).group, m["clean_acc"]]
                     + [x for e in eps for x in (m["robust_acc"]["pgd10"].get(str(e)),
                                                 c["protocol"]["per_eps"][str(e)]["acc"])]
-                    + ["; ".join(f"{k}: {why}" for k, why in flags.items()) or "none"])
-    images = any_c["protocol"]["images"]
-    lines = ["### Checks: is it real? Seed 0 under raysweep's strong protocol", "",
-             f"The strong protocol ({', '.join(any_c['protocol']['stages'])}; an image counts as robust only if "
-             f"every stage fails on it) on the first {images} test images, beside PGD-10 on the whole test set; "
-             "the masking checks look for vanished input gradients and for accuracy above chance at a large eps.",
-             "", md_table(["variant", "group", "clean"] + [x for e in eps for x in (f"PGD-10 {e:g}", f"strong {e:g}")]
-                          + ["masking flags"], rows), ""]
+                    + ["; ".join(f"{k}: {why}" for k, why in masking_flags_of(c).items()) or "none"])
+    lines = [f"### Checks: is it real? {seed.capitalize()} under raysweep's {level} protocol", "",
+             f"The {level} protocol ({', '.join(first['stages'])}; an image counts as robust only if every stage "
+             f"fails on it) on the first {first['images']} test images, beside PGD-10 on the whole test set. The flags "
+             "are those its evaluation raised: the masking checks' (vanished input gradients, accuracy above chance at "
+             "a large eps) and the protocol's own (a black-box stage beating the white-box ones, long PGD still "
+             "breaking images).", "",
+             md_table(["variant", "group", "clean"] + [x for e in eps for x in (f"PGD-10 {e:g}", f"{level} {e:g}")]
+                      + ["flags"], rows), ""]
     robust = {n: {e: [b == -1 for b in c["protocol"]["per_eps"][str(e)]["image_broken_by"]] for e in eps}
               for n, c in checks.items()}
     f_rows = []
@@ -189,21 +197,27 @@ def _checks(study, vr, results, eps_list) -> list[str]:
         if a in robust and b in robust:
             for e in eps:
                 c = paired(robust[a][e], robust[b][e])
+                only_a = sum(x and not y for x, y in zip(robust[a][e], robust[b][e]))
+                only_b = sum(y and not x for x, y in zip(robust[a][e], robust[b][e]))
                 f_rows.append([f"{study.variant(a).group} more robust than {study.variant(b).group}", f"{a} vs {b}",
-                               f"strong {e:g}", f"{c.diff:+.3f}", f"[{c.low:+.3f}, {c.high:+.3f}]", c.verdict])
+                               f"{level} {e:g}", f"{only_a} / {only_b}", f"{c.diff:+.3f}",
+                               f"[{c.low:+.3f}, {c.high:+.3f}]", c.verdict])
     if f_rows:
-        lines += ["The paper's robustness findings at seed 0 under the strong protocol, on the same images for A and "
-                  "B. One training seed: the interval covers which images were drawn, not which seed was trained, "
-                  "so these say whether a gain at PGD-10 survives a strong attack, not whether it holds over seeds.",
-                  "", md_table(["paper's finding", "A vs B", "metric", "A - B", f"95% interval ({PAIRED_TEST})",
-                                "verdict"], f_rows), ""]
+        lines += [f"The paper's robustness findings at {seed} under the {level} protocol, on the same images for A "
+                  "and B. One training seed: the interval covers which images were drawn, not which seed was trained, "
+                  "so these say whether a gain at PGD-10 survives a stronger attack, not whether it holds over seeds. "
+                  "The interval is a t-interval of per-image differences: it needs dozens of images on which A and B "
+                  f"differ (the counts are shown). Each of the {len(f_rows)} intervals is at 95% on its own, not "
+                  "corrected for their number.",
+                  "", md_table(["paper's finding", "A vs B", "metric", "images only A / only B survives", "A - B",
+                                f"95% interval ({PAIRED_TEST})", "verdict"], f_rows), ""]
     return lines
 
 
 def _plot(vs, runs, eps_list, path, checks=None):
     """Robustness per variant, and gradient dispersion against it: means over each variant's runs (its seeds)
     with 95% intervals as error bars (none with one run). `checks` {variant: its check's metrics}: the
-    strong protocol's accuracy of its seed-0 models, dotted in the variant's colour."""
+    protocol's accuracy of its first seed's models, dotted in the variant's colour."""
     def point(values):
         e = estimate(values)
         return e.mean, e.bar
@@ -232,8 +246,9 @@ def _plot(vs, runs, eps_list, path, checks=None):
     axes[1].set(xlabel="mean pairwise gradient angle (deg)", ylabel=f"worst-case accuracy at eps {eps_list[0]:g}",
                 title="Gradient dispersion vs robustness")
     if checks:
+        protocol = next(iter(checks.values()))["protocol"]
         axes[0].plot([], [], linestyle=":", marker="o", mfc="none", color="grey",
-                     label=f"strong protocol, seed 0, first {next(iter(checks.values()))['protocol']['images']} images")
+                     label=f"{protocol['level']} protocol, first seed, first {protocol['images']} images")
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # none before a study's first run finishes

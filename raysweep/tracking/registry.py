@@ -115,13 +115,24 @@ def _settle_champion(client: MlflowClient, name: str, tags: dict, rounds: int = 
         except MlflowException as err:
             # MLflow's SQL store creates an alias by reading, then inserting: two writers creating it at once
             # both read "none" and the second insert breaks the unique key. The first write stands; re-read.
-            if not any(s in str(err) for s in ("UNIQUE", "unique", "Duplicate entry")):  # SQLite, Postgres, MySQL
+            if not _unique_clash(err):
                 raise
             clash = err
         time.sleep(0.2)  # let a concurrent writer's move land before re-reading
-    if clash is not None:  # still clashing in the last round: not a race that settles
-        raise clash
+    if clash is not None:
+        champ = _champion(client, name)
+        if champ is None or int(champ.version) != best:  # still clashing in the last round: not a race that settles
+            raise clash
     return best
+
+
+def _unique_clash(err: MlflowException) -> bool:
+    """A unique-key violation: from a SQL store directly (SQLAlchemy's IntegrityError as the cause), or as the
+    message a tracking server passes on (SQLite, Postgres and MySQL wordings)."""
+    from sqlalchemy.exc import IntegrityError
+
+    return isinstance(err.__cause__, IntegrityError) or any(
+        s in str(err) for s in ("UNIQUE constraint", "unique constraint", "Duplicate entry"))
 
 
 def register(name: str, checkpoint: str | Path, run_id: str, uri: str, objective: str, value: float,
