@@ -1,4 +1,4 @@
-"""GPU check: raysweep's executors, precision, trial packing proxy, UAP batching, memory, the
+"""GPU check: raysweep's executors, precision, trial packing, UAP batching, memory, the
 gloo staged gather and the members' memory layout, all on one CUDA device. Rerun on any machine
 with a CUDA GPU:
 
@@ -281,39 +281,44 @@ def section_jr():
 
 
 def section_packing():
+    """N Jacobian Ensembles trials (own lr and lambda_JR) one training step each: packed (training.pack,
+    one step over N*K vmapped members) vs N lone Trainers stepped in turn."""
+    from raysweep.members.pack import PackedMembers
+    from raysweep.training.pack import PackStep
+
     n, k, b = S["pack_trials"], 3, S["batch"]
-    cfg, _, members, x, y = setup("lenet5", n * k, b)  # N*K members, each its own batch
-    cfg_k = validate_config({**cfg.model_dump(mode="json"), "ensemble": {"k": k}})
-    packed_ex, packed_opt, packed = make_step(VmappedMembers, cfg, members)
-    separate = [make_step(VmappedMembers, cfg_k, members[i * k:(i + 1) * k]) for i in range(n)]
+    lrs = [1e-3 * (1 + i / 4) for i in range(n)]
+    lams = [0.05 * (1 + i) for i in range(n)]
 
-    def one_packed():
-        packed(packed_opt, x, y)
+    def trainers():
+        cfgs = [validate_config({"data": {"dataset": "synthetic", "train_size": b * 4, "batch_size": b},
+                                 "ensemble": {"k": k, "method": "bagging"},
+                                 "executor": {"vectorize": "vmap", "device": DEVICE.type},
+                                 "train": {"lr": lr, "jr": {"lambda_jr": lam}}}) for lr, lam in zip(lrs, lams)]
+        data = load_dataset(cfgs[0].data, 0)
+        return [Trainer(c, data, progress=False) for c in cfgs], data
 
-    def all_separate():
-        for i, (_, opt, step) in enumerate(separate):
-            step(opt, x[i * k:(i + 1) * k], y[i * k:(i + 1) * k])
+    def params(ts):
+        return [p.detach().clone() for t in ts for p in t.ex.parameters()]
 
-    # Same members, same batches: after one step each the packed and separate grads must agree.
     with strict_fp32(True):
-        p_ex, p_opt, p_step = make_step(VmappedMembers, cfg, members)
-        p_step(p_opt, x, y)
-        sep_grads = []
-        for i in range(n):
-            s_ex, s_opt, s_step = make_step(VmappedMembers, cfg_k, members[i * k:(i + 1) * k])
-            s_step(s_opt, x[i * k:(i + 1) * k], y[i * k:(i + 1) * k])
-            sep_grads += member_grads(s_ex)
-        diff = max_diff(member_grads(p_ex), sep_grads)
-    packed_ms = median_ms(one_packed, S["warm"], S["timed"])
-    sep_ms = median_ms(all_separate, S["warm"], S["timed"])
-    rows = [{"trials N": n, "K per trial": k, "B": b, "packed: one VmappedMembers of N*K members, ms": packed_ms,
-             "separate: N VmappedMembers of K stepped in turn, ms": sep_ms, "separate/packed": sep_ms / packed_ms,
-             "max abs grad diff packed vs separate (strict fp32)": diff}]
-    table("packing", "3. Trial packing proxy (vmapped members; trial packing itself is not built yet)",
-          f"LeNet-5, member_ce, every member its own batch (per_member input [N*K,B,1,28,28]). Time for all N "
-          f"trials to take one training step; median of {S['timed']} after {S['warm']} warm-up. The packed row is "
-          f"one {n * k}-member VmappedMembers with one SGD optimiser and one TrainStep: a proxy for packing N "
-          f"trials with identical hyper-parameters and architecture into one process.", rows)
+        alone, data = trainers()
+        x, y = next(alone[0].batches())
+        for t in alone:
+            t.step(t.opt, x, y)
+        packed, _ = trainers()
+        PackStep(packed, PackedMembers([t.ex for t in packed]))(x, y)
+        diff = max((p - q).abs().max().item() for p, q in zip(params(packed), params(alone)))
+    step = PackStep(packed, PackedMembers([t.ex for t in packed]))
+    packed_ms = median_ms(lambda: step(x, y), S["warm"], S["timed"])
+    sep_ms = median_ms(lambda: [t.step(t.opt, x, y) for t in alone], S["warm"], S["timed"])
+    rows = [{"trials N": n, "K per trial": k, "B": b, "packed (PackStep, N*K vmapped members), ms": packed_ms,
+             "in turn (N Trainers' steps), ms": sep_ms, "in turn/packed": sep_ms / packed_ms,
+             "max abs param diff after one step, packed vs alone (strict fp32)": diff}]
+    table("packing", "3. Trial packing: N trials in one step (training/pack.py) vs N steps in turn",
+          f"LeNet-5, K={k} bagging, JR double backward with each trial's own lambda_JR and learning rate (Adam), "
+          f"vmapped members. Time for all N trials to take one training step; median of {S['timed']} after "
+          f"{S['warm']} warm-up.", rows)
 
 
 def section_uap():

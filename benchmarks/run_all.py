@@ -7,6 +7,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_jr  # noqa: E402
 import bench_layout  # noqa: E402
 import bench_methods  # noqa: E402
+import bench_pack  # noqa: E402
 import bench_precision  # noqa: E402
 import bench_members  # noqa: E402
 import bench_ray  # noqa: E402
@@ -23,4 +24,5 @@ if __name__ == "__main__":
     bench_methods.main()
     bench_surrogates.main()
     bench_ray.main()
+    bench_pack.main()
     bench_sweep.main()

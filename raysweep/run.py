@@ -25,7 +25,7 @@ from raysweep.errors import UserError
 from raysweep.evaluation import EVALUATIONS, EvalContext, EvalReport, resume
 from raysweep.evaluation.robust import accuracies
 from raysweep.members import make_local_executor
-from raysweep.training.trainer import fit
+from raysweep.training.trainer import TrainResult, fit
 
 
 def train_surrogate(raw: dict, data: Dataset, progress: bool = True, shared: str | Path | None = None,
@@ -143,8 +143,9 @@ def ensure_writable(out: Path, flag: str = "--out") -> None:
 def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, callbacks=(),
                        ray_storage: str | None = None, epoch_metrics=None, data: Dataset | None = None,
                        resume_dir: str | Path | None = None, eval_log=None,
-                       surrogates: str | Path | None = None) -> dict:
-    """`data`: cfg's dataset when the caller loaded it already (a sweep's pack of trials loads it once).
+                       surrogates: str | Path | None = None, trained: TrainResult | None = None) -> dict:
+    """`trained`: cfg's members trained already (a sweep's pack trains its points together); else
+    trained here. `data`: cfg's dataset when the caller loaded it already (a sweep's pack of trials loads it once).
     `resume_dir` (local executor only): a folder that outlives the process. Training saves each epoch
     there and continues from it after an interruption (fit), and evaluation each finished stage under
     eval/ (evaluate). `surrogates`: see evaluate. A Ray executor run keeps its own checkpoints in
@@ -158,7 +159,9 @@ def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, c
     t0 = time.perf_counter()
     if data is None:
         data = load_dataset(cfg.data, cfg.seed)
-    if cfg.executor.kind == "ray":
+    if trained is not None:
+        result = trained
+    elif cfg.executor.kind == "ray":
         from raysweep.training.ray import fit_on_ray
 
         result = fit_on_ray(cfg, data, ray_storage or out / "ray", progress=progress, epoch_metrics=epoch_metrics)
@@ -175,7 +178,8 @@ def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, c
         raise
     metrics, artifacts = report.to_json(), report.artifacts
     metrics["train"] = {"seconds": result.seconds, "steps": result.state.step, "history": result.state.history,
-                        "executor": cfg.executor.kind, **({"ray": result.info} if result.info else {})}
+                        "executor": cfg.executor.kind,
+                        **({("ray" if cfg.executor.kind == "ray" else "pack"): result.info} if result.info else {})}
     metrics["total_seconds"] = time.perf_counter() - t0
     _write_results(out, cfg, metrics, artifacts)
     return metrics

@@ -445,6 +445,37 @@ def test_shipped_search_spaces_load_and_sample(name):
     assert feasible >= 1
 
 
+def test_a_pack_trains_its_points_together_each_as_alone(ray_local, tmp_path, mlflow_store):
+    """search.pack 3 over lambda_JR and the learning rate: the Tune trial trains its three points as one
+    pack of 3 x K members (training/pack.py), and each point is still its own MLflow run, with its epochs
+    logged as they ended, and ends with the metrics it has alone."""
+    search = {"objective": "weighted_acc", "samples": 3, "seed": 3, "color_by": None, "pack": 3,
+              "params": {"train.jr.lambda_jr": {"loguniform": [0.01, 1.0]}, "train.lr": {"loguniform": [5e-4, 5e-3]}}}
+    path = write_space(tmp_path, search)
+    uri = mlflow_store(tmp_path)
+    summary = run_sweep(str(path), out=str(tmp_path / "out"), tracking=uri, progress=False)
+    assert summary["finished"] == 3
+    client = MlflowClient(uri)
+    _, children = child_runs(client, summary)
+    assert len(children) == 3 and {r.info.status for r in children} == {"FINISHED"}
+    assert len({r.data.tags["raysweep.tune_trial_id"] for r in children}) == 1
+    for run in children:
+        assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2  # both epochs, in its own run
+    records = [json.loads(p.read_text()) for p in (sweep_dir(summary) / "trials").glob("*.json")]
+    assert all(r["metrics"]["train"]["pack"] == {"packed": 3} for r in records)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the trial's actor ran at one thread (Ray's OMP_NUM_THREADS for one CPU)
+    try:
+        for r in records[:2]:
+            alone = train_and_evaluate(validate_config(load_search_space(path).trial_config(r["params"])),
+                                       tmp_path / f"alone-{r['trial_id']}", progress=False)
+            assert r["metrics"]["weighted_acc"] == pytest.approx(alone["weighted_acc"], abs=1e-9)
+            assert [h["loss"] for h in r["metrics"]["train"]["history"]] == pytest.approx(
+                [h["loss"] for h in alone["train"]["history"]], abs=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_failed_trials_are_recorded_failed_and_the_sweep_goes_on(ray_local, tmp_path, mlflow_store):
     """Seed 0 draws mnist, synthetic, mnist; MNIST is not on this machine and downloads are off, so two
     trials raise at data loading. Their MLflow runs end FAILED, keeping the params they had logged.

@@ -14,17 +14,35 @@ def generator(*key, device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _device(gen: torch.Generator | None, like: torch.Tensor) -> torch.device:
-    return gen.device if gen is not None else like.device
+class Repeated:
+    """N identical random streams held as one: a draw of shape [N*M, ...] is one draw of [M, ...] from
+    `base`, repeated N times along dim 0. N trials of one seed packed into one step of N x M members
+    (training/pack.py) so draw exactly what each draws alone."""
+
+    def __init__(self, base: torch.Generator, n: int):
+        self.base, self.n = base, n
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
 
 
-def rand_like(like: torch.Tensor, gen: torch.Generator | None, shape=None) -> torch.Tensor:
+def _draw(fn, like: torch.Tensor, gen, shape) -> torch.Tensor:
+    shape = tuple(shape or like.shape)
+    if isinstance(gen, Repeated):
+        if shape[0] % gen.n:
+            raise ValueError(f"a draw of {shape[0]} rows cannot be split among {gen.n} packed trials")
+        one = _draw(fn, like, gen.base, (shape[0] // gen.n, *shape[1:]))
+        return one.repeat(gen.n, *[1] * (len(shape) - 1))
+    device = gen.device if gen is not None else like.device
+    return fn(shape, generator=gen, device=device).to(like)
+
+
+def rand_like(like: torch.Tensor, gen: torch.Generator | Repeated | None, shape=None) -> torch.Tensor:
     """Uniform [0,1) of like's dtype and device, drawn on the generator's device (no host copy
     when the generator lives with the members)."""
-    out = torch.rand(shape or like.shape, generator=gen, device=_device(gen, like))
-    return out.to(like)
+    return _draw(torch.rand, like, gen, shape)
 
 
-def randn_like(like: torch.Tensor, gen: torch.Generator | None, shape=None) -> torch.Tensor:
-    out = torch.randn(shape or like.shape, generator=gen, device=_device(gen, like))
-    return out.to(like)
+def randn_like(like: torch.Tensor, gen: torch.Generator | Repeated | None, shape=None) -> torch.Tensor:
+    return _draw(torch.randn, like, gen, shape)

@@ -61,9 +61,13 @@ class SearchConfig(Section):
     max_failures: int = Field(2, ge=0, description="retries of a trial whose process or node died (Tune "
                               "FailureConfig); an error raised by the trial's own code is recorded, not retried")
     asha: Optional[AshaConfig] = None
-    pack: int = Field(1, ge=1, description="trials per Tune trial, trained one after another in its process: Tune's "
-                      "trial start-up and the data loading are paid once per pack; each trial is still its own "
-                      "Optuna trial, MLflow run and record")
+    pack: int = Field(1, ge=1, description="trials per Tune trial, in one process: Tune's trial start-up and the "
+                      "data loading are paid once per pack; each trial is still its own Optuna trial, MLflow run "
+                      "and record")
+    pack_training: Literal["together", "in_turn"] = Field(
+        "together", description="together: a pack's trials that differ only in train.lr and train.jr.lambda_jr "
+        "train as one ensemble of N x K members, each exactly as alone (one forward and backward for all: what "
+        "fills a GPU); the others, and all under in_turn, train one after another")
     color_by: Optional[str] = Field(None, description="parameter colouring the trade-off plot; default the first")
     champion: ChampionConfig = Field(ChampionConfig(), description="--register: candidates re-evaluated under a "
                                      "strong protocol before one is registered")

@@ -25,6 +25,7 @@ from raysweep.tracking.runs import (
     log_results,
     tracked_run,
 )
+from raysweep.training.pack import fit_pack, packs
 
 
 @dataclass
@@ -73,28 +74,92 @@ PACK_FILE = "pack.json"  # in every trial's reported checkpoint: where a retried
 
 
 def _trial(config: dict, ctx: TrialContext) -> None:
-    """One Tune trial: the pack of points Optuna sampled for it (search.pack; one unless packed), trained
-    one after another in this process. Each point ends with its own report (its result for Optuna and
-    its record) and checkpoint, so a pack retried after its process died starts at the first point it
-    had not finished, and an interrupted pack keeps the points it finished."""
+    """One Tune trial: the pack of points Optuna sampled for it (search.pack; one unless packed). Points
+    that training.pack can step together (they differ only in learning rate and lambda_JR) train as one
+    pack of N x K members, then each is evaluated; the others train one after another. Each point ends
+    with its own report (its result for Optuna and its record) and checkpoint, so a pack retried after
+    its process died starts at the first point it had not finished, and an interrupted pack keeps the
+    points it finished."""
     quiet()  # also when Ray was started by the caller, without raysweep's setup hook
     # A reused trial process (_reuse_actors) waits this long for a stopped trial's thread to end before
     # the next trial starts in it; Tune's default, 2 s, can pass while a busy machine closes the run.
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
     points = config["pack"]
-    start = 0
+    groups = _groups(points, ctx)
+    order = [j for group in groups for j in group]  # the points in the order they end; the same on a retry
+    done = set()
     if (checkpoint := ray.tune.get_checkpoint()) is not None:
         with checkpoint.as_directory() as d:
-            start = json.loads((Path(d) / PACK_FILE).read_text())["member"] + 1
+            last = json.loads((Path(d) / PACK_FILE).read_text())["member"]
+        done = set(order[:order.index(last) + 1])
     datasets = {}  # the pack's data, loaded once per distinct data config and seed
-    for j in range(start, len(points)):
-        if not _point(points[j], j, ctx, datasets):
+    for group in groups:
+        if not _train_together([j for j in group if j not in done], points, ctx, datasets):
             return  # Tune is stopping this trial (the sweep was interrupted)
 
 
-def _point(values: dict, j: int, ctx: TrialContext, datasets: dict) -> bool:
-    """Train and evaluate one sampled point as its own MLflow child run and report it; False when Tune
-    stopped the trial at that report."""
+def _groups(points: list[dict], ctx: TrialContext) -> list[list[int]]:
+    """The pack's points grouped into those trained together (training.pack.packs), each group in the
+    order sampled; all in their own group under search.pack_training: in_turn or with the Ray executor."""
+    if ctx.space.search.pack_training == "in_turn":
+        return [[j] for j in range(len(points))]
+    cfgs = []
+    for values in points:
+        try:
+            cfgs.append(validate_config(ctx.space.trial_config(values)))
+        except ConfigError:
+            cfgs.append(None)  # infeasible: reported alone
+    return packs(cfgs)
+
+
+def _train_together(group: list[int], points: list[dict], ctx: TrialContext, datasets: dict) -> bool:
+    """Each point of the group as its own MLflow run (_point), their training as one pack when there are
+    several; False when Tune stopped the trial."""
+    asked = {}  # point -> (its _point generator, its config, its epoch hooks), paused before training
+    for j in group:
+        point = _point(points[j], j, ctx, datasets)
+        try:
+            asked[j] = (point, *next(point))
+        except StopIteration as ended:  # infeasible: reported already
+            if not ended.value:
+                return False
+    if not asked:
+        return True
+    trained = {j: None for j in asked}  # None: the point trains itself (alone, any executor)
+    if len(asked) > 1:
+        cfgs = [cfg for _, cfg, _ in asked.values()]
+        try:
+            data = _dataset(cfgs[0], datasets)
+            trained = dict(zip(asked, fit_pack(cfgs, data, progress=False, callbacks=[c for *_, c in asked.values()])))
+        except Exception as err:  # noqa: BLE001 - every point of the pack fails with it, recorded as its own
+            trained = {j: err for j in asked}
+    going = True
+    for j, (point, _, _) in asked.items():
+        result = trained[j]
+        try:
+            point.throw(result) if isinstance(result, Exception) else point.send(result)
+        except StopIteration as ended:
+            going = going and ended.value
+        if not going:
+            for later, _, _ in asked.values():
+                later.close()  # GeneratorExit in the later points' runs: closed KILLED
+            return False
+    return True
+
+
+def _dataset(cfg, datasets: dict):
+    key = (cfg.data.model_dump_json(), cfg.seed)
+    if key not in datasets:  # the pack's points mostly share data; keep only the latest in memory
+        datasets.clear()
+        datasets[key] = load_dataset(cfg.data, cfg.seed)
+    return datasets[key]
+
+
+def _point(values: dict, j: int, ctx: TrialContext, datasets: dict):
+    """One sampled point as its own MLflow child run, trained, evaluated and reported: a generator that
+    opens the run and yields (its config, its epoch hooks) before training, is sent its TrainResult
+    (None: it trains itself) or thrown the error its pack's training raised, and returns False when Tune
+    stopped the trial at its report (an infeasible point returns before yielding)."""
     trial = ray.tune.get_context()
     tune_id = trial.get_trial_id()
     trial_id = member_id(tune_id, j, ctx.space.search.pack)
@@ -128,13 +193,10 @@ def _point(values: dict, j: int, ctx: TrialContext, datasets: dict) -> bool:
                 ray.tune.report(m)
 
         try:
-            key = (cfg.data.model_dump_json(), cfg.seed)
-            if key not in datasets:  # the pack's points mostly share data; keep only the latest in memory
-                datasets.clear()
-                datasets[key] = load_dataset(cfg.data, cfg.seed)
+            trained = yield cfg, (report_epoch,)
             metrics = train_and_evaluate(cfg, out, progress=False, callbacks=(report_epoch,),
                                          ray_storage=f"{ctx.storage.rstrip('/')}/ray-train", epoch_metrics=relay,
-                                         data=datasets[key])
+                                         data=_dataset(cfg, datasets), trained=trained)
         except Exception as err:
             # A Python error of this trial (its config, its data): the same on every retry, so the trial
             # ends here, FAILED in MLflow with its error and traceback (the epochs it finished are logged

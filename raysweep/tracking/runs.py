@@ -177,8 +177,10 @@ def tracked_run(uri: str, experiment: str, run_name: str, cfg_raw: dict, tags: d
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params
             client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
         yield client, run_id
-    except SystemExit:
-        client.set_terminated(run_id, "KILLED")  # Tune ends a stopped trial (ASHA) with SystemExit(0)
+    except (SystemExit, GeneratorExit):
+        # Tune ends a stopped trial (ASHA) with SystemExit(0); a sweep's packed point is closed unfinished
+        # (GeneratorExit) when Tune stopped its trial at an earlier point's report.
+        client.set_terminated(run_id, "KILLED")
         raise
     except BaseException:
         client.set_terminated(run_id, "FAILED")

@@ -70,8 +70,10 @@ class TrainStep:
             feats = r.features(feats, self.gen)
         return self.logits(feats, part="head")
 
-    def pass_loss(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss of one pass, its logits)."""
+    def pass_parts(self, x, y):
+        """(logits, base loss, terms) of one pass. The base loss is per member, [K], for member_ce (member
+        k's mean cross-entropy), else a scalar; terms are (regulariser key, [K] made whole, or a scalar).
+        A pack of trials (training/pack.py) sums them per trial; pass_loss sums them all."""
         if self.input_grad:
             x = x.clone().requires_grad_(True)
         logits = next((out for r in self.regularisers if (out := r.forward(self.forward, x, self.gen)) is not None),
@@ -80,15 +82,24 @@ class TrainStep:
             logits = self.forward(x)
         k, b, c = logits.shape
         if self.cfg.train.loss == "member_ce":
-            loss = F.cross_entropy(logits.reshape(k * b, c), y.reshape(-1), reduction="none").view(k, b).mean(1).sum()
+            base = F.cross_entropy(logits.reshape(k * b, c), y.reshape(-1), reduction="none").view(k, b).mean(1)
         else:
-            loss = ce_prob(logits, y[0], self.weights).mean()
+            base = ce_prob(logits, y[0], self.weights).mean()
         out = StepOutputs(logits, x, y, self.weights, self.gen,
                           functools.cache(lambda: self.ex.sync(member_input_grads(logits, x, y))))
+        terms = []
         for r in self.regularisers:
             term = r.term(out)
             if term is not None:  # [K]: valid in this executor's own slots until synced
-                loss = loss + (self.ex.sync(term).sum() if term.dim() == 1 else term)
+                terms.append((r.key, self.ex.sync(term) if term.dim() == 1 else term))
+        return logits, base, terms
+
+    def pass_loss(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss of one pass, its logits)."""
+        logits, loss, terms = self.pass_parts(x, y)
+        loss = loss.sum()
+        for _, term in terms:
+            loss = loss + term.sum()
         return loss, logits
 
     def loss(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:

@@ -118,39 +118,59 @@ class Trainer:
 
     def run_epoch(self, callbacks: tuple[Callable, ...] = ()) -> dict:
         """Train the next epoch; returns its history row."""
-        cfg, state, step = self.cfg, self.state, self.step
-        state.epoch = epoch = len(state.history)
-        t0 = time.perf_counter()
-        self.ex.train(True)
-        run_loss, run_correct, seen = 0.0, 0, 0
-        bar = tqdm(total=self.state.total_steps // cfg.train.epochs, desc=f"train {cfg.name} epoch {epoch + 1}/"
-                   f"{cfg.train.epochs}", unit="step", disable=not self.progress, leave=False, mininterval=1.0)
-        for x, y in member_batches(self.data.train, self.n_train, self.method.batches,
-                                   cfg.data.batch_size, epoch, cfg.seed, self.ex.device):
-            state.step += 1
-            state.lr = self.method.lr(state.step, cfg.train.lr, cfg.train.schedule)
-            for group in self.opt.param_groups:
-                group["lr"] = state.lr
-            loss, logits = step(self.opt, x, y)
-            state.loss = loss.item() / self.loss_scale
-            run_loss += state.loss * y.shape[1]
-            run_correct += (logits.argmax(-1) == y).sum().item()
-            seen += y.shape[1]
-            self.method.after_step(state.step, self.ex.export_members)
-            for cb in callbacks:
-                cb("step", state)
+        tally, t0 = self.begin_epoch(), time.perf_counter()
+        bar = tqdm(total=self.state.total_steps // self.cfg.train.epochs, desc=f"train {self.cfg.name} epoch "
+                   f"{self.state.epoch + 1}/{self.cfg.train.epochs}", unit="step", disable=not self.progress,
+                   leave=False, mininterval=1.0)
+        for x, y in self.batches():
+            self.begin_step()
+            loss, logits = self.step(self.opt, x, y)
+            self.end_step(tally, loss, logits, y, callbacks)
             bar.update(1)
-            bar.set_postfix(loss=f"{state.loss:.3f}", lr=f"{state.lr:.3g}", refresh=False)  # mininterval decides
+            bar.set_postfix(loss=f"{self.state.loss:.3f}", lr=f"{self.state.lr:.3g}", refresh=False)
         bar.close()
-        seconds = time.perf_counter() - t0
-        row = {"epoch": epoch, "loss": run_loss / seen, "train_acc": run_correct / (seen * self.n_train),
-               "seconds": seconds}
-        if cfg.train.probe is not None:
-            row["probe_acc"] = self.probe(epoch)
-        state.history.append(row)
+        return self.end_epoch(tally, time.perf_counter() - t0, callbacks)
+
+    # The pieces of an epoch, also driven by a pack of trainers stepping together (training/pack.py).
+    def begin_epoch(self) -> dict:
+        self.state.epoch = len(self.state.history)
+        self.ex.train(True)
+        return {"loss": 0.0, "correct": 0, "seen": 0}
+
+    def batches(self):
+        cfg = self.cfg
+        return member_batches(self.data.train, self.n_train, self.method.batches, cfg.data.batch_size,
+                              self.state.epoch, cfg.seed, self.ex.device)
+
+    def begin_step(self) -> None:
+        """Advance the schedule: this step's learning rate into the optimiser."""
+        state, cfg = self.state, self.cfg
+        state.step += 1
+        state.lr = self.method.lr(state.step, cfg.train.lr, cfg.train.schedule)
+        for group in self.opt.param_groups:
+            group["lr"] = state.lr
+
+    def end_step(self, tally: dict, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+                 callbacks: tuple[Callable, ...]) -> None:
+        state = self.state
+        state.loss = loss.item() / self.loss_scale
+        tally["loss"] += state.loss * y.shape[1]
+        tally["correct"] += (logits.argmax(-1) == y).sum().item()
+        tally["seen"] += y.shape[1]
+        self.method.after_step(state.step, self.ex.export_members)
+        for cb in callbacks:
+            cb("step", state)
+
+    def end_epoch(self, tally: dict, seconds: float, callbacks: tuple[Callable, ...]) -> dict:
+        seen = tally["seen"]
+        row = {"epoch": self.state.epoch, "loss": tally["loss"] / seen,
+               "train_acc": tally["correct"] / (seen * self.n_train), "seconds": seconds}
+        if self.cfg.train.probe is not None:
+            row["probe_acc"] = self.probe(self.state.epoch)
+        self.state.history.append(row)
         self.seconds += seconds
         for cb in callbacks:
-            cb("epoch", state)
+            cb("epoch", self.state)
         return row
 
     def probe(self, epoch: int) -> float:
