@@ -16,15 +16,24 @@ def _cfg(lr, lambda_jr, vectorize="loop", estimator="double_backward", method="b
                            "jr": {"lambda_jr": lambda_jr, "estimator": estimator}, **extra})
 
 
-@pytest.mark.parametrize("vectorize, estimator, method", [("loop", "double_backward", "bagging"),
-                                                          ("vmap", "double_backward", "bagging"),
-                                                          ("vmap", "forward_mode", "independent"),
-                                                          ("loop", "double_backward", "snapshot")])
-def test_a_packed_trial_ends_as_it_ends_alone(vectorize, estimator, method):
-    """Three trials with their own learning rate and lambda_JR: the same members, losses and accuracies
-    as each trained alone (same seed). A pack that drew one stream of JR directions for all 3 x K members,
-    or mixed the trials' gradients or learning rates, would part from the lone runs at the first step."""
-    cfgs = [_cfg(lr, lam, vectorize, estimator, method) for lr, lam in [(1e-3, 0.1), (3e-3, 0.5), (5e-4, 0.02)]]
+MADRY = {"mode": "member", "norm": "linf", "steps": 2}
+
+
+@pytest.mark.parametrize("vectorize, estimator, method, eps", [
+    ("loop", "double_backward", "bagging", None),
+    ("vmap", "double_backward", "bagging", None),
+    ("vmap", "forward_mode", "independent", None),
+    ("loop", "double_backward", "snapshot", None),
+    ("vmap", "double_backward", "independent", [[0.05, 0.1, 0.08], 0.03, [0.02, 0.04, 0.06]]),  # robust ensembles
+])
+def test_a_packed_trial_ends_as_it_ends_alone(vectorize, estimator, method, eps):
+    """Three trials with their own learning rate and lambda_JR (and per-member adversarial eps): the same
+    members, losses and accuracies as each trained alone (same seed). A pack that drew one stream of JR
+    directions or attack starts for all 3 x K members, or mixed the trials' gradients, learning rates or
+    eps, would part from the lone runs at the first step."""
+    trials = [(1e-3, 0.1), (3e-3, 0.5), (5e-4, 0.02)]
+    cfgs = [_cfg(lr, lam, vectorize, estimator, method,
+                 **({"adversarial": {**MADRY, "eps": eps[i]}} if eps else {})) for i, (lr, lam) in enumerate(trials)]
     data = load_dataset(cfgs[0].data, 0)
     # Break the exact ties of clipped synthetic images (see test_executors: loop and vmap kernels may route
     # a tied max-pool's gradient differently); one thread fixes the reduction order.
@@ -60,9 +69,12 @@ def test_only_trials_that_differ_in_lr_and_lambda_jr_share_a_pack():
             _cfg(1e-3, 0.1, k=2),                          # another K
             _cfg(1e-3, 0.1, method="independent"),         # another method
             _cfg(1e-3, 0.1, method="joint", loss="ensemble_ce"),  # an ensemble-level loss: alone
-            _cfg(1e-3, 0.2)]
-    assert packs(cfgs) == [[0, 1, 6], [2], [3], [4], [5]]
-    assert pack_key(cfgs[5]) is None
+            _cfg(1e-3, 0.2),
+            _cfg(1e-3, 0.1, adversarial={**MADRY, "eps": 0.1}),     # Madry: a pack of its own, any eps
+            _cfg(1e-3, 0.1, adversarial={**MADRY, "eps": [0.1, 0.2, 0.3]}),
+            _cfg(1e-3, 0.1, method="joint", adversarial={**MADRY, "mode": "ensemble", "eps": 0.1})]  # Ensemble-Adv
+    assert packs(cfgs) == [[0, 1, 6], [2], [3], [4], [5], [7, 8], [9]]
+    assert pack_key(cfgs[5]) is None and pack_key(cfgs[9]) is None
     # The evaluation and the run's name are not training: they may differ within a pack.
     other = make_cfg(**{**cfgs[0].model_dump(), "name": "other", "eval": {"uap": None, "jacobian_samples": 7}})
     assert pack_key(other) == pack_key(cfgs[0])

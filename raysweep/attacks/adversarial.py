@@ -37,7 +37,7 @@ class AdversarialTrainingConfig(Section):
     rho: float = Field(1.0, ge=0, description="weight of the adversarial loss")
 
 
-def _eps_list(cfg: AdversarialTrainingConfig, k: int) -> list[float]:
+def eps_list(cfg: AdversarialTrainingConfig, k: int) -> list[float]:
     return list(cfg.eps) if isinstance(cfg.eps, list) else [cfg.eps] * k
 
 
@@ -52,7 +52,7 @@ def ensemble_examples(stacked_fn, x, y, weights, cfg: AdversarialTrainingConfig,
 def member_examples(per_member_fn, x, y, cfg: AdversarialTrainingConfig, generator=None) -> torch.Tensor:
     """x [K,B,...] -> x~ [K,B,...], member k attacked alone at its own eps_k."""
     k, b = y.shape
-    eps = torch.tensor(_eps_list(cfg, k), dtype=x.dtype, device=x.device).repeat_interleave(b).view(-1, 1, 1, 1)
+    eps = torch.tensor(eps_list(cfg, k), dtype=x.dtype, device=x.device).repeat_interleave(b).view(-1, 1, 1, 1)
     step = cfg.step_size * torch.ones_like(eps) if cfg.step_size else default_step_size(eps, cfg.steps)
     flat = x.flatten(0, 1)  # per-sample projections need one row per (member, sample)
     delta = start_delta(flat, eps, cfg.norm, cfg.start or "uniform", generator, cfg.sigma)

@@ -65,9 +65,10 @@ class SearchConfig(Section):
                       "data loading are paid once per pack; each trial is still its own Optuna trial, MLflow run "
                       "and record")
     pack_training: Literal["together", "in_turn"] = Field(
-        "together", description="together: a pack's trials that differ only in train.lr and train.jr.lambda_jr "
-        "train as one ensemble of N x K members, each exactly as alone (one forward and backward for all: what "
-        "fills a GPU); the others, and all under in_turn, train one after another")
+        "together", description="together: a pack's trials that differ only in train.lr, train.jr.lambda_jr "
+        "and member-mode train.adversarial.eps train as one ensemble of N x K members, each exactly as alone "
+        "(one forward and backward for all: what fills a GPU); the others, and all under in_turn, train one "
+        "after another")
     color_by: Optional[str] = Field(None, description="parameter colouring the trade-off plot; default the first")
     champion: ChampionConfig = Field(ChampionConfig(), description="--register: candidates re-evaluated under a "
                                      "strong protocol before one is registered")

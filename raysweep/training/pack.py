@@ -1,18 +1,19 @@
 """Trial packing: N runs trained together, as one training step over N x K members.
 
-A sweep's small trials cannot fill a GPU one at a time. Runs that differ only in their learning rate
-and lambda_JR (PACKED_FIELDS), and share everything else (architecture, K, method, batch size, data,
-seed, ...), step together: one forward of all N x K members (one vmapped call on the pack executor,
-members/pack.py), one backward of the sum of the N trials' losses, then each trial's own optimiser
-step. A trial's loss depends on its own parameters only, so each trial gets exactly its own gradient.
-Every trial keeps its own Trainer (optimiser, schedule, history, probe, result), so a packed trial ends
-as it ends alone, to float rounding (tests/test_pack.py holds them to 1e-5).
+A sweep's small trials cannot fill a GPU one at a time. Runs that differ only in their learning rate,
+lambda_JR and per-member adversarial eps (PACKED_FIELDS), and share everything else (architecture, K,
+method, batch size, data, seed, ...), step together: one forward of all N x K members (one vmapped call
+on the pack executor, members/pack.py), one backward of the sum of the N trials' losses, then each
+trial's own optimiser step. A trial's loss depends on its own parameters only, so each trial gets
+exactly its own gradient. Every trial keeps its own Trainer (optimiser, schedule, history, probe,
+result), so a packed trial ends as it ends alone, to float rounding (tests/test_pack.py: 1e-5).
 
-Why these two fields: the learning rate belongs to each trial's optimiser, and lambda_JR multiplies a
-per-member term, so both become per-trial values without changing what a trial computes. Trials of one
-seed draw the same data order and the same JR directions alone; the pack draws them once for all N
-(core/seeding.Repeated). Ensemble-level losses and terms (ensemble_ce, ADP, DEG, PDD) and adversarial
-training are not packed: their hyper-parameters act inside the term, not on a per-member factor.
+Why these fields: the learning rate belongs to each trial's optimiser; lambda_JR multiplies a
+per-member term; member-mode adversarial training (Madry, robust ensembles) already takes one eps per
+member, so the pack's eps is the trials' lists end to end. Trials of one seed draw the same data order,
+JR directions and attack starts alone; the pack draws them once for all N (core/seeding.Repeated).
+Ensemble-level losses and terms (ensemble_ce, ADP, DEG, PDD) and Ensemble-Adv's ensemble-mode examples
+are not packed: their hyper-parameters act inside the term, not per member.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from raysweep.attacks.adversarial import eps_list
 from raysweep.config import RunConfig
 from raysweep.core.data import Dataset
 from raysweep.core.seeding import Repeated
@@ -31,21 +33,23 @@ from raysweep.regularisers import active
 from raysweep.training.step import TrainStep
 from raysweep.training.trainer import Trainer, TrainResult
 
-PACKED_FIELDS = ("train.lr", "train.jr.lambda_jr")
+PACKED_FIELDS = ("train.lr", "train.jr.lambda_jr", "train.adversarial.eps")
 
 
 def pack_key(cfg: RunConfig) -> str | None:
     """Configs with equal keys train together as one pack, each exactly as alone. None when cfg cannot
-    join a pack: a Ray executor run, the ensemble_ce loss, adversarial training, or a regulariser other
-    than JR."""
+    join a pack: a Ray executor run, the ensemble_ce loss, Ensemble-Adv (ensemble-mode) examples, or a
+    regulariser other than JR."""
     t = cfg.train
-    if (cfg.executor.kind != "local" or t.loss != "member_ce" or t.adversarial is not None
+    if (cfg.executor.kind != "local" or t.loss != "member_ce" or (t.adversarial and t.adversarial.mode != "member")
             or any(r.key != "jr" for r in active(t, cfg.ensemble.k))):
         return None
     raw = cfg.model_dump(mode="json")
     for section in ("name", "eval"):  # training never reads them
         raw.pop(section, None)
     raw["train"]["lr"] = None
+    if raw["train"].get("adversarial") is not None:
+        raw["train"]["adversarial"]["eps"] = None
     if raw["train"].get("jr") is not None:
         raw["train"]["jr"]["lambda_jr"] = t.jr.lambda_jr > 0  # JR on in all of a pack's trials, or in none
     return json.dumps(raw, sort_keys=True)
@@ -67,36 +71,39 @@ class PackStep:
     def __init__(self, trainers: list[Trainer], executor: PackedMembers):
         first = trainers[0]
         self.trainers, self.k = trainers, first.n_train
-        self.step = TrainStep(first.cfg, executor, first.step.weights, Repeated(first.step.gen, len(trainers)))
+        cfg, adv = first.cfg, first.cfg.train.adversarial
+        if adv is not None:  # member k of trial n attacked at trial n's eps_k: the trials' lists end to end
+            eps = [e for t in trainers for e in eps_list(t.cfg.train.adversarial, self.k)]
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+                "adversarial": adv.model_copy(update={"eps": eps})})})
+        self.step = TrainStep(cfg, executor, first.step.weights, Repeated(first.step.gen, len(trainers)))
         # JR's term is built with the first trial's lambda: trial n's is that term times lambda_n / lambda_0.
         lam = [t.cfg.train.jr.lambda_jr if t.cfg.train.jr is not None else 0.0 for t in trainers]
         self.scale = {"jr": [x / lam[0] if lam[0] > 0 else 1.0 for x in lam]}
 
-    def losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """(each trial's loss, the logits [N*K,B,C]) of one step on the trials' shared batch x [K,B,...]."""
-        n, k, adv = len(self.trainers), self.k, self.trainers[0].cfg.train.adversarial
-        assert adv is None  # pack_key keeps adversarial training out of packs
-        xs, ys = x.repeat(n, *[1] * (x.dim() - 1)), y.repeat(n, 1)
-        logits, base, terms = self.step.pass_parts(xs, ys)
+    def per_trial(self, base: torch.Tensor, terms: list) -> torch.Tensor:
+        """[N]: each trial's loss of one pass (TrainStep.total of its own members' slots)."""
         losses = []
-        for i in range(n):
-            part = slice(i * k, (i + 1) * k)
+        for i in range(len(self.trainers)):
+            part = slice(i * self.k, (i + 1) * self.k)
             loss = base[part].sum()
             for key, term in terms:
                 loss = loss + term[part].sum() * self.scale[key][i]
             losses.append(loss)
-        return losses, logits
+        return torch.stack(losses)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One step of every trial on their shared batch x [K,B,...]: (each trial's loss [N], its logits)."""
+        n = len(self.trainers)
+        xs, ys = x.repeat(n, *[1] * (x.dim() - 1)), y.repeat(n, 1)
         with torch.autocast(self.step.ex.device.type, dtype=torch.bfloat16, enabled=self.step.bf16):
-            losses, logits = self.losses(x, y)
+            losses, logits = self.step.loss(xs, ys, self.per_trial)
         for t in self.trainers:
             t.opt.zero_grad(set_to_none=True)
-        torch.stack(losses).sum().backward()
+        losses.sum().backward()
         for t in self.trainers:
             t.opt.step()
-        logits = logits.detach()
-        return [loss.detach() for loss in losses], [logits[i * self.k:(i + 1) * self.k] for i in range(len(losses))]
+        return losses.detach(), list(logits.detach().split(self.k))
 
 
 def fit_pack(cfgs: Sequence[RunConfig], data: Dataset, progress: bool = True,

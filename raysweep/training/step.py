@@ -94,15 +94,20 @@ class TrainStep:
                 terms.append((r.key, self.ex.sync(term) if term.dim() == 1 else term))
         return logits, base, terms
 
-    def pass_loss(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss of one pass, its logits)."""
-        logits, loss, terms = self.pass_parts(x, y)
-        loss = loss.sum()
+    @staticmethod
+    def total(base, terms) -> torch.Tensor:
+        loss = base.sum()
         for _, term in terms:
             loss = loss + term.sum()
-        return loss, logits
+        return loss
 
-    def loss(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    def pass_loss(self, x, y, reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss of one pass, its logits). `reduce(base, terms)` makes the loss of pass_parts' pieces:
+        by default their sum; a pack of trials keeps one loss per trial."""
+        logits, base, terms = self.pass_parts(x, y)
+        return (reduce or self.total)(base, terms), logits
+
+    def loss(self, x, y, reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(total loss, logits of the first pass)."""
         adv = self.cfg.train.adversarial
         passes = []
@@ -112,7 +117,7 @@ class TrainStep:
             passes.append((self.adversarial(x, y), adv.rho))
         total, first = 0.0, None
         for xin, weight in passes:
-            loss, logits = self.pass_loss(xin, y)
+            loss, logits = self.pass_loss(xin, y, reduce)
             total = total + weight * loss
             first = logits if first is None else first
         return total, first
