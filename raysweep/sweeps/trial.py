@@ -1,6 +1,7 @@
 """What runs inside one Tune trial of a sweep: for each point Optuna sampled for it (one, or a pack of
-search.pack), its config from the sampled values, one training and evaluation exactly as `raysweep
-train` does, its MLflow child run, its report to Tune."""
+search.pack), its config from the sampled values, one training (with the pack's other points where
+they can train together) and evaluation exactly as `raysweep train` does, its MLflow child run, its
+report to Tune."""
 from __future__ import annotations
 
 import json

@@ -7,8 +7,9 @@ interruption left behind and writes the summary. The pieces:
   summary.py  summary.json, best.yaml and the trade-off plot
 
 One Tune function trainable (trial._trial) per Tune trial. It trains one sampled point, or a pack of
-search.pack points one after another; for each, it builds the config from the values Optuna sampled,
-trains and evaluates it exactly as `raysweep train` does (local or Ray executor), and reports the
+search.pack points (together where training/pack.py can step them as one, else one after another); for
+each, it builds the config from the values Optuna sampled, trains and evaluates it exactly as
+`raysweep train` does (local or Ray executor), and reports the
 objectives with its run directory as a Tune checkpoint, so checkpoint, metrics.json and pictures
 land in the sweep's storage (and in the point's MLflow run), never only on the node that trained it.
 
