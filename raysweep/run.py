@@ -180,7 +180,8 @@ def train_and_evaluate(cfg: RunConfig, out: str | Path, progress: bool = True, c
     metrics["train"] = {"seconds": result.seconds, "steps": result.state.step, "history": result.state.history,
                         "executor": cfg.executor.kind,
                         **({("ray" if cfg.executor.kind == "ray" else "pack"): result.info} if result.info else {})}
-    metrics["total_seconds"] = time.perf_counter() - t0
+    # Trained in a pack (`trained`): the pack's training time, shared by its runs, plus its own evaluation.
+    metrics["total_seconds"] = time.perf_counter() - t0 + (trained.seconds if trained is not None else 0.0)
     _write_results(out, cfg, metrics, artifacts)
     return metrics
 

@@ -58,7 +58,10 @@ def test_killing_the_worker_node_retries_its_trial_and_keeps_finished_ones(parts
         assert runs[run_id]["status"] == "FINISHED" and runs[run_id]["clean_acc"] is not None
     finished = [r for r in out["runs"] if r["status"] == "FINISHED"]
     assert len({r["trial"] for r in finished}) == 6
-    for run_id in out["killed"]:  # the run that died with the node is FAILED, and its trial finished elsewhere
+    # The runs that died with the node (a pack's two points, trained together) are FAILED, and their
+    # trials finished elsewhere.
+    assert len({runs[run_id]["trial"] for run_id in out["killed"]}) == len(out["killed"])
+    for run_id in out["killed"]:
         r = runs[run_id]
         assert r["status"] == "FAILED" and r["node"] == out["dead_node"]
         assert any(f["trial"] == r["trial"] and f["node"] != out["dead_node"] for f in finished)

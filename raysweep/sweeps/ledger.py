@@ -63,9 +63,11 @@ class _TrialLedger(Callback):
     point started and ended: the sweep's progress on the terminal (Tune's own tables are off)."""
 
     def __init__(self, uri: str, experiment: str, keys: list[str], records: Path, storage: str,
-                 log=None, done: int = 0, total: int = 0, pack: int = 1):
+                 log=None, done: int = 0, total: int = 0, pack: int = 1, groups=None):
         self.uri, self.experiment, self.keys, self.records, self.storage = uri, experiment, keys, records, storage
         self.log, self.done, self.total, self.pack = log, done, total, pack
+        # points -> the groups of them a Tune trial trains together (trial.pack_groups); default: one by one
+        self.groups = groups or (lambda points: [[j] for j in range(len(points))])
         self._ended: dict[str, set[int]] = {}  # Tune trial id -> its points recorded so far
         self._last: dict[str, dict] = {}  # Tune trial id -> its latest record, which its checkpoint completes
         self._complete: set[str] = set()  # points recorded finished or infeasible: their runs end FINISHED
@@ -76,9 +78,13 @@ class _TrialLedger(Callback):
                      + (f"  {detail}" if detail else ""))
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        points = trial.config["pack"]
-        for n, j in enumerate(sorted(set(range(len(points))) - self._ended.get(trial.trial_id, set()))):
-            self._say("started" if n == 0 else "queued", member_id(trial.trial_id, j, self.pack), points[j])
+        points, ended = trial.config["pack"], self._ended.get(trial.trial_id, set())
+        left = [[j for j in group if j not in ended] for group in self.groups(points)]
+        left = [group for group in left if group]
+        for n, group in enumerate(left):  # the first group trains now (several points: together)
+            for j in group:
+                self._say("started" if n == 0 else "queued", member_id(trial.trial_id, j, self.pack), points[j],
+                          f"together with {len(group) - 1} more" if n == 0 and len(group) > 1 else "")
 
     def _close(self, trial, status):
         """Close the Tune trial's open MLflow runs (_close_runs)."""
@@ -113,16 +119,23 @@ class _TrialLedger(Callback):
 
     def _record_rest(self, trial, status: str, **extra) -> None:
         """The trial's points that sent no last report (its process died, ASHA stopped it). The first was
-        running, with the MLflow run of its epoch reports; a pack's later points never started."""
+        running, with the MLflow run of its epoch reports; a pack's later points never started, but those
+        trained together with it (trial.pack_groups), which were running too."""
         last = trial.last_result or {}
-        # the last report is the running point's epoch, or the previous point's end (its run, not this one's)
-        running = {**last, "mlflow_run_id": None if "pack_member" in last else last.get("mlflow_run_id")}
-        rest = [j for j in range(len(trial.config["pack"])) if j not in self._ended.get(trial.trial_id, set())]
+        points = trial.config["pack"]
+        rest = [j for j in range(len(points)) if j not in self._ended.get(trial.trial_id, set())]
+        together = next((group for group in self.groups(points) if rest and rest[0] in group), [])
+        # the last report is the running point's epoch, or the previous point's end (its run, not this one's);
+        # points trained together report their epochs in turn, so theirs may be another point's run
+        mine = "pack_member" not in last and len(together) <= 1
+        running = {**last, "mlflow_run_id": last.get("mlflow_run_id") if mine else None}
         for n, j in enumerate(rest):
             if n == 0:
                 self._record(trial, j, status, running, **extra)
             else:
-                why = f"not run: point {member_id(trial.trial_id, rest[0], self.pack)} of its pack ended it"
+                first = member_id(trial.trial_id, rest[0], self.pack)
+                why = (f"trained together with point {first}, which ended it" if j in together
+                       else f"not run: point {first} of its pack ended it")
                 self._record(trial, j, status, {}, **{**extra, **({"error": why} if "error" in extra else {})})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
