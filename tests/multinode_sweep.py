@@ -85,10 +85,10 @@ def isolated(cluster, worker, worker_tmp: Path, workdir: Path, uri: str, out: di
 def sweep_on_two_nodes(cluster, worker, workdir: Path, mode: str, out: dict) -> None:
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     # kill: longer trials, so the kill lands while a trial runs on the worker node (a 4-epoch trial's
-    # run is open for only a couple of seconds on this CPU); six, so the worker node gets a second one;
-    # packed two to a Tune trial, trained together (they differ only in lr), so the node dies with both.
+    # run is open for only a couple of seconds on this CPU); packed two to a Tune trial, trained together
+    # (they differ only in lr), so the node dies with both; four Tune trials, so the worker node gets a second.
     space = ({**SPACE, "train": {**SPACE["train"], "epochs": 10},
-              "search": {**SPACE["search"], "samples": 6, "pack": 2}} if mode == "kill" else SPACE)
+              "search": {**SPACE["search"], "samples": 8, "pack": 2}} if mode == "kill" else SPACE)
     (workdir / "space.yaml").write_text(yaml.safe_dump(space))
     if mode == "kill":
         def read_runs():

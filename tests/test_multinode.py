@@ -52,12 +52,12 @@ def test_killing_the_worker_node_retries_its_trial_and_keeps_finished_ones(parts
         pytest.fail("the worker node never ran a trial in the first half of its run once another had finished; "
                     f"what stopped the watcher: {out.get('watch_errors')}")
     assert out["killed"], "the worker node was removed but left no unfinished run"
-    assert out["summary"] == {"trials": 6, "finished": 6, "failed": 0}
+    assert out["summary"] == {"trials": 8, "finished": 8, "failed": 0}
     runs = {r["id"]: r for r in out["runs"]}
     for run_id in out["finished_before_kill"]:  # results finished before the kill are all still there
         assert runs[run_id]["status"] == "FINISHED" and runs[run_id]["clean_acc"] is not None
     finished = [r for r in out["runs"] if r["status"] == "FINISHED"]
-    assert len({r["trial"] for r in finished}) == 6
+    assert len({r["trial"] for r in finished}) == 8
     # The runs that died with the node (a pack's two points, trained together) are FAILED, and their
     # trials finished elsewhere.
     assert len({runs[run_id]["trial"] for run_id in out["killed"]}) == len(out["killed"])

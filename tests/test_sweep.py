@@ -471,7 +471,7 @@ def test_a_pack_trains_its_points_together_each_as_alone(ray_local, tmp_path, ml
                                        tmp_path / f"alone-{r['trial_id']}", progress=False)
             assert r["metrics"]["weighted_acc"] == pytest.approx(alone["weighted_acc"], abs=1e-9)
             assert [h["loss"] for h in r["metrics"]["train"]["history"]] == pytest.approx(
-                [h["loss"] for h in alone["train"]["history"]], abs=1e-6)
+                [h["loss"] for h in alone["train"]["history"]], abs=1e-5)  # fp32 rounding: ~1e-6 seen
     finally:
         torch.set_num_threads(threads)
 

@@ -122,9 +122,11 @@ class _TrialLedger(Callback):
         running, with the MLflow run of its epoch reports; a pack's later points never started, but those
         trained together with it (trial.pack_groups), which were running too."""
         last = trial.last_result or {}
-        points = trial.config["pack"]
-        rest = [j for j in range(len(points)) if j not in self._ended.get(trial.trial_id, set())]
-        together = next((group for group in self.groups(points) if rest and rest[0] in group), [])
+        points, ended = trial.config["pack"], self._ended.get(trial.trial_id, set())
+        # in the order the trial takes them (trial.pack_groups), so rest[0] is the point that was running
+        left = [[j for j in group if j not in ended] for group in self.groups(points)]
+        rest = [j for group in left for j in group]
+        together = next((group for group in left if rest and rest[0] in group), [])
         # the last report is the running point's epoch, or the previous point's end (its run, not this one's);
         # points trained together report their epochs in turn, so theirs may be another point's run
         mine = "pack_member" not in last and len(together) <= 1

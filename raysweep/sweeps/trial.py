@@ -116,37 +116,38 @@ def pack_groups(points: list[dict], space: SearchSpace) -> list[list[int]]:
 
 def _train_together(group: list[int], points: list[dict], ctx: TrialContext, datasets: dict) -> bool:
     """Each point of the group as its own MLflow run (_point), their training as one pack when there are
-    several; False when Tune stopped the trial."""
+    several; False when Tune stopped the trial. An error of the pack's training is each point's error."""
     asked = {}  # point -> (its _point generator, its config, its epoch hooks), paused before training
-    for j in group:
-        point = _point(points[j], j, ctx, datasets)
-        try:
-            asked[j] = (point, *next(point))
-        except StopIteration as ended:  # infeasible: reported already
-            if not ended.value:
-                return False
-    if not asked:
+    try:
+        for j in group:
+            point = _point(points[j], j, ctx, datasets)
+            try:
+                asked[j] = (point, *next(point))
+            except StopIteration as ended:  # infeasible: reported already
+                if not ended.value:
+                    return False
+        trained, failed = {j: None for j in asked}, None  # None: the point trains itself (alone, any executor)
+        if len(asked) > 1:
+            cfgs = [cfg for _, cfg, _ in asked.values()]
+            try:
+                data = _dataset(cfgs[0], datasets)
+                trained = dict(zip(asked, fit_pack(cfgs, data, progress=False,
+                                                   callbacks=[hooks for *_, hooks in asked.values()])))
+            except Exception as err:  # noqa: BLE001 - recorded in every point's run, as its own failure
+                failed, tb = err, err.__traceback__
+        for j, (point, _, _) in asked.items():
+            try:
+                if failed is not None:  # from the original traceback each time, not after the earlier throws
+                    point.throw(failed.with_traceback(tb))
+                else:
+                    point.send(trained[j])
+            except StopIteration as ended:
+                if not ended.value:
+                    return False
         return True
-    trained = {j: None for j in asked}  # None: the point trains itself (alone, any executor)
-    if len(asked) > 1:
-        cfgs = [cfg for _, cfg, _ in asked.values()]
-        try:
-            data = _dataset(cfgs[0], datasets)
-            trained = dict(zip(asked, fit_pack(cfgs, data, progress=False, callbacks=[c for *_, c in asked.values()])))
-        except Exception as err:  # noqa: BLE001 - every point of the pack fails with it, recorded as its own
-            trained = {j: err for j in asked}
-    going = True
-    for j, (point, _, _) in asked.items():
-        result = trained[j]
-        try:
-            point.throw(result) if isinstance(result, Exception) else point.send(result)
-        except StopIteration as ended:
-            going = going and ended.value
-        if not going:
-            for later, _, _ in asked.values():
-                later.close()  # GeneratorExit in the later points' runs: closed KILLED
-            return False
-    return True
+    finally:
+        for point, _, _ in asked.values():
+            point.close()  # a point left before its end (Tune stopped the trial, an error escaped): KILLED
 
 
 def _dataset(cfg, datasets: dict):
