@@ -120,9 +120,15 @@ def _preview_sweep(args) -> int:
     if n < 1:
         raise UserError(f"--samples {n}: a sweep needs at least 1 trial")
     points = space.preview(n)
+    # The Tune trials' packs (search.pack), as the sweep will form them from these first points.
+    size = space.search.pack
+    tune_trials = [[[start + j for j in group] for group in space.pack_groups([p["params"] for p in
+                                                                              points[start:start + size]])]
+                   for start in range(0, n, size)]
     if args.json:
         _json({"space": space.source, "name": space.name, "samples": n,
-               "objectives": [o.key for o in space.search.objective], "points": points})
+               "objectives": [o.key for o in space.search.objective], "points": points,
+               "tune_trials": tune_trials})
         return 0
     print(f"search space {space.source} is valid: {n} trials of {space.name}, maximising "
           f"{', '.join(o.key for o in space.search.objective)}")
@@ -131,6 +137,12 @@ def _preview_sweep(args) -> int:
     for i, p in enumerate(points):
         print(f"  {i:>3}  {describe(p['params'])}" + ("  INFEASIBLE: " + p["infeasible"].splitlines()[-1].strip()
                                                      if p["infeasible"] else ""))
+    if size > 1:
+        print(f"packed {size} to a Tune trial (search.pack; pack_training: {space.search.pack_training}):")
+        for i, groups in enumerate(tune_trials):
+            print(f"  Tune trial {i + 1}: " + "; ".join(
+                f"points {', '.join(map(str, g))} trained together" if len(g) > 1 else f"point {g[0]} alone"
+                for g in groups))
     print("dry run: nothing trained, nothing recorded")
     return 0
 

@@ -55,6 +55,18 @@ def test_dry_runs_validate_and_print_without_training(tmp_path, capsys, monkeypa
     assert len(points) == 8
     for p in points:
         assert (p["infeasible"] is not None) == (p["params"]["train.pdd.m"] <= 3)
+    # Packed 6 to a Tune trial: which points each trains together (those of the same K and method)
+    assert main(["sweep", "search_spaces/jacobian_ensembles_sweep.yaml", "--samples", "7", "--set",
+                 "search.pack=6", "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [sum(map(len, t)) for t in plan["tune_trials"]] == [6, 1]
+    assert any(len(g) > 1 for t in plan["tune_trials"] for g in t)  # the seeded sampler repeats K and method
+    assert sorted(j for t in plan["tune_trials"] for g in t for j in g) == list(range(7))
+    kind = [(p["params"]["ensemble.k"], p["params"]["ensemble.method"]) for p in plan["points"]]
+    for t in plan["tune_trials"]:
+        for g in t:
+            assert len({kind[j] for j in g}) == 1  # a group shares K and method
+        assert len({kind[g[0]] for g in t}) == len(t)  # and different groups differ in them
     assert main(["train", "search_spaces/pdd_deg/adp.yaml", "--set", "train.epochs=0", "--dry-run"]) == 2
     assert "train.epochs" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()

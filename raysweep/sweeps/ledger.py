@@ -66,7 +66,7 @@ class _TrialLedger(Callback):
                  log=None, done: int = 0, total: int = 0, pack: int = 1, groups=None):
         self.uri, self.experiment, self.keys, self.records, self.storage = uri, experiment, keys, records, storage
         self.log, self.done, self.total, self.pack = log, done, total, pack
-        # points -> the groups of them a Tune trial trains together (trial.pack_groups); default: one by one
+        # points -> the groups of them a Tune trial trains together (SearchSpace.pack_groups); default: one by one
         self.groups = groups or (lambda points: [[j] for j in range(len(points))])
         self._ended: dict[str, set[int]] = {}  # Tune trial id -> its points recorded so far
         self._last: dict[str, dict] = {}  # Tune trial id -> its latest record, which its checkpoint completes
@@ -120,10 +120,10 @@ class _TrialLedger(Callback):
     def _record_rest(self, trial, status: str, **extra) -> None:
         """The trial's points that sent no last report (its process died, ASHA stopped it). The first was
         running, with the MLflow run of its epoch reports; a pack's later points never started, but those
-        trained together with it (trial.pack_groups), which were running too."""
+        trained together with it (SearchSpace.pack_groups), which were running too."""
         last = trial.last_result or {}
         points, ended = trial.config["pack"], self._ended.get(trial.trial_id, set())
-        # in the order the trial takes them (trial.pack_groups), so rest[0] is the point that was running
+        # in the order the trial takes them (SearchSpace.pack_groups), so rest[0] is the point that was running
         left = [[j for j in group if j not in ended] for group in self.groups(points)]
         rest = [j for group in left for j in group]
         together = next((group for group in left if rest and rest[0] in group), [])

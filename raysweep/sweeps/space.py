@@ -39,6 +39,7 @@ from raysweep.core.sections import Section
 from raysweep.errors import ConfigError
 from raysweep.sweeps.champion import ChampionConfig
 from raysweep.sweeps.objectives import Objective, check_objective, objective_from_name
+from raysweep.training.pack import packs
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "per_member")
 class AshaConfig(Section):
@@ -152,6 +153,20 @@ class SearchSpace:
                 why = str(err)
             points.append({"params": dict(trial.params), "infeasible": why})
         return points
+
+    def pack_groups(self, points: list[dict]) -> list[list[int]]:
+        """A Tune trial's points (sampled values) grouped into those trained together (training.pack.packs),
+        each group in the order sampled; each point in its own group under search.pack_training: in_turn
+        (and wherever training.pack cannot step them as one: another K, method, ..., the Ray executor)."""
+        if self.search.pack_training == "in_turn" or len(points) == 1:
+            return [[j] for j in range(len(points))]
+        cfgs = []
+        for values in points:
+            try:
+                cfgs.append(validate_config(self.trial_config(values)))
+            except ConfigError:
+                cfgs.append(None)  # infeasible: reported alone
+        return packs(cfgs)
 
     def trial_config(self, values: dict) -> dict:
         """The raw run config of one trial (validated by the caller: may be infeasible)."""

@@ -26,7 +26,7 @@ from raysweep.tracking.runs import (
     log_results,
     tracked_run,
 )
-from raysweep.training.pack import fit_pack, packs
+from raysweep.training.pack import fit_pack
 
 
 @dataclass
@@ -86,7 +86,7 @@ def _trial(config: dict, ctx: TrialContext) -> None:
     # the next trial starts in it; Tune's default, 2 s, can pass while a busy machine closes the run.
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
     points = config["pack"]
-    groups = pack_groups(points, ctx.space)
+    groups = ctx.space.pack_groups(points)
     order = [j for group in groups for j in group]  # the points in the order they end; the same on a retry
     done = set()
     if (checkpoint := ray.tune.get_checkpoint()) is not None:
@@ -97,21 +97,6 @@ def _trial(config: dict, ctx: TrialContext) -> None:
     for group in groups:
         if not _train_together([j for j in group if j not in done], points, ctx, datasets):
             return  # Tune is stopping this trial (the sweep was interrupted)
-
-
-def pack_groups(points: list[dict], space: SearchSpace) -> list[list[int]]:
-    """A Tune trial's points grouped into those trained together (training.pack.packs), each group in
-    the order sampled; each point in its own group under search.pack_training: in_turn (and wherever
-    training.pack cannot step them as one: other K, method, ..., the Ray executor)."""
-    if space.search.pack_training == "in_turn" or len(points) == 1:
-        return [[j] for j in range(len(points))]
-    cfgs = []
-    for values in points:
-        try:
-            cfgs.append(validate_config(space.trial_config(values)))
-        except ConfigError:
-            cfgs.append(None)  # infeasible: reported alone
-    return packs(cfgs)
 
 
 def _train_together(group: list[int], points: list[dict], ctx: TrialContext, datasets: dict) -> bool:

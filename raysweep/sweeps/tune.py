@@ -58,7 +58,7 @@ from raysweep.sweeps.ledger import (
 )
 from raysweep.sweeps.space import SearchSpace, load_search_space
 from raysweep.sweeps.summary import _summarise
-from raysweep.sweeps.trial import TrialContext, _trial, member_id, pack_groups
+from raysweep.sweeps.trial import TrialContext, _trial, member_id
 from raysweep.terminal import on_sigterm
 from raysweep.tracking.runs import (
     DEFAULT_EXPERIMENT,
@@ -258,7 +258,7 @@ def _tune(space: SearchSpace, state: dict, sweep_dir: Path, done: int, remaining
                                   reduction_factor=s.asha.reduction_factor)
     ledger = _TrialLedger(uri, state["experiment"], keys, sweep_dir / TRIALS, state["storage"],
                           log=print if progress else None, done=done, total=state["samples"], pack=s.pack,
-                          groups=lambda points: pack_groups(points, space))
+                          groups=space.pack_groups)
     # Named after the sweep: the Tune experiment (its folder in storage) and each trial (its folder: the id).
     tuner = ray.tune.Tuner(trainable, run_config=ray.tune.RunConfig(
         name=f"{space.name}-{state['attempts']}", storage_path=state["storage"], callbacks=[ledger],
