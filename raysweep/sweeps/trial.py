@@ -76,7 +76,7 @@ PACK_FILE = "pack.json"  # in every trial's reported checkpoint: where a retried
 
 def _trial(config: dict, ctx: TrialContext) -> None:
     """One Tune trial: the pack of points Optuna sampled for it (search.pack; one unless packed). Points
-    that training.pack can step together (they differ only in learning rate and lambda_JR) train as one
+    that training.pack can step together (they differ only in lr, lambda_JR and per-member eps) train as one
     pack of N x K members, then each is evaluated; the others train one after another. Each point ends
     with its own report (its result for Optuna and its record) and checkpoint, so a pack retried after
     its process died starts at the first point it had not finished, and an interrupted pack keeps the

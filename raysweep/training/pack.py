@@ -1,12 +1,13 @@
 """Trial packing: N runs trained together, as one training step over N x K members.
 
 A sweep's small trials cannot fill a GPU one at a time. Runs that differ only in their learning rate,
-lambda_JR and per-member adversarial eps (PACKED_FIELDS), and share everything else (architecture, K,
-method, batch size, data, seed, ...), step together: one forward of all N x K members (one vmapped call
-on the pack executor, members/pack.py), one backward of the sum of the N trials' losses, then each
-trial's own optimiser step. A trial's loss depends on its own parameters only, so each trial gets
-exactly its own gradient. Every trial keeps its own Trainer (optimiser, schedule, history, probe,
-result), so a packed trial ends as it ends alone, to float rounding (tests/test_pack.py: 1e-5).
+lambda_JR and per-member adversarial eps (what pack_key leaves out), and share everything else
+(architecture, K, method, batch size, data, seed, ...), step together: one forward of all N x K members
+(one vmapped call on the pack executor, members/pack.py), one backward of the sum of the N trials'
+losses, then each trial's own optimiser step. A trial's loss depends on its own parameters only, so
+each trial gets exactly its own gradient. Every trial keeps its own Trainer (optimiser, schedule,
+history, probe, result), so a packed trial ends as it ends alone, to float rounding
+(tests/test_pack.py: 1e-5).
 
 Why these fields: the learning rate belongs to each trial's optimiser; lambda_JR multiplies a
 per-member term; member-mode adversarial training (Madry, robust ensembles) already takes one eps per
@@ -32,8 +33,6 @@ from raysweep.members.pack import PackedMembers
 from raysweep.regularisers import active
 from raysweep.training.step import TrainStep
 from raysweep.training.trainer import Trainer, TrainResult
-
-PACKED_FIELDS = ("train.lr", "train.jr.lambda_jr", "train.adversarial.eps")
 
 
 def pack_key(cfg: RunConfig) -> str | None:
