@@ -115,6 +115,30 @@ def test_a_stopped_sweeps_open_runs_are_closed_as_what_they_are(tmp_path, mlflow
         "recorded": "FINISHED", "cut": "KILLED", "failed": "KILLED"}
 
 
+def test_a_packed_point_left_paused_is_closed_killed_not_failed(tmp_path, mlflow_store):
+    """A pack's points wait, each in its open run, while the pack trains. When Tune stops the trial at an
+    earlier point's report, the points still waiting are closed (generator close, as the sweep's trial
+    does in its finally): their runs end KILLED, as a stopped trial's do, not FAILED as after an error;
+    and a point that raised ends FAILED."""
+    from raysweep.tracking.runs import tracked_run
+
+    uri = mlflow_store(tmp_path)
+
+    def point(name):  # the shape of sweeps.trial._point: open the run, pause before training
+        with tracked_run(uri, "raysweep", name, {"train": {"lr": 0.1}}) as (_, run_id):
+            yield run_id
+            yield "trained"
+
+    waiting, broken = point("waiting"), point("broken")
+    runs = {"waiting": next(waiting), "broken": next(broken)}
+    waiting.close()
+    with pytest.raises(RuntimeError):
+        broken.throw(RuntimeError("the pack's training failed"))
+    client = MlflowClient(uri)
+    assert {name: client.get_run(run_id).info.status for name, run_id in runs.items()} == {
+        "waiting": "KILLED", "broken": "FAILED"}
+
+
 def test_a_start_killed_before_ray_answers_leaves_nothing_in_the_way(tmp_path, mlflow_store):
     """SIGKILL of a sweep while it reaches Ray (a head that accepts the connection and never answers):
     the same command, run again against a working Ray, runs the whole sweep."""
