@@ -127,7 +127,6 @@ def test_a_packed_point_left_paused_is_closed_killed_not_failed(tmp_path, mlflow
     def point(name):  # the shape of sweeps.trial._point: open the run, pause before training
         with tracked_run(uri, "raysweep", name, {"train": {"lr": 0.1}}) as (_, run_id):
             yield run_id
-            yield "trained"
 
     waiting, broken = point("waiting"), point("broken")
     runs = {"waiting": next(waiting), "broken": next(broken)}
