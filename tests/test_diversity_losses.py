@@ -16,9 +16,9 @@ def test_pdd_by_hand():
     acts = torch.tensor([[[0.0, 0.5, 1.5, 3.9]], [[0.0, 0.1, 2.5, 4.0]]])  # K=2, B=1, D=4
     stats = pdd_statistics(acts, m=4)  # [0,4] in unit intervals
     assert (stats.lo.item(), stats.hi.item()) == (0.0, 4.0)
-    assert stats.counts.tolist() == [[2, 1, 0, 1], [2, 0, 1, 1]]
+    assert stats.counts.tolist() == [[[2, 1, 0, 1], [2, 0, 1, 1]]]  # one group: the whole batch
     # totals [4, 1, 1, 2] -> order 0, 3, 1, 2: member 0 gets interval 0, member 1 interval 3
-    assert stats.priority.tolist() == [0, 3]
+    assert stats.priority.tolist() == [[0, 3]]
     rates = keep_rates(acts, stats, alpha=0.9, beta=0.1)
     expected = [[0.9, 0.9, 0.1 * (1 - 1 / 4), 0.1 * (1 - 1 / 4)],
                 [0.1 * (1 - 2 / 4), 0.1 * (1 - 2 / 4), 0.1 * (1 - 1 / 4), 0.9]]
@@ -31,7 +31,8 @@ def test_pdd_by_hand():
 def test_pdd_priorities_all_different_and_period():
     torch.manual_seed(0)
     acts = torch.rand(5, 32, 16).pow(3)
-    assert len(set(pdd_statistics(acts, m=20).priority.tolist())) == 5
+    assert len(set(pdd_statistics(acts, m=20).priority[0].tolist())) == 5
+    assert all(len(set(p.tolist())) == 5 for p in pdd_statistics(acts, m=20, per_sample=True).priority)
     pdd = PriorityDropout(0.9, 0.1, 8, period=2)
     a1, a2, a3 = torch.rand(3, 3, 4, 6).unbind(0)
     first = pdd.statistics(a1)  # first period: own statistics
@@ -39,6 +40,40 @@ def test_pdd_priorities_all_different_and_period():
     pdd.statistics(a2)  # closes the period a1+a2
     pooled = pdd_statistics(torch.cat([a1.flatten(1), a2.flatten(1)], 1), 8)
     assert torch.equal(pdd.statistics(a3).counts, pooled.counts)  # serves the next period
+
+
+def test_pdd_per_sample_scope_is_the_batch_rule_on_each_image_alone():
+    """scope: sample gives every image the rates the batch rule gives that image as a batch of one, so a
+    large activation in one image moves no other image's intervals (it does with scope: batch)."""
+    torch.manual_seed(0)
+    acts = torch.rand(3, 6, 20).pow(2) * 5
+    acts[1, 2, 7] = 400.0  # one outlier, in image 2 of member 1
+    stats = pdd_statistics(acts, m=10, per_sample=True)
+    assert stats.counts.shape == (6, 3, 10) and stats.priority.shape == (6, 3)
+    rates = keep_rates(acts, stats, alpha=0.9, beta=0.1)
+    for b in range(6):
+        alone = acts[:, b:b + 1]
+        assert torch.equal(rates[:, b:b + 1], keep_rates(alone, pdd_statistics(alone, m=10), 0.9, 0.1))
+    batch_rates = keep_rates(acts, pdd_statistics(acts, m=10), 0.9, 0.1)
+    assert not torch.equal(batch_rates[:, 0], rates[:, 0])  # the outlier stretched every image's range
+    pdd = PriorityDropout(0.9, 0.1, 10, per_sample=True)
+    u = torch.rand_like(acts)
+    assert torch.equal(pdd(acts, u), acts * (u < rates))
+
+
+def test_pdd_statistics_saved_without_the_group_dimension_still_load():
+    """A checkpoint written before the statistics had a group dimension (period > 1 keeps them) resumes
+    with the same rates."""
+    a1, a2, a3 = torch.rand(3, 3, 4, 6).unbind(0)
+    pdd = PriorityDropout(0.9, 0.1, 8, period=2)
+    pdd.statistics(a1), pdd.statistics(a2)
+    sd = pdd.state_dict()
+    old = {**sd, "stats": {"lo": sd["stats"]["lo"].reshape(()), "hi": sd["stats"]["hi"].reshape(()),
+                           "counts": sd["stats"]["counts"][0], "priority": sd["stats"]["priority"][0]}}
+    resumed = PriorityDropout(0.9, 0.1, 8, period=2)
+    resumed.load_state_dict(old, torch.device("cpu"))
+    u = torch.rand_like(a3)
+    assert torch.equal(resumed(a3, u), pdd(a3, u))
 
 
 def test_deg_by_hand_and_identical_members():

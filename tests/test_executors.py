@@ -24,12 +24,12 @@ def test_vmap_and_loop_give_same_logits(arch):
     assert torch.allclose(loop.stacked_logits(xk, per_member=True), vmap.stacked_logits(xk, per_member=True), atol=1e-5)
 
 
-@pytest.mark.parametrize("method, jr, estimator", [("bagging", 0.1, "double_backward"),
-                                                   ("bagging", 0.1, "forward_mode"),
-                                                   ("independent", 0.0, "double_backward")])
-def test_vmap_and_loop_give_same_updates(method, jr, estimator):
-    cfg = make_cfg(ensemble={"k": 3, "method": method}, train={"epochs": 2, "optimizer": "sgd", "lr": 0.05,
-                                                              "jr": {"lambda_jr": jr, "estimator": estimator}})
+@pytest.mark.parametrize("method, train", [("bagging", {"jr": {"lambda_jr": 0.1, "estimator": "double_backward"}}),
+                                           ("bagging", {"jr": {"lambda_jr": 0.1, "estimator": "forward_mode"}}),
+                                           ("independent", {}),
+                                           ("joint", {"pdd": {"m": 6, "scope": "sample"}})])
+def test_vmap_and_loop_give_same_updates(method, train):
+    cfg = make_cfg(ensemble={"k": 3, "method": method}, train={"epochs": 2, "optimizer": "sgd", "lr": 0.05, **train})
     data = load_dataset(cfg.data, 0)
     # Synthetic images are clipped to [0, 1], so flat patches give exactly tied activations, where the
     # derivative is not defined and the loop's and vmap's kernels may pick different sides: forward-mode

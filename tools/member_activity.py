@@ -20,7 +20,7 @@ from raysweep.core.checkpoint import load
 from raysweep.core.data import load_dataset
 from raysweep.evaluation.diversity import discrimination_score
 from raysweep.members.local import make_local_executor
-from raysweep.regularisers.pdd import interval_index, keep_rates, pdd_statistics
+from raysweep.regularisers.pdd import intervals, keep_rates, pdd_statistics
 
 
 def activity(run: Path, images: int) -> list[str]:
@@ -57,11 +57,13 @@ def _pdd_keep(cfg, ex, train) -> list[str]:
     x, _ = train.batch(torch.arange(min(cfg.data.batch_size, len(train))), "cpu")
     with torch.no_grad():
         feats = ex.stacked_logits(x, part="features")
-    stats = pdd_statistics(feats, p.m)
+    stats = pdd_statistics(feats, p.m, p.scope == "sample")
     rates, on = keep_rates(feats, stats, p.alpha, p.beta), feats > 0
-    first = interval_index(feats, stats.lo, stats.hi, p.m) == stats.priority[0]
-    lines = [f"  PDD on the first {x.shape[0]} training images: intervals over [{stats.lo.item():.3g}, "
-             f"{stats.hi.item():.3g}], priority intervals {stats.priority.tolist()}"]
+    first = intervals(feats, stats) == stats.priority[:, 0].view(1, -1, 1)  # member 1's, per group
+    where = (f"intervals over [{stats.lo.item():.3g}, {stats.hi.item():.3g}], priority intervals "
+             f"{stats.priority[0].tolist()}" if p.scope == "batch" else
+             f"intervals per image, over [{stats.lo.min().item():.3g}, {stats.hi.max().item():.3g}] at the widest")
+    lines = [f"  PDD on the first {x.shape[0]} training images: {where}"]
     for k in range(feats.shape[0]):
         if not on[k].any():
             lines.append(f"    member {k + 1}: no activated unit")

@@ -13,6 +13,10 @@ from raysweep.reproduce.stats import PAIRED_TEST, compare, estimate, paired
 from raysweep.reproduce.study import load_study
 from raysweep.reproduce.tables import claims_table, failed_cell, md_table, seed_table, worst_case
 
+# The study's PDD variants come in choices, each a suffix of pdd / pdd_deg: kept units not rescaled (no
+# suffix), rescaled by 1/p, or not rescaled with each image's own statistics (the authors' public code)
+CHOICES = ("", "_rescaled", "_sample")
+
 
 def run(path, out, *, uri, experiment, address, log):
     # A study with checks (the fair protocol) re-evaluates every variant under them.
@@ -94,8 +98,9 @@ def report(path, results, docs: Path) -> str:
 
 
 def _over_seeds(study, results, eps: float) -> list[str]:
-    """Means and intervals over seeds; which PDD choice (kept units rescaled or not) keeps the baseline's
-    clean accuracy, as the paper's PDD does; the paper's findings decided for both choices, that one first."""
+    """Means and intervals over seeds; which PDD choice (kept units rescaled or not, statistics per batch or
+    per image) keeps the baseline's clean accuracy, as the paper's PDD does; the paper's findings decided for
+    every choice, that one first."""
     metrics = {"clean": lambda m: m["clean_acc"],
                f"PGD-10 {eps:g}": lambda m: m["robust_acc"]["pgd10"][str(eps)],
                f"worst {eps:g}": lambda m: worst_case(m, eps)[0],
@@ -111,8 +116,9 @@ def _over_seeds(study, results, eps: float) -> list[str]:
                   f"some seed): {', '.join(weak)}. Their accuracy is mostly their other members', and their "
                   "discrimination score is left undecided (a silenced member's activated values have no variance).",
                   ""]
-    # Each choice of kept units: its PDD+DEG variant and its PDD-alone one; a choice counts once either has runs
-    alone = {"pdd_deg": "pdd", "pdd_deg_rescaled": "pdd_rescaled"}
+    # Each choice (kept units, statistics): its PDD+DEG variant and its PDD-alone one; a choice counts once
+    # either has runs
+    alone = {f"pdd_deg{c}": f"pdd{c}" for c in CHOICES}
     has = lambda n: n in names and bool(clean[n])  # noqa: E731
     pdd = [n for n in alone if has(n) or has(alone[n])]
     if not clean.get("baseline"):
@@ -123,8 +129,8 @@ def _over_seeds(study, results, eps: float) -> list[str]:
     nearness = lambda n: abs(mean(clean[n] if has(n) else clean[alone[n]]) - mean(clean["baseline"]))  # noqa: E731
     choices = sorted(pdd, key=lambda n: (n in weak or alone[n] in weak, nearness(n)))
     if choices:
-        lines += ["PDD's kept units, rescaled by 1/p or not: clean accuracy against the baseline's (A - B, Welch's "
-                  "95% interval):", ""]
+        lines += ["PDD's choices (kept units rescaled by 1/p or not; statistics of the mini-batch or of each image): "
+                  "clean accuracy against the baseline's (A - B, Welch's 95% interval):", ""]
         for n in [m for n in choices for m in (alone[n], n) if has(m)]:
             c = compare(clean[n], clean["baseline"])
             interval = "(one seed)" if math.isnan(c.low) else f"[{c.low:+.3f}, {c.high:+.3f}]"
@@ -137,7 +143,7 @@ def _over_seeds(study, results, eps: float) -> list[str]:
     pgd = f"PGD-10 {eps:g}"
     claims = []
     for n in choices:
-        units = "rescaled" if study.variant(n).cfg.train.pdd.rescale else "not rescaled"
+        units = _choice(study.variant(n).cfg.train.pdd)
         claims += [(f"PDD+DEG ({units}) more robust than the baseline (PGD-10, eps {eps:g})", n, "baseline", pgd, 1),
                    (f"PDD+DEG ({units}) more robust than ADP (PGD-10, eps {eps:g})", n, "adp", pgd, 1),
                    (f"PDD+DEG ({units}) more robust than the baseline, worst case over the attacks at {eps:g}", n,
@@ -153,9 +159,13 @@ def _over_seeds(study, results, eps: float) -> list[str]:
     return lines + (["### The paper's findings, decided over seeds", "", table, ""] if table else [])
 
 
+def _choice(pdd) -> str:
+    return ("rescaled" if pdd.rescale else "not rescaled") + (", per-image statistics" if pdd.scope == "sample" else "")
+
+
 # The findings the checks re-decide at the strong protocol: (A, B), A more robust in the paper
-CHECKED = [("pdd_deg", "baseline"), ("pdd_deg", "adp"), ("pdd", "baseline"), ("pdd_deg_rescaled", "baseline"),
-           ("pdd_deg_rescaled", "adp"), ("pdd_rescaled", "baseline"), ("deg", "baseline")]
+CHECKED = [pair for c in CHOICES for pair in ((f"pdd_deg{c}", "baseline"), (f"pdd_deg{c}", "adp"),
+                                              (f"pdd{c}", "baseline"))] + [("deg", "baseline")]
 
 
 def strong_checks(study, vr, results) -> dict[str, dict]:
