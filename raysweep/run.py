@@ -46,7 +46,9 @@ def train_surrogate(raw: dict, data: Dataset, progress: bool = True, shared: str
 
     if shared is None:
         return fit(cfg, data, progress, callbacks=(epoch_line,)).ensemble
-    identity = run_identity(cfg.model_copy(update={"name": "surrogate"}), training=True)
+    # The digest names the shared folder. It hashes the text it had when run identities still held the
+    # name (then set to "surrogate"), so the surrogates trained since stay found.
+    identity = "name: surrogate\n" + run_identity(cfg, training=True)
     folder = Path(shared) / hashlib.sha256(identity.encode()).hexdigest()[:20]
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:

@@ -12,10 +12,12 @@ import time
 import optuna
 import pytest
 from mlflow import MlflowClient
-from sweep_helpers import write_space
+from sweep_helpers import BASE, write_space
 
 from raysweep.sweeps.ledger import _records
+from raysweep.sweeps.trial import PARTIAL
 from raysweep.terminal import NOISE
+from raysweep.training.trainer import EPOCH_STATE
 
 
 def _start_sweep(tmp_path, cmd):
@@ -94,6 +96,43 @@ def test_killed_sweep_resumes_exactly_as_it_was_started(tmp_path, mlflow_store):
     reruns = [t for t in complete if "raysweep_rerun_of" in t.user_attrs]
     assert len(reruns) == len(cut) and all(t.params == study.trials[t.user_attrs["raysweep_rerun_of"]].params
                                            for t in reruns)
+
+
+def test_a_trial_cut_off_mid_training_continues_from_its_saved_epochs(tmp_path, mlflow_store):
+    """A fair study's trial trains for hours: SIGKILL of the sweep once the trial has saved an epoch in
+    the sweep's storage, then --resume. The trial run again at its point starts after the saved epochs
+    (its run says after which), its run's curves still hold every epoch, and the saved state is gone
+    once the run holds everything."""
+    path = write_space(tmp_path, {"samples": 1, "max_concurrent": 1}, train={**BASE["train"], "epochs": 6},
+                       data={**BASE["data"], "train_size": 512})
+    uri = mlflow_store(tmp_path)
+    cmd = [sys.executable, "-m", "raysweep", "sweep", str(path), "--out", str(tmp_path / "out"), "--tracking-uri",
+           uri, "--quiet"]
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    partial = tmp_path / "out" / PARTIAL
+    deadline = time.time() + 400
+    while not list(partial.glob(f"*/{EPOCH_STATE}")):
+        if proc.poll() is not None or time.time() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"no epoch was saved before the sweep ended (exit {proc.poll()}): {proc.stderr.read()[-3000:]}")
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not _records(tmp_path / "out"), "the trial finished before the kill; nothing to resume"
+    res = subprocess.run([sys.executable, "-m", "raysweep", "sweep", "--resume", "--out", str(tmp_path / "out")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = MlflowClient(uri)
+    rerun = [r for r in _trial_runs(client) if r.info.status == "FINISHED"]
+    assert len(rerun) == 1
+    resumed_after = int(rerun[0].data.tags["raysweep.resumed_after_epoch"])
+    assert 1 <= resumed_after <= 6
+    steps = [m.step for m in client.get_metric_history(rerun[0].info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(6)), steps  # every epoch: those before the cut reported again
+    assert not any(partial.iterdir())
 
 
 def test_a_stopped_sweeps_open_runs_are_closed_as_what_they_are(tmp_path, mlflow_store):

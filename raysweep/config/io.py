@@ -116,12 +116,14 @@ def dump_config(cfg: RunBase) -> str:
 
 
 def run_identity(cfg: RunBase, training: bool = False) -> str:
-    """What a run computes, as text: its config without `executor`. Every executor gives the same numbers
-    (to float rounding; tests hold them to 1e-5), so the run's identity leaves out where and how its
-    members are computed (local or Ray, loop or vmap, NCHW or NHWC, eager or compiled). `training`: what
-    its training computes, without `eval` too (training never reads it)."""
+    """What a run computes, as text: its config without `executor` and `name`. Every executor gives the
+    same numbers (to float rounding; tests hold them to 1e-5), so the run's identity leaves out where and
+    how its members are computed (local or Ray, loop or vmap, NCHW or NHWC, eager or compiled); the name
+    is a label (a sweep's trial cut off and run again at its point gets a new one). `training`: what its
+    training computes, without `eval` too (training never reads it)."""
     raw = cfg.model_dump(mode="json")
     raw.pop("executor", None)
+    raw.pop("name", None)
     if training:
         raw.pop("eval", None)
     return yaml.safe_dump(raw, sort_keys=False)

@@ -6,7 +6,7 @@ stage's share of the report is saved as the stage ends, and a stage may keep par
 UAP stage, each eps, and every minute the eps under way; the attacks stage, each finished run of each
 eps's step-doubling ladder, and with eval.attack_members each member's accuracy at each eps).
 Everything is kept under a folder named after a digest of the run's identity (its config without
-`executor`: config.run_identity) and the members' weights, so a saved part is only ever read back for
+`executor` and `name`: config.run_identity) and the members' weights, so a saved part is only ever read back for
 the very ensemble and evaluation that made it; the folders of other digests are removed when a new
 one is made. The folder also holds the identity's text: a field added to the schema since (with its
 default) changes the text but not what the evaluation computes, so a folder whose saved identity, read

@@ -4,8 +4,10 @@ they can train together) and evaluation exactly as `raysweep train` does, its ML
 report to Tune."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ import ray
 import ray.tune
 from mlflow import MlflowClient
 
-from raysweep.config import validate_config
+from raysweep.config import run_identity, validate_config
 from raysweep.core.data import load_dataset
 from raysweep.errors import ConfigError
 from raysweep.run import train_and_evaluate
@@ -27,6 +29,7 @@ from raysweep.tracking.runs import (
     tracked_run,
 )
 from raysweep.training.pack import fit_pack
+from raysweep.training.trainer import saved_epochs
 
 
 @dataclass
@@ -72,6 +75,20 @@ def member_id(tune_trial_id: str, j: int, pack: int) -> str:
 
 
 PACK_FILE = "pack.json"  # in every trial's reported checkpoint: where a retried pack starts again
+PARTIAL = "partial"  # under the sweep's storage: the epochs and evaluation stages of points under way
+
+
+def resume_dir(storage: str, cfg) -> Path | None:
+    """Where a point keeps its epochs and evaluation stages as it goes, so that the same point run again
+    continues from them: a resumed sweep runs a trial that was cut off again at its point, and Tune retries
+    a trial whose process died. In the sweep's storage, named by the point's run identity (its config
+    without the name and the executor). None for object storage (s3://, gs://): the epochs are saved to a
+    filesystem, so there a point cut off starts again from its first epoch."""
+    if storage.startswith("file://"):
+        storage = storage[len("file://"):]
+    if "://" in storage:
+        return None
+    return Path(storage) / PARTIAL / hashlib.sha256(run_identity(cfg).encode()).hexdigest()[:20]
 
 
 def _trial(config: dict, ctx: TrialContext) -> None:
@@ -180,11 +197,18 @@ def _point(values: dict, j: int, ctx: TrialContext, datasets: dict):
             if event == "epoch" and (m := relay(state.history[-1])) is not None:
                 ray.tune.report(m)
 
+        resume = resume_dir(ctx.storage, cfg)
         try:
             trained = yield cfg, (report_epoch,)
+            if trained is None and resume is not None and (saved := saved_epochs(resume, cfg)):
+                history = saved["trainer"]["train_state"]["history"]
+                client.set_tag(run_id, "raysweep.resumed_after_epoch", str(len(history)))
+                for row in history:  # the epochs trained before the cut go into this run's curves too
+                    if (m := relay(row)) is not None:
+                        ray.tune.report(m)
             metrics = train_and_evaluate(cfg, out, progress=False, callbacks=(report_epoch,),
                                          ray_storage=f"{ctx.storage.rstrip('/')}/ray-train", epoch_metrics=relay,
-                                         data=_dataset(cfg, datasets), trained=trained)
+                                         data=_dataset(cfg, datasets), trained=trained, resume_dir=resume)
         except Exception as err:
             # A Python error of this trial (its config, its data): the same on every retry, so the trial
             # ends here, FAILED in MLflow with its error and traceback (the epochs it finished are logged
@@ -195,6 +219,8 @@ def _point(values: dict, j: int, ctx: TrialContext, datasets: dict):
             client.set_terminated(run_id, "FAILED")
             return _last_report({**ended, "error": error[:2000], "mlflow_run_id": run_id}, out, j)
         log_results(client, run_id, out, metrics, logged_epochs=cfg.train.epochs - 1)  # the driver logged those
+        if resume is not None:  # all of it is in the run now
+            shutil.rmtree(resume, ignore_errors=True)
         objectives = _objectives(ctx.space, metrics)
         client.set_tag(run_id, "mlflow.note.content", (  # the run page's description
             f"Trial `{trial_id}` of sweep **{ctx.space.name}**, sampled {describe(values)}: "

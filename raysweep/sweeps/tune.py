@@ -21,7 +21,8 @@ needs and nothing a node holds alone:
   trials/ID.json      one record per trial that ended: finished, infeasible, stopped early or failed
   summary.json, best.yaml, tradeoff.png
 `--resume` rebuilds the sweep from these, not from the command line and not from Tune's pickled
-state: finished trials stay finished, trials that were running are sampled again at the same point.
+state: finished trials stay finished, trials that were running are sampled again at the same point,
+and continue from the epochs and evaluation stages that point kept in the storage (trial.resume_dir).
 """
 from __future__ import annotations
 
