@@ -116,7 +116,7 @@ def test_the_fair_pdd_study_decides_both_pdd_choices_and_names_weak_members(tmp_
     from raysweep.reproduce.study import check_job
 
     study = load_study(plan("pdd-deg", "search_spaces/reproduce/pdd_deg_fair.yaml")["file"])
-    assert study.seeds == [0, 1, 2] and len(study.jobs()) == 21
+    assert study.seeds == [0, 1, 2] and len(study.jobs()) == 27
     assert study.variant("pdd_rescaled").cfg.train.pdd.rescale and not study.variant("pdd").cfg.train.pdd.rescale
     check_job(study, "pdd_deg", "pdd_deg", study.spec["checks"], tmp_path)  # validates the checks' config
 
@@ -126,7 +126,8 @@ def test_the_fair_pdd_study_decides_both_pdd_choices_and_names_weak_members(tmp_
             return {"clean_acc": clean + seed / 1000, "robust_acc": {"pgd10": {"0.01": pgd + seed / 500}},
                     "fgsm": {}, "diversity": {"discrimination_score": 1.0 + seed}, "member_clean_acc": members}
         table = {"baseline": (0.90, 0.40), "adp": (0.89, 0.42), "pdd": (0.85, 0.50), "pdd_rescaled": (0.90, 0.45),
-                 "deg": (0.90, 0.41), "pdd_deg": (0.84, 0.52), "pdd_deg_rescaled": (0.895, 0.47)}
+                 "deg": (0.90, 0.41), "pdd_deg": (0.84, 0.52), "pdd_deg_rescaled": (0.895, 0.47),
+                 "pdd_sample": (0.83, 0.49), "pdd_deg_sample": (0.82, 0.50)}  # per image: farthest from 0.90
         return {key: run(v.name, *table[v.name], i) for v in study.variants if v.name not in drop
                 for i, (key, _) in enumerate(study.seed_runs(v))}
 
@@ -137,12 +138,13 @@ def test_the_fair_pdd_study_decides_both_pdd_choices_and_names_weak_members(tmp_
     text = "\n".join(_over_seeds(study, results_of(), 0.01))
     assert "pdd_deg_rescaled comes first" in text and "learned little" not in text
     assert robustness_rows(text) == ["| PDD+DEG (rescaled)", "| PDD alone (rescaled)", "| PDD+DEG (not rescaled)",
-                                     "| PDD alone (not rescaled)", "| DEG alone"]
+                                     "| PDD alone (not rescaled)", "| PDD+DEG (not rescaled, per-image statistics)",
+                                     "| PDD alone (not rescaled, per-image statistics)", "| DEG alone"]
     row = next(line for line in text.splitlines() if line.startswith("| PDD+DEG (rescaled) more robust than the ba"))
     assert "pdd_deg_rescaled vs baseline" in row and row.endswith("| reproduced |")
     # the weakest member's clean accuracy over seeds: 0.89, 0.88, 0.87 for the baseline
     assert "| baseline | baseline | 3 | 0.901 ± 0.002 | 0.402 ± 0.005 | 0.402 ± 0.005 | 0.880 ± 0.025 |" in text
-    assert text.count("members more diverse than the baseline's") == 2
+    assert text.count("members more diverse than the baseline's") == 3
 
     # pdd_deg_rescaled with a member at 0.4 at seed 0: the rescaled choice goes last, its diversity is not judged
     text = "\n".join(_over_seeds(study, results_of(weak="pdd_deg_rescaled"), 0.01))
@@ -159,8 +161,9 @@ def test_the_fair_pdd_study_decides_both_pdd_choices_and_names_weak_members(tmp_
     text = "\n".join(_over_seeds(study, results_of(drop=("pdd_deg_rescaled",)), 0.01))
     assert "| PDD alone (rescaled)" in robustness_rows(text) and "| PDD+DEG (rescaled)" not in robustness_rows(text)
     # neither variant of the rescaled choice run yet: one choice, said so
-    text = "\n".join(_over_seeds(study, results_of(drop=("pdd_deg_rescaled", "pdd_rescaled")), 0.01))
-    assert "Only pdd_deg's choice has runs so far (pdd_deg_rescaled has none)." in text
+    text = "\n".join(_over_seeds(study, results_of(drop=("pdd_deg_rescaled", "pdd_rescaled", "pdd_deg_sample",
+                                                           "pdd_sample")), 0.01))
+    assert "Only pdd_deg's choice has runs so far (pdd_deg_rescaled, pdd_deg_sample has none)." in text
 
 
 def test_the_fair_pdd_checks_decide_the_findings_image_by_image():
