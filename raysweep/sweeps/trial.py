@@ -193,9 +193,13 @@ def _point(values: dict, j: int, ctx: TrialContext, datasets: dict):
 
         relay = epochs.relay(cfg.train.epochs, run_id)
 
-        def report_epoch(event, state):  # local executor; a Ray executor run relays from its rank 0
-            if event == "epoch" and (m := relay(state.history[-1])) is not None:
+        def report_row(row):
+            if (m := relay(row)) is not None:
                 ray.tune.report(m)
+
+        def report_epoch(event, state):  # local executor; a Ray executor run relays from its rank 0
+            if event == "epoch":
+                report_row(state.history[-1])
 
         resume = resume_dir(ctx.storage, cfg)
         try:
@@ -204,8 +208,7 @@ def _point(values: dict, j: int, ctx: TrialContext, datasets: dict):
                 history = saved["trainer"]["train_state"]["history"]
                 client.set_tag(run_id, "raysweep.resumed_after_epoch", str(len(history)))
                 for row in history:  # the epochs trained before the cut go into this run's curves too
-                    if (m := relay(row)) is not None:
-                        ray.tune.report(m)
+                    report_row(row)
             metrics = train_and_evaluate(cfg, out, progress=False, callbacks=(report_epoch,),
                                          ray_storage=f"{ctx.storage.rstrip('/')}/ray-train", epoch_metrics=relay,
                                          data=_dataset(cfg, datasets), trained=trained, resume_dir=resume)
